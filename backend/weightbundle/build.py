@@ -1,0 +1,73 @@
+"""Compile refreshable graphs into bundle bytes, and write them safely."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import __version__
+from .convert import RefreshableGraphs, compile_inference
+from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, encode
+
+
+def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize: str | None = "extended") -> bytes:
+    """Bundle bytes: compiled inference graph, optional init graph + initial weights, update graph.
+
+    ``include_init=False`` leaves out the init graph and the initial weights (the file
+    shrinks by their size); such a bundle serves only after its first full update.
+    ``optimize=None`` stores the inference graph unoptimised.
+    """
+    import onnxruntime as ort
+
+    infer = compile_inference(graphs.infer, graphs.variables, optimize) if optimize else graphs.infer
+    out: dict[int, bytes] = {GRAPH_INFERENCE: infer.SerializeToString(), GRAPH_UPDATE: graphs.update.SerializeToString()}
+    initial = None
+    if include_init:
+        init = onnx.ModelProto()
+        init.CopyFrom(graphs.init)
+        initial = {}
+        for t in init.graph.initializer:  # data moves to the aligned weight section
+            name = t.name[len("init/"):]
+            initial[name] = numpy_helper.to_array(t)
+            t.ClearField("raw_data")
+            for f in ("float_data", "double_data", "int32_data", "int64_data", "uint64_data"):
+                t.ClearField(f)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="weights")
+        out[GRAPH_INIT] = init.SerializeToString()
+        initial = {v.name: np.asarray(initial[v.name], v.np_dtype) for v in graphs.variables}
+    meta = {
+        "producer": f"weightbundle {__version__}",
+        "compiled": {"onnxruntime": ort.__version__, "level": optimize or "none", "provider": "CPUExecutionProvider"},
+    }
+    return encode(out, graphs.variables, initial, meta, extra={"inference_source": graphs.infer.SerializeToString()} if optimize else None)
+
+
+def save_bundle(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically: temp file in the same folder, fsync, rename.
+
+    A crash leaves either the old file or the new one, never a half-written bundle.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bundle", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

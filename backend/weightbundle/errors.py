@@ -1,0 +1,47 @@
+"""Exception hierarchy. Every failure the library detects is a ``BundleError``.
+
+Callers (the Triton backend in particular) catch ``BundleError`` to turn it into
+a per-request error without taking the server down; anything else is a bug.
+"""
+from __future__ import annotations
+
+
+class BundleError(Exception):
+    """Base class for every error raised by weightbundle."""
+
+
+class FormatError(BundleError):
+    """The bundle bytes are not a valid bundle (magic, version, truncation, layout)."""
+
+
+class ChecksumError(FormatError):
+    """A section's CRC32 does not match its contents (corruption)."""
+
+
+class ConvertError(BundleError, ValueError):
+    """The ONNX model or the weight selection cannot be converted."""
+
+
+class InputError(BundleError, ValueError):
+    """Wrong input names, dtypes or shapes given to ``execute``."""
+
+
+class UpdateError(InputError):
+    """A weight update was rejected; no variable changed."""
+
+
+class NotInitializedError(BundleError):
+    """Inference before any weights exist (bundle without an init graph)."""
+
+
+class UnloadedError(BundleError):
+    """The bundle was unloaded; it cannot be used any more."""
+
+
+class VersionConflictError(UpdateError):
+    """Compare-and-swap failed: ``expected_version`` is not the current version."""
+
+    def __init__(self, expected: int, current: int):
+        super().__init__(f"version conflict: expected_version={expected} but the current version is {current}")
+        self.expected = expected
+        self.current = current

@@ -1,0 +1,204 @@
+"""Versioned, immutable weight store in a directory (tmpfs by default).
+
+Each applied update writes one *blob* file holding only the variables it changed
+(page-aligned, so ONNX Runtime memory-maps them) and one *manifest* that maps
+every variable to a (blob, offset).  ``HEAD`` names the current version and is
+replaced atomically (write + rename), so a reader sees either the old or the new
+version, never a mix.  Blobs are never modified after publication: a session
+built on a version can keep reading it however many updates follow.
+
+Several processes (Triton instances) may share one store: writers serialise on an
+``flock``; readers take no lock.  Unreferenced blobs are deleted once they fall
+out of the retained history; open mmaps keep their pages alive until closed.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import BundleError, UpdateError, VersionConflictError
+from .format import VariableSpec
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published weight version: number plus where each variable lives."""
+
+    number: int
+    op: str
+    entries: dict[str, tuple[str, int]]  # name -> (blob file name, byte offset)
+    time: float
+
+
+def default_root() -> str:
+    """tmpfs when available: weights must live in RAM to be shared and mmapped cheaply."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class WeightStore:
+    """A directory of immutable weight versions. See the module docstring."""
+
+    def __init__(self, path: str, specs: Sequence[VariableSpec], history: int = 1):
+        if history < 0:
+            raise ValueError("history must be >= 0")
+        self.path = path
+        self.specs = {s.name: s for s in specs}
+        self.order = [s.name for s in specs]
+        self.history = history
+        os.makedirs(path, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(path, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        self._cache: tuple[int, Version] | None = None
+
+    @classmethod
+    def private(cls, specs: Sequence[VariableSpec], history: int = 1, root: str | None = None) -> "WeightStore":
+        """A store owned by this process (library use); remove it with ``destroy``."""
+        return cls(tempfile.mkdtemp(prefix="weightbundle-", dir=root or default_root()), specs, history)
+
+    # -- reading -------------------------------------------------------------
+    def head(self) -> int | None:
+        """Current version number, or None before the first publication."""
+        try:
+            with open(os.path.join(self.path, "HEAD"), "rb") as f:
+                return int(f.read())
+        except FileNotFoundError:
+            return None
+
+    def current(self) -> Version | None:
+        # GC may remove a manifest between reading HEAD and opening it: re-read HEAD then.
+        for _ in range(100):
+            n = self.head()
+            if n is None:
+                return None
+            if self._cache and self._cache[0] == n:
+                return self._cache[1]
+            try:
+                v = self.version(n)
+            except FileNotFoundError:
+                continue
+            self._cache = (n, v)
+            return v
+        raise BundleError(f"weight store {self.path} keeps changing under the reader")
+
+    def version(self, n: int) -> Version:
+        with open(os.path.join(self.path, f"v{n}.json"), "rb") as f:
+            d = json.load(f)
+        return Version(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["time"])
+
+    def versions(self) -> list[int]:
+        return sorted(int(f[1:-5]) for f in os.listdir(self.path) if f.startswith("v") and f.endswith(".json"))
+
+    def array(self, v: Version, name: str) -> np.ndarray:
+        """Read-only zero-copy view of a variable in version ``v``."""
+        spec = self.specs[name]
+        blob, off = v.entries[name]
+        if spec.nbytes == 0:
+            return np.zeros(spec.shape, spec.np_dtype)
+        return np.memmap(os.path.join(self.path, blob), dtype=spec.np_dtype, mode="r", offset=off, shape=spec.shape)
+
+    # -- writing -------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None) -> Version:
+        """Write ``arrays`` as a new version; variables not given keep their current blob.
+
+        Arrays must already have the variable's dtype and shape (the update graph
+        guarantees it).  Call inside ``locked()`` when the check and the write must be
+        one step, e.g. compare-and-swap by the caller; ``expected_version`` does that here.
+        """
+        with self.locked():
+            cur = self.current()
+            if expected_version is not None and (cur is None or cur.number != expected_version):
+                raise VersionConflictError(expected_version, -1 if cur is None else cur.number)
+            missing = [n for n in self.order if n not in arrays and (cur is None or n not in cur.entries)]
+            if missing:
+                raise UpdateError(f"no current value for {missing[:5]}{'...' if len(missing) > 5 else ''}: the first update must set every variable")
+            number = 0 if cur is None else cur.number + 1
+            entries = dict(cur.entries) if cur else {}
+            if arrays:
+                blob = f"blob-{number}.bin"
+                entries.update(self._write_blob(blob, arrays))
+            return self._commit(number, op, entries)
+
+    def publish_entries(self, entries: Mapping[str, tuple[str, int]], op: str) -> Version:
+        """Publish a version that reuses existing blobs (rollback)."""
+        with self.locked():
+            cur = self.current()
+            return self._commit(0 if cur is None else cur.number + 1, op, dict(entries))
+
+    def _write_blob(self, blob: str, arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[str, int]]:
+        out: dict[str, tuple[str, int]] = {}
+        tmp = os.path.join(self.path, blob + ".tmp")
+        with open(tmp, "wb") as f:
+            off = 0
+            for name in self.order:
+                if name not in arrays:
+                    continue
+                arr = np.ascontiguousarray(arrays[name])
+                f.seek(off)
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                out[name] = (blob, off)
+                off = (off + arr.nbytes + PAGE - 1) // PAGE * PAGE
+            f.truncate(max(off, 1))
+        os.rename(tmp, os.path.join(self.path, blob))
+        return out
+
+    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]]) -> Version:
+        v = Version(number, op, entries, time.time())
+        self._atomic_write(f"v{number}.json", json.dumps({"version": number, "op": op, "time": v.time, "vars": entries}).encode())
+        self._atomic_write("HEAD", str(number).encode())
+        self._cache = (number, v)
+        self._gc(number)
+        return v
+
+    def _atomic_write(self, name: str, data: bytes) -> None:
+        tmp = os.path.join(self.path, f".{name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, os.path.join(self.path, name))
+
+    def _gc(self, head: int) -> None:
+        """Keep HEAD plus ``history`` older manifests; drop blobs nobody references."""
+        keep = [n for n in self.versions() if n <= head][-(self.history + 1):]
+        for n in self.versions():
+            if n not in keep:
+                _unlink(os.path.join(self.path, f"v{n}.json"))
+        live = {b for n in keep for b, _ in self.version(n).entries.values()}
+        for f in os.listdir(self.path):
+            if f.startswith("blob-") and f not in live:
+                _unlink(os.path.join(self.path, f))
+
+    def retained(self) -> list[int]:
+        return self.versions()
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def destroy(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,147 @@
+"""Small real ONNX models built with onnx.helper, for tests and benchmarks."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, inits, name) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, name, inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="weightbundle-tests")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def mlp(sizes=(16, 32, 32, 8), seed: int = 0, dtype=np.float32) -> onnx.ModelProto:
+    """MatMul + Add + Relu layers; weights 'fc{i}.weight', 'fc{i}.bias'."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], {}, "x"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        inits[f"fc{i}.weight"] = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(dtype)
+        inits[f"fc{i}.bias"] = rng.standard_normal((b,)).astype(dtype) * 0.1
+        nodes += [helper.make_node("MatMul", [x, f"fc{i}.weight"], [f"mm{i}"]), helper.make_node("Add", [f"mm{i}", f"fc{i}.bias"], [f"h{i}"])]
+        x = f"h{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    T = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return _model(nodes, [helper.make_tensor_value_info("x", T, ["batch", sizes[0]])],
+                  [helper.make_tensor_value_info("y", T, ["batch", sizes[-1]])], inits, "mlp")
+
+
+def big_mlp(n: int = 2048, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """The NOTES benchmark model: layers x (n x n) FP32 MatMul + Relu, no bias."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], {}, "x"
+    for i in range(layers):
+        inits[f"w{i}"] = (rng.standard_normal((n, n), dtype=np.float32) / np.sqrt(n)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits, "big_mlp")
+
+
+def convnet(channels=(3, 8, 16), classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu -> MaxPool blocks, GlobalAveragePool, Gemm head."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], {}, "x"
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+        inits[f"conv{i}.weight"] = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+        inits[f"conv{i}.bias"] = rng.standard_normal(cout).astype(np.float32) * 0.1
+        inits[f"bn{i}.scale"] = (1 + 0.1 * rng.standard_normal(cout)).astype(np.float32)
+        inits[f"bn{i}.shift"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+        inits[f"bn{i}.mean"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+        inits[f"bn{i}.var"] = (1 + 0.1 * rng.random(cout)).astype(np.float32)
+        nodes += [
+            helper.make_node("Conv", [x, f"conv{i}.weight", f"conv{i}.bias"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", [f"c{i}", f"bn{i}.scale", f"bn{i}.shift", f"bn{i}.mean", f"bn{i}.var"], [f"b{i}"], epsilon=1e-5),
+            helper.make_node("Relu", [f"b{i}"], [f"r{i}"]),
+            helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]),
+        ]
+        x = f"p{i}"
+    inits["head.weight"] = (rng.standard_normal((classes, channels[-1])) / np.sqrt(channels[-1])).astype(np.float32)
+    inits["head.bias"] = np.zeros(classes, np.float32)
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], transB=1)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])], inits, "convnet")
+
+
+def attention(vocab: int = 50, d: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """Embedding Gather, LayerNorm, single-head self-attention with Softmax, output projection.
+
+    Holds non-weight float initializers too: a scalar attention scale (stays a constant)."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "embed.weight": rng.standard_normal((vocab, d)).astype(np.float32),
+        "ln.gamma": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32),
+        "ln.beta": (0.1 * rng.standard_normal(d)).astype(np.float32),
+        "q.weight": (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32),
+        "k.weight": (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32),
+        "v.weight": (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32),
+        "o.weight": (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32),
+        "scale": np.array(1.0 / np.sqrt(d), np.float32),
+        "perm_shape": np.array([0, 2, 1], np.int64),
+    }
+    nodes = [
+        helper.make_node("Gather", ["embed.weight", "ids"], ["emb"], axis=0),
+        helper.make_node("LayerNormalization", ["emb", "ln.gamma", "ln.beta"], ["h"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h", "q.weight"], ["q"]),
+        helper.make_node("MatMul", ["h", "k.weight"], ["k"]),
+        helper.make_node("MatMul", ["h", "v.weight"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["ss"]),
+        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["a"]),
+        helper.make_node("MatMul", ["a", "o.weight"], ["y"]),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d])], inits, "attention")
+
+
+def with_int_initializers(seed: int = 0) -> onnx.ModelProto:
+    """Float weights plus int64 shape / index initializers that must stay constants."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "w": rng.standard_normal((12, 12)).astype(np.float32),
+        "b": rng.standard_normal(12).astype(np.float32),
+        "shape": np.array([-1, 3, 4], np.int64),
+        "idx": np.array([2, 0, 1], np.int64),
+        "clip_max": np.array(2.5, np.float32),
+        "clip_min": np.array(-2.5, np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Clip", ["a", "clip_min", "clip_max"], ["c"]),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]), helper.make_node("Gather", ["r", "idx"], ["y"], axis=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4])], inits, "ints")
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers are replaced: the ORT reference for an update."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name]).astype(helper.tensor_dtype_to_np_dtype(t.data_type)), t.name))
+    return m
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {o.name: a for o, a in zip(s.get_outputs(), s.run(None, feeds))}

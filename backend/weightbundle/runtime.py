@@ -241,7 +241,7 @@ class Bundle:
         """Run the inference graph; returns (outputs, the weight version they came from)."""
         self._alive()
         feeds = validate_inputs(self.inputs, inputs, "inference")
-        version, sess = self._infer_session()
+        version, sess = self.infer_session()
         try:
             outs = sess.run(None, feeds)
         except Exception as e:  # ORT errors on values (e.g. an out-of-range Gather index)
@@ -376,7 +376,8 @@ class Bundle:
         except Exception as e:
             raise FormatError(f"ONNX Runtime cannot build the inference session: {e}") from None
 
-    def _infer_session(self) -> tuple[int, ort.InferenceSession]:
+    def infer_session(self) -> tuple[int, ort.InferenceSession]:
+        """(version, session) for the current weights; builds the session on a new version."""
         cur = self._infer
         head = self._store.head()
         if head is None:

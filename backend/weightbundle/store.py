@@ -39,6 +39,7 @@ class Version:
     op: str
     entries: dict[str, tuple[str, int]]  # name -> (blob file name, byte offset)
     time: float
+    prev: int | None  # the version whose contents this one replaced: where rollback goes
 
 
 def default_root() -> str:
@@ -58,7 +59,9 @@ class WeightStore:
         self.history = history
         os.makedirs(path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(path, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        self._lock_depth = 0  # flock is per open file: nested locked() must not unlock early
         self._cache: tuple[int, Version] | None = None
+        self._instance_fd = -1
 
     @classmethod
     def private(cls, specs: Sequence[VariableSpec], history: int = 1, root: str | None = None) -> "WeightStore":
@@ -93,7 +96,7 @@ class WeightStore:
     def version(self, n: int) -> Version:
         with open(os.path.join(self.path, f"v{n}.json"), "rb") as f:
             d = json.load(f)
-        return Version(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["time"])
+        return Version(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["time"], d.get("prev"))
 
     def versions(self) -> list[int]:
         return sorted(int(f[1:-5]) for f in os.listdir(self.path) if f.startswith("v") and f.endswith(".json"))
@@ -109,11 +112,16 @@ class WeightStore:
     # -- writing -------------------------------------------------------------
     @contextmanager
     def locked(self) -> Iterator[None]:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        """Exclusive writer lock across processes (reentrant within this object)."""
+        if self._lock_depth == 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._lock_depth += 1
         try:
             yield
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None) -> Version:
         """Write ``arrays`` as a new version; variables not given keep their current blob.
@@ -134,13 +142,25 @@ class WeightStore:
             if arrays:
                 blob = f"blob-{number}.bin"
                 entries.update(self._write_blob(blob, arrays))
-            return self._commit(number, op, entries)
+            return self._commit(number, op, entries, None if cur is None else cur.number)
 
-    def publish_entries(self, entries: Mapping[str, tuple[str, int]], op: str) -> Version:
-        """Publish a version that reuses existing blobs (rollback)."""
+    def rollback(self, expected_version: int | None = None) -> Version:
+        """Publish, as a new version, the contents the current version replaced.
+
+        Repeated rollbacks walk further back while ``history`` retains versions.
+        """
         with self.locked():
             cur = self.current()
-            return self._commit(0 if cur is None else cur.number + 1, op, dict(entries))
+            if cur is None:
+                raise UpdateError("nothing to roll back: no weights yet")
+            if expected_version is not None and cur.number != expected_version:
+                raise VersionConflictError(expected_version, cur.number)
+            if cur.prev is None or cur.prev not in self.versions():
+                kept = [n for n in self.versions() if n != cur.number]
+                raise UpdateError(f"cannot roll back version {cur.number}: its predecessor is not retained "
+                                  f"(retained: {kept}; raise the 'history' parameter to keep more)")
+            target = self.version(cur.prev)
+            return self._commit(cur.number + 1, f"rollback to {target.number}", dict(target.entries), target.prev)
 
     def _write_blob(self, blob: str, arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[str, int]]:
         out: dict[str, tuple[str, int]] = {}
@@ -159,9 +179,9 @@ class WeightStore:
         os.rename(tmp, os.path.join(self.path, blob))
         return out
 
-    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]]) -> Version:
-        v = Version(number, op, entries, time.time())
-        self._atomic_write(f"v{number}.json", json.dumps({"version": number, "op": op, "time": v.time, "vars": entries}).encode())
+    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None) -> Version:
+        v = Version(number, op, entries, time.time(), prev)
+        self._atomic_write(f"v{number}.json", json.dumps({"version": number, "op": op, "time": v.time, "prev": prev, "vars": entries}).encode())
         self._atomic_write("HEAD", str(number).encode())
         self._cache = (number, v)
         self._gc(number)
@@ -184,10 +204,53 @@ class WeightStore:
             if f.startswith("blob-") and f not in live:
                 _unlink(os.path.join(self.path, f))
 
-    def retained(self) -> list[int]:
-        return self.versions()
+    # -- sharing between processes ------------------------------------------------
+    # Each attached process holds an flock on instances/<pid>; a lock that can be
+    # taken belongs to a dead process.  The last live process out removes the store.
+    def register(self) -> None:
+        d = os.path.join(self.path, "instances")
+        os.makedirs(d, exist_ok=True)
+        self._instance_fd = os.open(os.path.join(d, str(os.getpid())), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._instance_fd, fcntl.LOCK_SH)
+
+    def live_instances(self) -> int:
+        d = os.path.join(self.path, "instances")
+        alive = 0
+        for f in os.listdir(d) if os.path.isdir(d) else []:
+            p = os.path.join(d, f)
+            if f == str(os.getpid()) and self._instance_fd >= 0:
+                alive += 1
+                continue
+            try:
+                fd = os.open(p, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _unlink(p)  # its owner died without cleaning up
+            except BlockingIOError:
+                alive += 1
+            finally:
+                os.close(fd)
+        return alive
+
+    def release(self) -> bool:
+        """Detach this process; destroy the store if it was the last one. True if destroyed."""
+        with self.locked():
+            if self._instance_fd >= 0:
+                _unlink(os.path.join(self.path, "instances", str(os.getpid())))
+                os.close(self._instance_fd)
+                self._instance_fd = -1
+            last = self.live_instances() == 0
+            if last:
+                shutil.rmtree(self.path, ignore_errors=True)
+        self.close()
+        return last
 
     def close(self) -> None:
+        if self._instance_fd >= 0:
+            os.close(self._instance_fd)
+            self._instance_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -202,3 +265,30 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def sweep_stale(root: str, prefix: str) -> list[str]:
+    """Remove stores under ``root`` named ``<prefix><pid>-...`` whose server pid is dead.
+
+    A SIGKILLed server cannot clean up; the next start calls this so nothing leaks.
+    """
+    removed = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if not name.startswith(prefix):
+            continue
+        pid_s = name[len(prefix):].split("-", 1)[0]
+        if not pid_s.isdigit() or _pid_alive(int(pid_s)):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

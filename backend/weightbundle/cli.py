@@ -1,0 +1,135 @@
+"""``weightbundle`` command line: build, inspect, config, serve."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from .errors import BundleError
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    from .build import build_bundle, save_bundle
+    from .convert import convert
+
+    graphs = convert(a.model, weights=a.weights or None)
+    data = build_bundle(graphs, include_init=not a.no_init, optimize=None if a.optimize == "none" else a.optimize)
+    save_bundle(a.output, data)
+    total = sum(v.nbytes for v in graphs.variables)
+    print(f"wrote {a.output}: {len(data)} bytes, {len(graphs.variables)} variables ({total} bytes of weights), "
+          f"graphs {'0,1,2' if not a.no_init else '0,2'}")
+    return 0
+
+
+def describe(path: str) -> dict:
+    """Everything ``inspect`` shows, as a dict (read straight from the validated TOC)."""
+    from . import format as fmt
+
+    with open(path, "rb") as f:
+        layout = fmt.decode(f.read())
+    toc = layout.toc
+    return {
+        "file": path,
+        "bytes": os.path.getsize(path),
+        "format_version": f"{fmt.FORMAT_MAJOR}.{fmt.FORMAT_MINOR}",
+        "producer": toc.get("producer"),
+        "compiled": toc.get("compiled"),
+        "graphs": [{"id": g["id"], "kind": g["kind"], "bytes": g["length"], "crc32": f"{g['crc32']:08x}"} for g in toc["graphs"]],
+        "variables": [{"index": i, "name": r["name"], "dtype": r["dtype"], "shape": r["shape"], "bytes": r["nbytes"],
+                       **({"crc32": f"{r['crc32']:08x}"} if "crc32" in r else {})} for i, r in enumerate(toc["variables"])],
+        "weights_bytes": sum(r["nbytes"] for r in toc["variables"]),
+        "has_initial_weights": toc.get("weights") is not None,
+    }
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    d = describe(a.bundle)
+    if a.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{d['file']}: {d['bytes']} bytes, format {d['format_version']}, {d['producer']}")
+    print(f"compiled: {d['compiled']}")
+    print("graphs:")
+    for g in d["graphs"]:
+        print(f"  id {g['id']}  {g['kind']:<9}  {g['bytes']:>10} bytes  crc32 {g['crc32']}")
+    print(f"variables ({len(d['variables'])}, {d['weights_bytes']} bytes; update-graph input order):")
+    for v in d["variables"]:
+        crc = f"  crc32 {v['crc32']}" if "crc32" in v else ""
+        print(f"  {v['index']:>3}  {v['name']:<32} {v['dtype']:<8} {str(tuple(v['shape'])):<20} {v['bytes']:>12} bytes{crc}")
+    if not d["has_initial_weights"]:
+        print("no init graph: the first update must set every variable")
+    return 0
+
+
+def _cmd_config(a: argparse.Namespace) -> int:
+    from .modelconfig import make_config
+    from .runtime import Bundle
+
+    params = dict(p.split("=", 1) for p in a.parameter)
+    with Bundle.load_from_file(a.bundle) as b:
+        text = make_config(b, a.name, a.max_batch_size, a.instances, parameters=params)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(text)
+        print(f"wrote {a.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .server import serve_from_args
+
+    return serve_from_args(a)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="weightbundle", description="Compile an ONNX model once; refresh its weights while Triton serves it.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="convert an ONNX model into a weight-refreshable bundle")
+    b.add_argument("model", help="ONNX model file")
+    b.add_argument("-o", "--output", required=True, help="bundle file to write")
+    b.add_argument("--weights", nargs="+", metavar="NAME", help="initializers to make refreshable (default: float initializers used as data)")
+    b.add_argument("--no-init", action="store_true", help="leave out the init graph and initial weights (smaller file)")
+    b.add_argument("--optimize", default="extended", choices=["none", "basic", "extended"], help="ORT optimisation applied once at build time")
+    b.set_defaults(fn=_cmd_build)
+
+    i = sub.add_parser("inspect", help="list graphs, variables and checksums of a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    c = sub.add_parser("config", help="write a Triton config.pbtxt for a bundle")
+    c.add_argument("bundle")
+    c.add_argument("--name", required=True, help="model name (its folder in the model repository)")
+    c.add_argument("--max-batch-size", type=int, default=0)
+    c.add_argument("--instances", type=int, default=1)
+    c.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE", help="model parameter, e.g. allow_updates=true")
+    c.add_argument("-o", "--output", help="file to write (default: stdout)")
+    c.set_defaults(fn=_cmd_config)
+
+    s = sub.add_parser("serve", help="run a real tritonserver on a model repository (127.0.0.1)")
+    try:
+        from .server import add_serve_arguments
+
+        add_serve_arguments(s)
+    except ImportError:  # server module missing: keep the other commands usable
+        pass
+    s.set_defaults(fn=_cmd_serve)
+
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except BundleError as e:
+        print(f"weightbundle {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"weightbundle {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

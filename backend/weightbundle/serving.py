@@ -1,0 +1,316 @@
+"""Serve a bundle: settings from a Triton model config, request routing, commands.
+
+Nothing here imports Triton: ``model.py`` turns Triton requests into dicts of
+numpy arrays, calls ``Service.handle`` and turns the replies back.  That keeps
+every behaviour unit-testable without a server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT, Authorizer, Command, ControlError, parse_command
+from .errors import BundleError, NotInitializedError, VersionConflictError
+from .runtime import Bundle, RuntimeOptions
+from .store import default_root, sweep_stale
+
+STORE_PREFIX = "weightbundle-"
+
+
+def _bool(v: str, key: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on", "enabled"):
+        return True
+    if s in ("0", "false", "no", "off", "disabled", ""):
+        return False
+    raise BundleError(f"model config parameter {key!r} must be true or false, got {v!r}")
+
+
+def _str(v: str, key: str) -> str:
+    return v
+
+
+def _int(v: str, key: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise BundleError(f"model config parameter {key!r} must be an integer, got {v!r}") from None
+
+
+def _paths(v: str, key: str) -> tuple[str, ...]:
+    return tuple(p for p in v.split(":") if p)
+
+
+@dataclass
+class ServingSettings:
+    """Everything a model's ``config.pbtxt`` can set (``parameters`` plus batching)."""
+
+    bundle_filename: str = "model.bundle"
+    allow_updates: bool = False
+    update_secret_env: str | None = None
+    update_secret_file: str | None = None
+    update_auth: str = "secret"  # "secret" or "none" (trusted networks / demos only)
+    history: int = 1
+    prepack: bool = True
+    optimization: str = "basic"
+    intra_op_threads: int = 0
+    reject_nonfinite: bool = False
+    store_root: str | None = None
+    file_update_dirs: tuple[str, ...] = ()
+    max_batch_size: int = 0
+
+    _PARAMS = {
+        "bundle_filename": _str, "allow_updates": _bool, "update_secret_env": _str, "update_secret_file": _str,
+        "update_auth": _str, "history": _int, "prepack": _bool, "optimization": _str, "intra_op_threads": _int,
+        "reject_nonfinite": _bool, "store_root": _str, "file_update_dirs": _paths,
+    }
+
+    @classmethod
+    def from_model_config(cls, cfg: Mapping[str, Any]) -> "ServingSettings":
+        s = cls(max_batch_size=int(cfg.get("max_batch_size", 0)))
+        for key, val in (cfg.get("parameters") or {}).items():
+            if key not in cls._PARAMS:
+                raise BundleError(f"unknown model config parameter {key!r}; known: {sorted(cls._PARAMS)}")
+            raw = val.get("string_value", "") if isinstance(val, dict) else str(val)
+            setattr(s, key, cls._PARAMS[key](raw, key))
+        if s.update_auth not in ("secret", "none"):
+            raise BundleError(f"update_auth must be 'secret' or 'none', got {s.update_auth!r}")
+        if s.history < 1:
+            raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
+        return s
+
+    def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
+        return RuntimeOptions(prepack=self.prepack, optimization=self.optimization, intra_op_threads=self.intra_op_threads,
+                              history=self.history, store_dir=store_dir)
+
+
+@dataclass
+class Reply:
+    """One response: outputs, or an error with a Triton error code name."""
+
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    error: str | None = None
+    code: str = "INVALID_ARG"
+
+
+@dataclass
+class Event:
+    """What happened, for metrics: kind is 'update_applied' or 'update_rejected'."""
+
+    kind: str
+    op: str
+    reason: str = ""
+    seconds: float = 0.0
+    version: int | None = None
+
+
+class Service:
+    """One Triton model instance's view of a bundle and its shared weight store."""
+
+    def __init__(self, bundle: Bundle, settings: ServingSettings, authorizer: Authorizer,
+                 repository: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None):
+        self.bundle = bundle
+        self.settings = settings
+        self.auth = authorizer
+        self.repository = repository
+        self.model_name = model_name
+        self.on_event = on_event or (lambda e: None)
+        self.weight_names = {v.name for v in bundle.variables}
+        self.input_names = {i.name for i in bundle.inputs}
+        reserved = {CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT}
+        clash = (self.weight_names & self.input_names) | ((self.weight_names | self.input_names) & reserved)
+        if clash:
+            raise BundleError(f"tensor name(s) {sorted(clash)} are used twice (inputs, weights and {sorted(reserved)} must differ)")
+
+    @classmethod
+    def open(cls, model_dir: str, version: str | int, settings: ServingSettings, model_name: str,
+             on_event: Callable[[Event], None] | None = None) -> "Service":
+        """Load ``<model_dir>/<version>/<bundle_filename>``, attach the shared store, init once."""
+        path = os.path.join(model_dir, str(version), settings.bundle_filename)
+        if not os.path.isfile(path):
+            raise BundleError(f"bundle file not found: {path} (set parameter bundle_filename to use another name)")
+        auth = Authorizer.from_sources(settings.allow_updates, settings.update_secret_env, settings.update_secret_file,
+                                       settings.update_auth == "secret")
+        root = settings.store_root or default_root()
+        sweep_stale(root, STORE_PREFIX)
+        # One store per (server process, model, version): every instance of it shares weights.
+        tag = "".join(c if c.isalnum() or c in "._" else "_" for c in model_name)
+        store_dir = os.path.join(root, f"{STORE_PREFIX}{os.getppid()}-{tag}-v{version}")
+        bundle = Bundle.load_from_file(path, settings.runtime_options(store_dir))
+        try:
+            bundle.store.register()
+            with bundle.store.locked():
+                if bundle.store.head() is None and bundle.has_init:
+                    bundle.init()
+            svc = cls(bundle, settings, auth, os.path.dirname(os.path.abspath(model_dir)), model_name, on_event)
+            if bundle.version is not None:
+                bundle.infer_session()  # build the session now, not on the first request
+            return svc
+        except BaseException:
+            bundle.unload()
+            raise
+
+    def close(self) -> None:
+        store = self.bundle.store
+        self.bundle.unload()
+        store.release()
+
+    # -- routing -----------------------------------------------------------------
+    def handle(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[Reply]:
+        """Replies in request order; a command sees every request before it applied."""
+        replies: list[Reply | None] = [None] * len(requests)
+        group: list[int] = []
+        for i, req in enumerate(requests):
+            if CONTROL_INPUT in req:
+                self._infer_group(requests, group, replies)
+                group = []
+                replies[i] = self._command(req)
+            else:
+                group.append(i)
+        self._infer_group(requests, group, replies)
+        return [r for r in replies if r is not None]
+
+    def _infer_group(self, requests: Sequence[Mapping[str, np.ndarray]], idx: list[int], replies: list[Reply | None]) -> None:
+        if not idx:
+            return
+        ok = []
+        for i in idx:
+            stray = sorted(set(requests[i]) & self.weight_names)
+            if stray:
+                replies[i] = Reply(error=f"weight input(s) {stray[:5]} sent without a {CONTROL_INPUT} command; "
+                                         f"add {CONTROL_INPUT}={{\"op\": \"update\"}} to update weights")
+            else:
+                ok.append(i)
+        if self.settings.max_batch_size > 0 and len(ok) > 1 and self._batchable([requests[i] for i in ok]):
+            self._run_batched(requests, ok, replies)
+        else:
+            for i in ok:
+                replies[i] = self._infer_one(requests[i])
+
+    def _batchable(self, reqs: list[Mapping[str, np.ndarray]]) -> bool:
+        first = reqs[0]
+        return all(set(r) == set(first) and all(r[k].shape[1:] == first[k].shape[1:] and r[k].dtype == first[k].dtype
+                                                 for k in first) for r in reqs)
+
+    def _run_batched(self, requests: Sequence[Mapping[str, np.ndarray]], idx: list[int], replies: list[Reply | None]) -> None:
+        sizes = [len(next(iter(requests[i].values()))) for i in idx]
+        feeds = {k: np.concatenate([requests[i][k] for i in idx]) for k in requests[idx[0]]}
+        try:
+            outs, version = self.bundle.infer(feeds)
+        except BundleError:
+            for i in idx:  # one bad request must not fail its neighbours: retry alone
+                replies[i] = self._infer_one(requests[i])
+            return
+        start = 0
+        for i, n in zip(idx, sizes):
+            part = {k: v[start : start + n] for k, v in outs.items()}
+            part[VERSION_OUTPUT] = np.full((n, 1), version, np.uint64)
+            replies[i] = Reply(part)
+            start += n
+
+    def _infer_one(self, req: Mapping[str, np.ndarray]) -> Reply:
+        try:
+            outs, version = self.bundle.infer(req)
+        except NotInitializedError as e:
+            return Reply(error=str(e), code="UNAVAILABLE")
+        except BundleError as e:
+            return Reply(error=str(e))
+        outs[VERSION_OUTPUT] = self._version_tensor(version)
+        return Reply(outs)
+
+    def _version_tensor(self, version: int) -> np.ndarray:
+        return np.array([[version]] if self.settings.max_batch_size > 0 else [version], np.uint64)
+
+    # -- commands ---------------------------------------------------------------------
+    def _command(self, req: Mapping[str, np.ndarray]) -> Reply:
+        t0 = time.perf_counter()
+        op = "?"
+        try:
+            cmd = parse_command(req[CONTROL_INPUT])
+            op = cmd.op
+            self.auth.check(cmd)
+            result = getattr(self, f"_op_{cmd.op}")(cmd, req)
+        except VersionConflictError as e:
+            self.on_event(Event("update_rejected", op, "conflict"))
+            return Reply(error=str(e), code="ALREADY_EXISTS")
+        except ControlError as e:
+            self.on_event(Event("update_rejected", op, e.reason))
+            return Reply(error=str(e), code=e.code)
+        except BundleError as e:
+            self.on_event(Event("update_rejected", op, "invalid"))
+            return Reply(error=str(e))
+        version = self.bundle.version
+        if cmd.op != "status":
+            self.on_event(Event("update_applied", cmd.op, seconds=time.perf_counter() - t0, version=version))
+        result = {"op": cmd.op, "version": version, **result}
+        out = {RESULT_OUTPUT: np.array([json.dumps(result).encode()], dtype=object)}
+        if version is not None:
+            out[VERSION_OUTPUT] = self._version_tensor(version)
+        if self.settings.max_batch_size > 0:
+            out[RESULT_OUTPUT] = out[RESULT_OUTPUT].reshape(1, 1)
+        return Reply(out)
+
+    def _weights_from_request(self, req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Weight inputs of a command; with batching, strip the leading batch dim of 1."""
+        stray = sorted(set(req) - self.weight_names - {CONTROL_INPUT})
+        if stray:
+            raise ControlError(f"a command request carries non-weight input(s) {stray}; send inference in a separate request")
+        out = {}
+        for name in self.weight_names & set(req):
+            a = req[name]
+            if self.settings.max_batch_size > 0:
+                if a.ndim == 0 or a.shape[0] not in (0, 1):
+                    raise ControlError(f"weight {name!r}: with batching the leading dimension must be 1 (one command), got shape {a.shape}")
+                a = a.reshape(a.shape[1:]) if a.shape[0] == 1 else np.empty((0,), a.dtype)
+            out[name] = a
+        return out
+
+    def _op_update(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        weights = self._weights_from_request(req)
+        nonfinite = bool(cmd.args.get("reject_nonfinite", False)) or self.settings.reject_nonfinite
+        if cmd.args.get("source") is not None:
+            raise ControlError("update 'source' transports are not available in this build")
+        self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite)
+        self.bundle.infer_session()  # warm: the acknowledged version is ready to serve here
+        return {"updated": sorted(k for k, v in weights.items() if v.size)}
+
+    def _op_status(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        self._no_weights(req)
+        store = self.bundle.store
+        cur = store.current()
+        result: dict[str, Any] = {"retained_versions": store.versions(), "history": self.settings.history,
+                                  "updates_enabled": self.auth.enabled}
+        if cur is not None and cmd.args.get("checksums", True):
+            result["checksums"] = {v.name: f"{zlib.crc32(store.array(cur, v.name).reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
+                                   for v in self.bundle.variables}
+        return result
+
+    def _op_reset(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        self._no_weights(req)
+        store = self.bundle.store
+        with store.locked():
+            cur = store.head()
+            if cmd.expected_version is not None and cur != cmd.expected_version:
+                raise VersionConflictError(cmd.expected_version, -1 if cur is None else cur)
+            self.bundle.init()
+        self.bundle.infer_session()
+        return {}
+
+    def _op_rollback(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        self._no_weights(req)
+        v = self.bundle.store.rollback(cmd.expected_version)
+        self.bundle.infer_session()
+        return {"restored": v.op}
+
+    def _op_commit(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        raise ControlError("commit is not available in this build")
+
+    def _no_weights(self, req: Mapping[str, np.ndarray]) -> None:
+        if set(req) - {CONTROL_INPUT}:
+            raise ControlError(f"this op takes no tensors besides {CONTROL_INPUT}, got {sorted(set(req) - {CONTROL_INPUT})}")

@@ -55,6 +55,9 @@ def save_bundle(path: str | os.PathLike, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bundle", dir=d)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from a server running as another user
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -99,7 +99,7 @@ def encode(
             weights_len = _align(weights_len + v.nbytes, TENSOR_ALIGN)
 
     def toc_for(base: int) -> tuple[dict[str, Any], int]:
-        off = base
+        off = end = base
         toc_graphs, toc_extra = [], {}
         for name, blob in sections:
             entry = {"offset": off, "length": len(blob), "crc32": crc32(blob)}
@@ -108,14 +108,15 @@ def encode(
                 toc_graphs.append({"id": gid, "kind": GRAPH_KINDS[gid], **entry})
             else:
                 toc_extra[name.split(":", 1)[1]] = entry
-            off = _align(off + len(blob), TENSOR_ALIGN)
+            end = off + len(blob)  # the file ends exactly where its last section does
+            off = _align(end, TENSOR_ALIGN)
         weights = None
         if initial is not None:
             woff = _align(off, SECTION_ALIGN)
             weights = {"offset": woff, "length": weights_len, "align": TENSOR_ALIGN}
-            off = woff + weights_len
+            end = woff + weights_len
         toc = {"graphs": toc_graphs, "variables": var_rows, "weights": weights, "extra": toc_extra, **(meta or {})}
-        return toc, off
+        return toc, end
 
     toc, _ = toc_for(0)
     toc_len = _align(len(json.dumps(toc).encode()) + 256, TENSOR_ALIGN)

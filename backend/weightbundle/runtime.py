@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -110,6 +111,8 @@ class Bundle:
         self._store = (WeightStore(self.options.store_dir, self.variables, self.options.history) if self.options.store_dir
                        else WeightStore.private(self.variables, self.options.history))
         self._owns_store = self.options.store_dir is None
+        # A private store must not outlive the process if the caller forgets unload().
+        self._finalizer = weakref.finalize(self, WeightStore.destroy, self._store) if self._owns_store else (lambda: None)
         self._lock = threading.Lock()
         self._infer: tuple[int, ort.InferenceSession] | None = None
         self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
@@ -214,10 +217,8 @@ class Bundle:
         self._unloaded = True
         self._infer = None
         self._update_sessions.clear()
-        if self._owns_store:
-            self._store.destroy()
-        else:
-            self._store.close()
+        if self._owns_store:  # a shared store (options.store_dir) belongs to whoever passed it
+            self._finalizer()
         self._layout = None  # type: ignore[assignment]
         if isinstance(self._owner, mmap.mmap):
             try:

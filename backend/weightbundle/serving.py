@@ -210,7 +210,7 @@ class Service:
         start = 0
         for i, n in zip(idx, sizes):
             part = {k: v[start : start + n] for k, v in outs.items()}
-            part[VERSION_OUTPUT] = np.full((n, 1), version, np.uint64)
+            part[VERSION_OUTPUT] = self._version_tensor(version, n)
             replies[i] = Reply(part)
             start += n
 
@@ -221,11 +221,13 @@ class Service:
             return Reply(error=str(e), code="UNAVAILABLE")
         except BundleError as e:
             return Reply(error=str(e))
-        outs[VERSION_OUTPUT] = self._version_tensor(version)
+        rows = len(next(iter(req.values()))) if self.settings.max_batch_size > 0 and req else 1
+        outs[VERSION_OUTPUT] = self._version_tensor(version, rows)
         return Reply(outs)
 
-    def _version_tensor(self, version: int) -> np.ndarray:
-        return np.array([[version]] if self.settings.max_batch_size > 0 else [version], np.uint64)
+    def _version_tensor(self, version: int, rows: int = 1) -> np.ndarray:
+        """[1] without batching; [batch, 1] with it (Triton's batch dim comes first)."""
+        return np.full((rows, 1), version, np.uint64) if self.settings.max_batch_size > 0 else np.array([version], np.uint64)
 
     # -- commands ---------------------------------------------------------------------
     def _command(self, req: Mapping[str, np.ndarray]) -> Reply:

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -62,6 +63,7 @@ class WeightStore:
         self._lock_depth = 0  # flock is per open file: nested locked() must not unlock early
         self._cache: tuple[int, Version] | None = None
         self._instance_fd = -1
+        self._instance_name = ""
 
     @classmethod
     def private(cls, specs: Sequence[VariableSpec], history: int = 1, root: str | None = None) -> "WeightStore":
@@ -210,7 +212,8 @@ class WeightStore:
     def register(self) -> None:
         d = os.path.join(self.path, "instances")
         os.makedirs(d, exist_ok=True)
-        self._instance_fd = os.open(os.path.join(d, str(os.getpid())), os.O_CREAT | os.O_RDWR, 0o600)
+        self._instance_name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._instance_fd = os.open(os.path.join(d, self._instance_name), os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._instance_fd, fcntl.LOCK_SH)
 
     def live_instances(self) -> int:
@@ -218,7 +221,7 @@ class WeightStore:
         alive = 0
         for f in os.listdir(d) if os.path.isdir(d) else []:
             p = os.path.join(d, f)
-            if f == str(os.getpid()) and self._instance_fd >= 0:
+            if f == self._instance_name and self._instance_fd >= 0:
                 alive += 1
                 continue
             try:
@@ -238,7 +241,7 @@ class WeightStore:
         """Detach this process; destroy the store if it was the last one. True if destroyed."""
         with self.locked():
             if self._instance_fd >= 0:
-                _unlink(os.path.join(self.path, "instances", str(os.getpid())))
+                _unlink(os.path.join(self.path, "instances", self._instance_name))
                 os.close(self._instance_fd)
                 self._instance_fd = -1
             last = self.live_instances() == 0

@@ -56,8 +56,9 @@ class _Metrics:
         self._applied = pb_utils.MetricFamily("weightbundle_updates_applied_total", "Weight commands applied", pb_utils.MetricFamily.COUNTER)
         self._rejected = pb_utils.MetricFamily("weightbundle_updates_rejected_total", "Weight commands rejected, by reason", pb_utils.MetricFamily.COUNTER)
         self._latency = pb_utils.MetricFamily("weightbundle_update_seconds_total", "Time spent applying weight commands", pb_utils.MetricFamily.COUNTER)
-        version_family = pb_utils.MetricFamily("weightbundle_weights_version", "Current weight version", pb_utils.MetricFamily.GAUGE)
-        self.version = version_family.Metric(labels=labels)
+        # Families must outlive their metrics, so keep every family on self.
+        self._version_family = pb_utils.MetricFamily("weightbundle_weights_version", "Current weight version", pb_utils.MetricFamily.GAUGE)
+        self.version = self._version_family.Metric(labels=labels)
         self._by_key = {}
 
     def _metric(self, family, **extra):

@@ -1,0 +1,726 @@
+"""Run the real Triton Inference Server shipped in the ``nvidia-pytriton`` wheel.
+
+``nvidia-pytriton==0.7.0`` contains a tritonserver 2.51 binary, the python backend
+and one python-backend stub per CPython minor version. Using them outside pytriton
+needs a few things that are easy to get wrong (see shared/NOTES.md section 1):
+
+* a backend directory of our own: pointing ``--backend-directory`` at the wheel
+  fails with "triton_python_backend_stub is not found";
+* ``LD_LIBRARY_PATH`` with the wheel's bundled libs and this Python's LIBDIR,
+  otherwise the stub cannot load and the server *hangs* loading the model;
+* this interpreter's ``bin`` first on ``PATH``, so the stub's embedded Python picks
+  this virtualenv as its prefix (numpy, onnxruntime, weightbundle importable);
+* shutdown can leave ``/dev/shm/triton_python_backend_shm_region_*`` files behind
+  if the server or its stubs are killed, so ``stop`` removes the ones it owns.
+
+``TritonServer`` is the programmatic handle (tests, benchmarks); ``serve`` is the
+blocking foreground mode behind ``weightbundle serve``.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
+
+__all__ = [
+    "BACKEND_NAME", "INSTALL_HINT", "SHM_PATTERN", "TritonPaths", "TritonServer", "TritonServerError", "add_serve_arguments",
+    "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "triton_paths",
+]
+
+INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0"
+# Name of the python-based backend: models select it with `backend: "weightbundle"`.
+BACKEND_NAME = "weightbundle"
+# Shared-memory regions the python backend creates in /dev/shm, one per stub. A
+# python-based backend NAME uses "triton_NAME_backend_shm_region_<uuid>" instead of
+# the stock "triton_python_backend_shm_region_<uuid>"; both match this pattern.
+SHM_PATTERN = re.compile(r"^triton_.+_backend_shm_region_")
+SHM_DIR = "/dev/shm"
+HOST = "127.0.0.1"
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+
+
+class TritonServerError(RuntimeError):
+    """tritonserver could not be found, started, or it died."""
+
+
+# --------------------------------------------------------------------------- wheel layout
+
+
+@dataclass(frozen=True)
+class TritonPaths:
+    """Files of the nvidia-pytriton wheel that a standalone tritonserver needs."""
+
+    tritonserver: str  # the server binary
+    python_backend_lib: str  # backends/python/libtriton_python.so
+    python_backend_utils: str  # backends/python/triton_python_backend_utils.py
+    python_backend_stub: str  # python_backend_stubs/X.Y/triton_python_backend_stub for this Python
+    libs_dir: str  # nvidia_pytriton.libs (libtritonserver, libcudart, ...)
+
+
+def _site_dirs() -> List[str]:
+    """Directories that may hold the wheel's top-level entries, most specific first."""
+    dirs: List[str] = []
+    try:
+        # locate_file("") is the site-packages dir the distribution was installed into.
+        dirs.append(str(importlib.metadata.distribution("nvidia-pytriton").locate_file("")))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    # find_spec on a top-level package does not import it (pytriton's own deps may be absent).
+    spec = importlib.util.find_spec("pytriton")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        dirs.append(os.path.dirname(loc))
+    return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
+
+
+def triton_paths() -> TritonPaths:
+    """Locate tritonserver, the python backend and the stub matching this Python."""
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sites = _site_dirs()
+    if not sites:
+        raise TritonServerError(f"nvidia-pytriton is not installed in {sys.prefix}; install it with: {INSTALL_HINT}")
+    problems = []
+    for site in sites:
+        root = os.path.join(site, "pytriton", "tritonserver")
+        paths = TritonPaths(
+            tritonserver=os.path.join(root, "bin", "tritonserver"),
+            python_backend_lib=os.path.join(root, "backends", "python", "libtriton_python.so"),
+            python_backend_utils=os.path.join(root, "backends", "python", "triton_python_backend_utils.py"),
+            python_backend_stub=os.path.join(root, "python_backend_stubs", ver, "triton_python_backend_stub"),
+            libs_dir=os.path.join(site, "nvidia_pytriton.libs"),
+        )
+        missing = [p for p in (paths.tritonserver, paths.python_backend_lib, paths.python_backend_utils) if not os.path.isfile(p)]
+        if not os.path.isdir(paths.libs_dir):
+            missing.append(paths.libs_dir)
+        if missing:
+            problems.append(f"incomplete nvidia-pytriton in {site}: missing {', '.join(missing)}")
+            continue
+        if not os.path.isfile(paths.python_backend_stub):
+            have = sorted(os.listdir(os.path.join(root, "python_backend_stubs"))) if os.path.isdir(
+                os.path.join(root, "python_backend_stubs")) else []
+            problems.append(f"no python_backend stub for Python {ver} in {root}/python_backend_stubs "
+                            f"(available: {', '.join(have) or 'none'}); use one of those Python versions")
+            continue
+        return paths
+    raise TritonServerError("; ".join(problems) + f". Install a complete copy with: {INSTALL_HINT}")
+
+
+def _copy_if_changed(src: str, dst: str, mode: Optional[int] = None) -> None:
+    """Copy src to dst unless an identical copy (size and mtime) is already there.
+
+    Writes to a temporary name and renames, so a stub executable that a running
+    server is using is replaced rather than overwritten (which would fail, ETXTBSY).
+    """
+    st = os.stat(src)
+    try:
+        dt = os.stat(dst)
+        if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime) and (mode is None or dt.st_mode & 0o777 == mode):
+            return
+    except FileNotFoundError:
+        pass
+    tmp = f"{dst}.tmp{os.getpid()}.{threading.get_ident()}"
+    shutil.copy2(src, tmp)
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, dst)
+
+
+def prepare_backend_dir(dest: str) -> str:
+    """Build a Triton backend directory at ``dest`` and return its absolute path.
+
+    ``dest/python/`` gets the python backend (library, utils, version-matched stub);
+    ``dest/weightbundle/model.py`` is the weightbundle python-based backend, copied
+    from the package when it exists. Safe to call again on the same directory.
+    """
+    paths = triton_paths()
+    dest = os.path.abspath(dest)
+    py_dir = os.path.join(dest, "python")
+    os.makedirs(py_dir, exist_ok=True)
+    _copy_if_changed(paths.python_backend_lib, os.path.join(py_dir, "libtriton_python.so"))
+    _copy_if_changed(paths.python_backend_utils, os.path.join(py_dir, "triton_python_backend_utils.py"))
+    _copy_if_changed(paths.python_backend_stub, os.path.join(py_dir, "triton_python_backend_stub"), mode=0o755)
+
+    import weightbundle  # the package this module belongs to; imported lazily to keep import order simple
+
+    model_py = os.path.join(os.path.dirname(weightbundle.__file__), "triton", "model.py")
+    if os.path.isfile(model_py):
+        wb_dir = os.path.join(dest, BACKEND_NAME)
+        os.makedirs(wb_dir, exist_ok=True)
+        _copy_if_changed(model_py, os.path.join(wb_dir, "model.py"))
+    return dest
+
+
+def server_env(base: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """Environment for tritonserver: bundled libs on LD_LIBRARY_PATH, this venv first on PATH."""
+    env = dict(base)
+    paths = triton_paths()
+
+    def prepend(var: str, first: Sequence[Optional[str]]) -> None:
+        parts = [p for p in first if p] + [p for p in env.get(var, "").split(os.pathsep) if p]
+        env[var] = os.pathsep.join(dict.fromkeys(parts))  # de-duplicate, keep order
+
+    # LIBDIR holds libpython3.X.so that the stub links against (pyenv/conda builds put it there).
+    prepend("LD_LIBRARY_PATH", [paths.libs_dir, sysconfig.get_config_var("LIBDIR")])
+    # The stub's embedded interpreter finds its prefix via `python3` on PATH; make that this venv.
+    prepend("PATH", [os.path.dirname(sys.executable)])
+    return env
+
+
+# --------------------------------------------------------------------------- ports, processes, shm
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> List[int]:
+    # Keep all sockets open until every port is chosen, so the n ports are distinct.
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _is_region(name: str, prefixes: Sequence[str] = ()) -> bool:
+    return bool(SHM_PATTERN.match(name)) or any(name.startswith(p) for p in prefixes)
+
+
+def _shm_regions(prefixes: Sequence[str] = ()) -> Set[str]:
+    """Python-backend shm regions currently in /dev/shm (names only)."""
+    try:
+        return {n for n in os.listdir(SHM_DIR) if _is_region(n, prefixes)}
+    except FileNotFoundError:
+        return set()
+
+
+def _proc_pids() -> List[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _group_pids(pgid: int) -> List[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    out = []
+    for pid in _proc_pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != b"Z":
+            out.append(pid)
+    return out
+
+
+def _shm_used_by(pids: Iterable[int], prefixes: Sequence[str] = ()) -> Set[str]:
+    """Names of python-backend shm regions that the given processes map or hold open."""
+    shm = SHM_DIR + "/"
+    used: Set[str] = set()
+
+    def note(path: str) -> None:
+        if path.startswith(shm):
+            name = path[len(shm):]
+            if _is_region(name, prefixes):
+                used.add(name)
+
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(shm)
+                    if i >= 0:
+                        note(line[i:].split()[0])  # drops a trailing "(deleted)"
+        except OSError:
+            pass
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                note(os.readlink(f"/proc/{pid}/fd/{fd}").split()[0])
+            except (OSError, IndexError):
+                pass
+    return used
+
+
+def _pdeathsig_preexec():
+    """A preexec_fn that makes the child get SIGTERM when the spawning thread dies.
+
+    This is the last safety net against orphaned servers when the Python process is
+    killed (no atexit). Linux ties it to the *thread* that forked, so it is only used
+    when starting from the main thread.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved in the parent: no loading after fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+_LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        try:
+            server.stop(timeout=10)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class TritonServer:
+    """One tritonserver process bound to 127.0.0.1; a context manager.
+
+    >>> with TritonServer("model_repository") as srv:            # doctest: +SKIP
+    ...     client = tritonclient.http.InferenceServerClient(srv.http_url)
+    """
+
+    def __init__(
+        self,
+        model_repository: str,
+        *,
+        http_port: Optional[int] = None,
+        grpc_port: Optional[int] = None,
+        metrics_port: Optional[int] = None,
+        model_control_mode: str = "none",
+        load_models: Sequence[str] = (),
+        backend_dir: Optional[str] = None,
+        backend_config: Sequence[str] = (),
+        allow_metrics: bool = True,
+        log_file: Optional[str] = None,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
+        env: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        if model_control_mode not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
+        if load_models and model_control_mode != "explicit":
+            raise ValueError("load_models requires model_control_mode='explicit'")
+        for item in backend_config:
+            backend, _, setting = item.partition(",")
+            if not backend or "=" not in setting:
+                raise ValueError(f"backend_config entries look like 'python,key=value', got {item!r}")
+        self.model_repository = os.path.abspath(model_repository)
+        self._fixed_ports = (http_port, grpc_port, metrics_port)
+        self.http_port, self.grpc_port, self.metrics_port = self._fixed_ports
+        self.model_control_mode = model_control_mode
+        self.load_models = list(load_models)
+        self.backend_dir = os.path.abspath(backend_dir) if backend_dir else None
+        self.backend_config = list(backend_config)
+        # A custom python-backend region prefix must be recognised by the shm cleanup too.
+        self._shm_prefixes = [c.split("=", 1)[1] for c in self.backend_config
+                              if c.split("=", 1)[0].split(",", 1)[1].strip() == "shm-region-prefix-name"]
+        self.allow_metrics = allow_metrics
+        self.log_verbose = int(log_verbose)
+        self.extra_args = list(extra_args)
+        self.env = dict(env) if env is not None else None
+        self._user_log = log_file is not None
+        self.log_path: Optional[str] = os.path.abspath(log_file) if log_file else None
+        self._own_backend_dir = False
+        self._proc: Optional[subprocess.Popen] = None
+        self._shm_before: Set[str] = set()
+        self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
+        self._cleaned = True  # no process whose leftovers need cleaning
+        self._lock = threading.RLock()
+
+    # ---- addresses
+
+    @property
+    def http_url(self) -> str:
+        """'127.0.0.1:PORT', the form tritonclient.http expects."""
+        return f"{HOST}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """'127.0.0.1:PORT', the form tritonclient.grpc expects."""
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """Prometheus endpoint, or None with allow_metrics=False."""
+        return f"http://{HOST}:{self.metrics_port}/metrics" if self.allow_metrics else None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """None while running (or never started); the exit status once it has exited."""
+        return self._proc.poll() if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # ---- lifecycle
+
+    def command(self) -> List[str]:
+        """The tritonserver command line for the current ports and settings."""
+        args = [
+            triton_paths().tritonserver,
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.backend_dir}",
+            f"--http-address={HOST}",
+            f"--grpc-address={HOST}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--allow-metrics={'true' if self.allow_metrics else 'false'}",
+            f"--model-control-mode={self.model_control_mode}",
+            # Auto-complete makes startup ~5x slower and hides missing/bad config.pbtxt.
+            "--disable-auto-complete-config",
+            "--exit-timeout-secs=5",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if self.allow_metrics:
+            args += [f"--metrics-port={self.metrics_port}"]
+            if _supports_flag("--metrics-address"):
+                args.append(f"--metrics-address={HOST}")
+        args += [f"--load-model={m}" for m in self.load_models]
+        args += [f"--backend-config={c}" for c in self.backend_config]
+        return args + self.extra_args
+
+    def start(self, timeout: float = 60) -> "TritonServer":
+        """Spawn tritonserver and wait until /v2/health/ready answers 200.
+
+        Raises TritonServerError (with the end of the log) if the process exits or
+        is not ready within ``timeout`` seconds; nothing is left running then.
+        """
+        with self._lock:
+            if self.is_running():
+                raise TritonServerError(f"tritonserver already running (pid {self.pid})")
+            if not os.path.isdir(self.model_repository):
+                raise TritonServerError(f"model repository {self.model_repository} does not exist")
+            try:
+                if self.backend_dir is None:
+                    self.backend_dir = tempfile.mkdtemp(prefix="weightbundle-backends-")
+                    self._own_backend_dir = True
+                prepare_backend_dir(self.backend_dir)
+                if self.log_path is None:
+                    fd, self.log_path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+                    os.close(fd)
+                deadline = time.monotonic() + timeout
+                # Auto-picked ports can be taken by someone else before Triton binds them: retry.
+                for attempt in range(3):
+                    self._spawn()
+                    try:
+                        self._wait_ready(deadline)
+                        return self
+                    except TritonServerError:
+                        if (attempt < 2 and None in self._fixed_ports and self._proc.poll() is not None
+                                and "Address already in use" in self.log_tail(40)):
+                            self._cleanup_after_exit()
+                            continue
+                        raise
+                raise AssertionError("unreachable")
+            except BaseException:
+                self.stop()
+                raise
+
+    def _spawn(self) -> None:
+        free = iter(_free_ports(3))
+        self.http_port, self.grpc_port, self.metrics_port = (p if p is not None else next(free) for p in self._fixed_ports)
+        env = server_env(self.env if self.env is not None else os.environ)
+        self._shm_before = _shm_regions(self._shm_prefixes)
+        self._cleaned = False
+        with open(self.log_path, "ab") as log:  # the child keeps its own fd
+            self._proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=self.backend_dir,
+                start_new_session=True,  # own process group: killpg reaches the stubs, Ctrl-C in a terminal does not
+                preexec_fn=_pdeathsig_preexec(),
+            )
+        _LIVE.add(self)
+
+    def _wait_ready(self, deadline: float) -> None:
+        # Triton opens the metrics port a few ms after HTTP; wait for both so a caller
+        # can scrape metrics as soon as start() returns.
+        urls = [f"http://{HOST}:{self.http_port}/v2/health/ready"] + ([self.metrics_url] if self.allow_metrics else [])
+        # No proxies: an http_proxy in the environment would otherwise capture 127.0.0.1.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for url in urls:
+            while True:
+                if self._proc.poll() is not None:
+                    raise TritonServerError(
+                        f"tritonserver exited with status {self._proc.returncode} before it was ready "
+                        f"(log {self.log_path}):\n{self.log_tail(40)}")
+                try:
+                    with opener.open(url, timeout=1) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, OSError, ValueError):
+                    pass  # not listening yet, or 400 while models load
+                if time.monotonic() >= deadline:
+                    raise TritonServerError(
+                        f"tritonserver not ready at {url} in time (log {self.log_path}):\n{self.log_tail(40)}")
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 15) -> Optional[int]:
+        """Shut down gracefully (SIGTERM), SIGKILL the process group if that takes
+        longer than ``timeout``, then make sure no shm region of ours is left.
+        Returns the server's exit status (None if it was never started). Idempotent."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None:
+                if proc.poll() is None:
+                    self._note_owned_shm()
+                    try:
+                        proc.send_signal(signal.SIGTERM)  # the server itself stops its stubs
+                        proc.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        self._killpg()
+                        proc.wait(5)
+                if not self._cleaned:
+                    self._cleanup_after_exit()
+            if self._own_backend_dir and self.backend_dir:
+                shutil.rmtree(self.backend_dir, ignore_errors=True)
+                self.backend_dir, self._own_backend_dir = None, False
+            _LIVE.discard(self)
+            return proc.returncode if proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL the server process only, with no cleanup: simulates a crash.
+        The stubs are left to notice on their own; ``stop()`` later does the cleanup."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._note_owned_shm()
+                self._proc.kill()
+                self._proc.wait(5)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait for the server to exit on its own; returns its status, None on timeout."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _killpg(self) -> None:
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _note_owned_shm(self) -> None:
+        # Regions mapped by our processes now are certainly ours, even if other
+        # tritonservers on this machine created regions since we started.
+        if self._proc is not None:
+            self._shm_owned |= _shm_used_by(_group_pids(self._proc.pid), self._shm_prefixes)
+
+    def _cleanup_after_exit(self, grace: float = 10) -> None:
+        """After the server has exited: wait for its stubs, then remove our leftover shm."""
+        pgid = self._proc.pid
+        # Stubs notice a dead parent and exit (unlinking their region) by themselves.
+        deadline = time.monotonic() + grace
+        while _group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_pids(pgid):
+            self._killpg()
+            deadline = time.monotonic() + 5
+            while _group_pids(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # Candidates: regions created during our lifetime that no live process uses.
+        # Remove those we saw mapped by our processes; others (ours, missed by the
+        # snapshot, or of another server that just died) only if still unused a moment
+        # later, so a region another server is setting up right now is not touched.
+        leftover = (_shm_regions(self._shm_prefixes) - self._shm_before) - _shm_used_by(_proc_pids(), self._shm_prefixes)
+        unknown = leftover - self._shm_owned
+        if unknown:
+            time.sleep(0.2)
+            unknown -= _shm_used_by(_proc_pids(), self._shm_prefixes)
+        for name in (leftover & self._shm_owned) | unknown:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                pass
+        self._cleaned = True
+        self._shm_owned.clear()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server log ('' if there is none)."""
+        if not self.log_path:
+            return ""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 256 * 1024))
+                data = f.read()
+        except OSError:
+            return ""
+        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+    def __enter__(self) -> "TritonServer":
+        if not self.is_running():
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        # Safety net for a handle dropped without stop(); atexit covers interpreter exit.
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                self.stop(timeout=10)
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else f"exited({self.returncode})" if self._proc else "not started"
+        return f"<TritonServer {state} http={self.http_url} grpc={self.grpc_url} repo={self.model_repository}>"
+
+
+_FLAG_CACHE: Dict[str, bool] = {}
+
+
+def _supports_flag(flag: str) -> bool:
+    """Whether this tritonserver's --help lists ``flag`` (cached per process)."""
+    if flag not in _FLAG_CACHE:
+        try:
+            out = subprocess.run([triton_paths().tritonserver, "--help"], env=server_env(), capture_output=True,
+                                 timeout=30).stdout
+            _FLAG_CACHE[flag] = flag.encode() in out
+        except (OSError, subprocess.SubprocessError):
+            _FLAG_CACHE[flag] = False
+    return _FLAG_CACHE[flag]
+
+
+# --------------------------------------------------------------------------- foreground mode
+
+
+def serve(
+    model_repository: str,
+    *,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    model_control_mode: str = "none",
+    load_models: Sequence[str] = (),
+    backend_config: Sequence[str] = (),
+    log_verbose: int = 0,
+    log_file: Optional[str] = None,
+    start_timeout: float = 120,
+) -> int:
+    """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
+
+    Returns 0 after a requested shutdown, 1 if it failed to start or died.
+    """
+    stop_requested = threading.Event()
+    ready = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        stop_requested.set()
+        if not ready.is_set():
+            raise KeyboardInterrupt  # abort start(); its cleanup stops the process
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    server = TritonServer(
+        model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        model_control_mode=model_control_mode, load_models=load_models, backend_config=backend_config,
+        log_verbose=log_verbose, log_file=log_file,
+    )
+    try:
+        try:
+            server.start(timeout=start_timeout)
+        except KeyboardInterrupt:
+            print("interrupted while starting; tritonserver stopped", file=sys.stderr)
+            return 130
+        except (TritonServerError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        ready.set()
+        print(f"tritonserver ready (pid {server.pid})\n"
+              f"  HTTP     http://{server.http_url}\n"
+              f"  gRPC     {server.grpc_url}\n"
+              f"  metrics  {server.metrics_url}\n"
+              f"  log      {server.log_path}\n"
+              f"Press Ctrl-C to stop.", flush=True)
+        while not stop_requested.is_set() and server.is_running():
+            stop_requested.wait(0.5)
+        if not server.is_running():
+            print(f"error: tritonserver exited with status {server.returncode}:\n{server.log_tail(40)}", file=sys.stderr)
+            server.stop()
+            return 1
+        print("stopping tritonserver ...", flush=True)
+        t0 = time.monotonic()
+        status = server.stop()
+        print(f"tritonserver stopped (status {status}, {time.monotonic() - t0:.1f} s)", flush=True)
+        return 0
+    finally:
+        ready.set()  # a late signal must not raise inside stop()
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``weightbundle serve`` options to ``parser``."""
+    parser.add_argument("repository", nargs="?", default="model_repository",
+                        help="Triton model repository (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
+                        help="'none' loads every model at start; 'explicit' only --load-model ones (default: %(default)s)")
+    parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                        help="model to load at start (explicit mode; repeatable)")
+    parser.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
+                        help="e.g. python,shm-default-byte-size=16777216 (repeatable)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
+    parser.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
+    return parser
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Run ``serve`` with the options parsed by ``add_serve_arguments``."""
+    return serve(
+        args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode, load_models=args.load_model, backend_config=args.backend_config,
+        log_verbose=args.log_verbose, log_file=getattr(args, "log_file", None),
+    )
+
+
+if __name__ == "__main__":  # python -m weightbundle.server [REPO] [options]
+    sys.exit(serve_from_args(add_serve_arguments(argparse.ArgumentParser(prog="weightbundle.server")).parse_args()))

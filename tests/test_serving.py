@@ -1,0 +1,220 @@
+"""Service routing and the control protocol, in-process (no Triton needed).
+
+The same behaviours are exercised against a real tritonserver in test_e2e_*.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import models
+import weightbundle as wb
+from weightbundle.control import Authorizer, ControlError, parse_command
+from weightbundle.serving import Service, ServingSettings
+
+SECRET = "t0ps3cret"
+
+
+def _repo(tmp_path, model=None, batching=8, **params):
+    model = model or models.mlp()
+    d = tmp_path / "repo" / "m"
+    (d / "1").mkdir(parents=True)
+    wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(wb.convert(model)))
+    cfg = {"max_batch_size": batching, "parameters": {k: {"string_value": v} for k, v in params.items()}}
+    return str(d), cfg
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    monkeypatch.setenv("WB_TEST_SECRET", SECRET)
+    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", history="2",
+                   store_root=str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
+    svc = Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
+    yield svc
+    svc.close()
+
+
+def ctl(**kw) -> np.ndarray:
+    return np.array([[json.dumps(kw).encode()]], dtype=object)
+
+
+def x(n=2, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+
+
+def test_inference_matches_ort_and_reports_version(service):
+    [r] = service.handle([{"x": x()}])
+    assert r.error is None
+    np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    assert r.outputs["WEIGHTS_VERSION"].tolist() == [[0], [0]]
+
+
+def test_update_then_inference_in_one_batch_respects_order(service):
+    w = np.zeros((1, 16, 32), np.float32)
+    replies = service.handle([{"x": x()}, {"CONTROL": ctl(op="update", secret=SECRET), "fc0.weight": w}, {"x": x()}])
+    assert [r.error for r in replies] == [None, None, None]
+    assert replies[0].outputs["WEIGHTS_VERSION"].ravel().tolist() == [0, 0]
+    assert replies[1].outputs["WEIGHTS_VERSION"].ravel().tolist() == [1]
+    assert replies[2].outputs["WEIGHTS_VERSION"].ravel().tolist() == [1, 1]
+    ref = models.ort_run(models.with_weights(models.mlp(), {"fc0.weight": w[0]}), {"x": x()})["y"]
+    np.testing.assert_allclose(replies[2].outputs["y"], ref, rtol=1e-5, atol=1e-6)
+    assert json.loads(replies[1].outputs["CONTROL_RESULT"].ravel()[0])["updated"] == ["fc0.weight"]
+
+
+def test_consecutive_inference_requests_are_batched_and_split(service):
+    reqs = [{"x": x(n, seed=n)} for n in (1, 3, 2)]
+    replies = service.handle(reqs)
+    for req, r in zip(reqs, replies):
+        np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), req)["y"], rtol=1e-5, atol=1e-6)
+        assert r.outputs["WEIGHTS_VERSION"].shape == (len(req["x"]), 1)
+
+
+def test_bad_request_in_a_batch_does_not_fail_its_neighbours(service):
+    replies = service.handle([{"x": x()}, {"x": x().astype(np.float64)}, {"x": x()}])
+    assert replies[0].error is None and replies[2].error is None
+    assert "dtype" in replies[1].error
+
+
+@pytest.mark.parametrize("control, needle", [
+    (np.array([[b"{not json"]], dtype=object), "not valid JSON"),
+    (np.array([[b'{"op": "explode"}']], dtype=object), "unknown op"),
+    (np.array([[b'["update"]']], dtype=object), "JSON object"),
+    (np.array([[1.0]], dtype=np.float32), "TYPE_STRING"),
+    (np.array([[b'{"op":"update"}', b'{"op":"update"}']], dtype=object), "exactly one element"),
+    (np.array([[b'{"op":"update","expected_version":"x"}']], dtype=object), "expected_version"),
+    (np.array([[b'{"op":"update","bogus":1}']], dtype=object), "does not take"),
+])
+def test_malformed_commands_are_rejected_and_change_nothing(service, control, needle):
+    before = service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"]
+    [r] = service.handle([{"CONTROL": control, "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
+    assert r.error is not None and needle in r.error
+    after = service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"]
+    assert before.tolist() == after.tolist()
+
+
+@pytest.mark.parametrize("weights, needle", [
+    ({"fc0.weight": np.zeros((1, 16, 31), np.float32)}, "shape"),
+    ({"fc0.weight": np.zeros((1, 16, 32), np.int32)}, "cannot be cast"),
+    ({"fc0.weight": np.zeros((2, 16, 32), np.float32)}, "leading dimension must be 1"),
+    ({"x": x()}, "non-weight input"),
+])
+def test_bad_update_is_all_or_nothing(service, weights, needle):
+    ok = {"fc1.weight": np.ones((1, 32, 32), np.float32)}
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET), **ok, **weights}])
+    assert r.error is not None and needle in r.error, r.error
+    assert service.bundle.version == 0
+    store = service.bundle.store
+    np.testing.assert_array_equal(store.array(store.current(), "fc1.weight"), models.initializers(models.mlp())["fc1.weight"])
+
+
+def test_secret_is_required_and_compared(service):
+    w = {"fc0.weight": np.zeros((1, 16, 32), np.float32)}
+    for c in (ctl(op="update"), ctl(op="update", secret="wrong"), ctl(op="reset"), ctl(op="rollback", secret="nope")):
+        [r] = service.handle([{"CONTROL": c, **w}] if "update" in c[0, 0].decode() else [{"CONTROL": c}])
+        assert r.error and "secret" in r.error
+    assert service.bundle.version == 0
+    [r] = service.handle([{"CONTROL": ctl(op="status")}])  # read-only: no secret needed
+    assert r.error is None
+
+
+def test_cas_reset_rollback_status(service):
+    w = np.full((1, 32, 8), 0.5, np.float32)
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET, expected_version=5), "fc2.weight": w}])
+    assert "current version is 0" in r.error
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET, expected_version=0), "fc2.weight": w}])
+    assert r.error is None and service.bundle.version == 1
+    st = json.loads(service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"].ravel()[0])
+    assert st["version"] == 1 and set(st["checksums"]) == {v.name for v in service.bundle.variables}
+    [r] = service.handle([{"CONTROL": ctl(op="rollback", secret=SECRET)}])
+    assert r.error is None and service.bundle.version == 2
+    st2 = json.loads(service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"].ravel()[0])
+    assert st2["checksums"]["fc2.weight"] != st["checksums"]["fc2.weight"]
+    [r] = service.handle([{"CONTROL": ctl(op="reset", secret=SECRET)}])
+    assert r.error is None and service.bundle.version == 3
+    [r] = service.handle([{"x": x()}])
+    np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_weight_inputs_without_control_are_refused(service):
+    [r] = service.handle([{"x": x(), "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
+    assert "CONTROL" in r.error
+
+
+def test_updates_disabled_by_default(tmp_path):
+    d, cfg = _repo(tmp_path, store_root=str(tmp_path))
+    svc = Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
+    try:
+        [r] = svc.handle([{"CONTROL": ctl(op="update", secret="x"), "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
+        assert "disabled" in r.error
+    finally:
+        svc.close()
+
+
+def test_enabling_updates_without_a_secret_source_fails_loudly(tmp_path):
+    d, cfg = _repo(tmp_path, allow_updates="true", store_root=str(tmp_path))
+    with pytest.raises(ControlError, match="no secret"):
+        Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
+    d2, cfg2 = _repo(tmp_path / "b", allow_updates="true", update_secret_env="WB_SURELY_UNSET_VAR", store_root=str(tmp_path))
+    with pytest.raises(ControlError, match="WB_SURELY_UNSET_VAR"):
+        Service.open(d2, 1, ServingSettings.from_model_config(cfg2), "m")
+
+
+def test_secret_from_file(tmp_path):
+    f = tmp_path / "secret"
+    f.write_text("filesecret\n")
+    auth = Authorizer.from_sources(True, None, str(f))
+    auth.check(parse_command(np.array([b'{"op":"update","secret":"filesecret"}'], dtype=object)))
+    with pytest.raises(ControlError):
+        auth.check(parse_command(np.array([b'{"op":"update","secret":"filesecre"}'], dtype=object)))
+
+
+def test_unknown_parameter_is_an_error(tmp_path):
+    with pytest.raises(wb.BundleError, match="unknown model config parameter"):
+        ServingSettings.from_model_config({"parameters": {"alow_updates": {"string_value": "true"}}})
+
+
+def test_no_init_bundle_serves_after_first_full_update(tmp_path, monkeypatch):
+    monkeypatch.setenv("WB_TEST_SECRET", SECRET)
+    d = tmp_path / "repo" / "m"
+    (d / "1").mkdir(parents=True)
+    g = wb.convert(models.mlp())
+    wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(g, include_init=False))
+    cfg = {"max_batch_size": 0, "parameters": {"allow_updates": {"string_value": "true"}, "update_secret_env": {"string_value": "WB_TEST_SECRET"},
+                                               "store_root": {"string_value": str(tmp_path)}}}
+    svc = Service.open(str(d), 1, ServingSettings.from_model_config(cfg), "m")
+    try:
+        [r] = svc.handle([{"x": x()}])
+        assert "not initialised" in r.error and r.code == "UNAVAILABLE"
+        inits = models.initializers(models.mlp())
+        [r] = svc.handle([{"CONTROL": np.array([json.dumps({"op": "update", "secret": SECRET}).encode()], dtype=object),
+                           **{v.name: inits[v.name] for v in g.variables}}])
+        assert r.error is None and r.outputs["WEIGHTS_VERSION"].tolist() == [0]
+        [r] = svc.handle([{"x": x()}])
+        np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    finally:
+        svc.close()
+
+
+def test_two_instances_share_one_store_and_last_one_out_removes_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WB_TEST_SECRET", SECRET)
+    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", store_root=str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
+    settings = ServingSettings.from_model_config(cfg)
+    a = Service.open(d, 1, settings, "m")
+    b = Service.open(d, 1, settings, "m")
+    assert a.bundle.store.path == b.bundle.store.path
+    [r] = a.handle([{"CONTROL": ctl(op="update", secret=SECRET), "fc2.bias": np.ones((1, 8), np.float32)}])
+    assert r.error is None
+    [r] = b.handle([{"x": x()}])
+    assert r.outputs["WEIGHTS_VERSION"].ravel().tolist() == [1, 1]
+    ref = models.ort_run(models.with_weights(models.mlp(), {"fc2.bias": np.ones(8, np.float32)}), {"x": x()})["y"]
+    np.testing.assert_allclose(r.outputs["y"], ref, rtol=1e-5, atol=1e-6)
+    path = a.bundle.store.path
+    a.close()
+    assert os.path.isdir(path)
+    b.close()
+    assert not os.path.exists(path)

@@ -218,3 +218,22 @@ def test_two_instances_share_one_store_and_last_one_out_removes_it(tmp_path, mon
     assert os.path.isdir(path)
     b.close()
     assert not os.path.exists(path)
+
+
+def test_commit_writes_a_loadable_version_folder_with_the_current_weights(service):
+    w = np.full((1, 32, 8), 0.25, np.float32)
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET), "fc2.weight": w}])
+    assert r.error is None
+    [r] = service.handle([{"CONTROL": ctl(op="commit", secret=SECRET, expected_version=1)}])
+    assert r.error is None, r.error
+    res = json.loads(r.outputs["CONTROL_RESULT"].ravel()[0])
+    assert res["model_version_folder"] == 2 and res["committed_version"] == 1
+    assert sorted(os.listdir(service.model_dir)) == ["1", "2"]  # no temp folder left behind
+    with wb.Bundle.load_from_file(res["path"]) as b:
+        b.execute(1)
+        out = b.execute(0, {"x": x()[:1]})
+    ref = models.ort_run(models.with_weights(models.mlp(), {"fc2.weight": w[0]}), {"x": x()[:1]})["y"]
+    np.testing.assert_allclose(out["y"], ref, rtol=1e-5, atol=1e-6)
+    [r] = service.handle([{"CONTROL": ctl(op="commit", secret=SECRET, expected_version=0)}])
+    assert "current version is 1" in r.error
+    assert sorted(os.listdir(service.model_dir)) == ["1", "2"]

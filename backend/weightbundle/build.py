@@ -5,11 +5,10 @@ import os
 import tempfile
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .convert import RefreshableGraphs, compile_inference
+from .convert import RefreshableGraphs, compile_inference, init_graph
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, encode
 
 
@@ -25,20 +24,10 @@ def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize:
     infer = compile_inference(graphs.infer, graphs.variables, optimize) if optimize else graphs.infer
     out: dict[int, bytes] = {GRAPH_INFERENCE: infer.SerializeToString(), GRAPH_UPDATE: graphs.update.SerializeToString()}
     initial = None
-    if include_init:
-        init = onnx.ModelProto()
-        init.CopyFrom(graphs.init)
-        initial = {}
-        for t in init.graph.initializer:  # data moves to the aligned weight section
-            name = t.name[len("init/"):]
-            initial[name] = numpy_helper.to_array(t)
-            t.ClearField("raw_data")
-            for f in ("float_data", "double_data", "int32_data", "int64_data", "uint64_data"):
-                t.ClearField(f)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.add(key="location", value="weights")
-        out[GRAPH_INIT] = init.SerializeToString()
-        initial = {v.name: np.asarray(initial[v.name], v.np_dtype) for v in graphs.variables}
+    if include_init:  # the data moves to the aligned weight section; the graph keeps references
+        values = {t.name[len("init/"):]: numpy_helper.to_array(t) for t in graphs.init.graph.initializer}
+        initial = {v.name: np.asarray(values[v.name], v.np_dtype) for v in graphs.variables}
+        out[GRAPH_INIT] = init_graph(graphs.variables).SerializeToString()
     meta = {
         "producer": f"weightbundle {__version__}",
         "compiled": {"onnxruntime": ort.__version__, "level": optimize or "none", "provider": "CPUExecutionProvider"},

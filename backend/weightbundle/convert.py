@@ -185,6 +185,17 @@ def _init_graph(specs: Sequence[VariableSpec], initial: Sequence[TensorProto]) -
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle")
 
 
+def init_graph(specs: Sequence[VariableSpec]) -> onnx.ModelProto:
+    """The init graph as stored in a bundle: its constants point at the weight section."""
+    consts = []
+    for s in specs:
+        t = TensorProto(name=f"init/{s.name}", data_type=_NAME_TO_ONNX[s.dtype], dims=list(s.shape))
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.add(key="location", value="weights")
+        consts.append(t)
+    return _init_graph(specs, consts)
+
+
 def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | None = None) -> onnx.ModelProto:
     """One input per variable (any rank, so an empty tensor is legal).
 

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from . import format as fmt
-from .convert import UPDATED_SUFFIX, VALID_OUTPUT, is_placeholder, update_graph
+from .convert import UPDATED_SUFFIX, VALID_OUTPUT, init_graph, is_placeholder, update_graph
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError, UpdateError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
 from .store import Version, WeightStore
@@ -272,6 +272,23 @@ class Bundle:
         sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs = sess.run(None, {})
         return self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init").number
+
+    def export(self, version: Version | None = None) -> bytes:
+        """A complete, loadable bundle whose initial weights are ``version``'s (default: current).
+
+        Same compiled graphs; the init graph is regenerated when this bundle had none.
+        """
+        self._alive()
+        v = version or self._store.current()
+        if v is None:
+            raise NotInitializedError("no weights to export yet")
+        init = self._graphs.get(GRAPH_INIT)
+        init_bytes = bytes(self._layout.graphs[GRAPH_INIT]) if init is not None else init_graph(self.variables).SerializeToString()
+        graphs = {GRAPH_INFERENCE: bytes(self._layout.graphs[GRAPH_INFERENCE]), GRAPH_INIT: init_bytes,
+                  GRAPH_UPDATE: bytes(self._layout.graphs[GRAPH_UPDATE])}
+        meta = {k: val for k, val in self._layout.toc.items() if k not in ("graphs", "variables", "weights", "extra")}
+        extra = {k: bytes(mv) for k, mv in self._layout.extra.items()}
+        return fmt.encode(graphs, self.variables, {s.name: self._store.array(v, s.name) for s in self.variables}, meta, extra)
 
     def _weight_section(self) -> np.ndarray:
         w = self._layout.toc["weights"]

@@ -90,9 +90,14 @@ def _site_dirs() -> List[str]:
     return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
 
 
+def _python_version() -> str:
+    # The stub embeds libpython X.Y: it must match the interpreter that runs model.py.
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def triton_paths() -> TritonPaths:
     """Locate tritonserver, the python backend and the stub matching this Python."""
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    ver = _python_version()
     sites = _site_dirs()
     if not sites:
         raise TritonServerError(f"nvidia-pytriton is not installed in {sys.prefix}; install it with: {INSTALL_HINT}")

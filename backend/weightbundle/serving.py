@@ -18,6 +18,7 @@ import numpy as np
 from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT, Authorizer, Command, ControlError, parse_command
 from .errors import BundleError, NotInitializedError, VersionConflictError
 from .runtime import Bundle, RuntimeOptions
+from .repository import sweep_partial, write_version
 from .store import default_root, sweep_stale
 
 STORE_PREFIX = "weightbundle-"
@@ -114,11 +115,11 @@ class Service:
     """One Triton model instance's view of a bundle and its shared weight store."""
 
     def __init__(self, bundle: Bundle, settings: ServingSettings, authorizer: Authorizer,
-                 repository: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None):
+                 model_dir: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None):
         self.bundle = bundle
         self.settings = settings
         self.auth = authorizer
-        self.repository = repository
+        self.model_dir = model_dir
         self.model_name = model_name
         self.on_event = on_event or (lambda e: None)
         self.weight_names = {v.name for v in bundle.variables}
@@ -139,6 +140,7 @@ class Service:
                                        settings.update_auth == "secret")
         root = settings.store_root or default_root()
         sweep_stale(root, STORE_PREFIX)
+        sweep_partial(model_dir)
         # One store per (server process, model, version): every instance of it shares weights.
         tag = "".join(c if c.isalnum() or c in "._" else "_" for c in model_name)
         store_dir = os.path.join(root, f"{STORE_PREFIX}{os.getppid()}-{tag}-v{version}")
@@ -148,7 +150,7 @@ class Service:
             with bundle.store.locked():
                 if bundle.store.head() is None and bundle.has_init:
                     bundle.init()
-            svc = cls(bundle, settings, auth, os.path.dirname(os.path.abspath(model_dir)), model_name, on_event)
+            svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event)
             if bundle.version is not None:
                 bundle.infer_session()  # build the session now, not on the first request
             return svc
@@ -311,7 +313,21 @@ class Service:
         return {"restored": v.op}
 
     def _op_commit(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        raise ControlError("commit is not available in this build")
+        """Persist the current weights as a new version folder (see repository.py)."""
+        self._no_weights(req)
+        if self.model_dir is None:
+            raise ControlError("commit needs the model's repository folder")
+        store = self.bundle.store
+        with store.locked():  # one commit at a time, and no update between the check and the export
+            cur = store.current()
+            if cur is None:
+                raise ControlError("nothing to commit: no weights yet")
+            if cmd.expected_version is not None and cur.number != cmd.expected_version:
+                raise VersionConflictError(cmd.expected_version, cur.number)
+            data = self.bundle.export(cur)
+            folder = write_version(self.model_dir, self.settings.bundle_filename, [data])
+        return {"committed_version": cur.number, "model_version_folder": folder,
+                "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}
 
     def _no_weights(self, req: Mapping[str, np.ndarray]) -> None:
         if set(req) - {CONTROL_INPUT}:

@@ -85,6 +85,21 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return serve_from_args(a)
 
 
+def _cmd_push(a: argparse.Namespace) -> int:
+    from .client import CommandError, WeightClient, progress_bar
+
+    secret = os.environ.get(a.secret_env) if a.secret_env else None  # unset: the server says if one is needed
+    try:
+        with WeightClient(a.url, a.model, protocol=a.protocol, secret=secret) as c:
+            r = c.push_file(a.weights, via=a.via, only=a.only, expected_version=a.expected_version,
+                            progress=None if a.quiet else progress_bar())
+    except CommandError as e:
+        print(f"weightbundle push: refused: {e}", file=sys.stderr)
+        return 1
+    print(r.summary())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="weightbundle", description="Compile an ONNX model once; refresh its weights while Triton serves it.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -119,6 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # server module missing: keep the other commands usable
         pass
     s.set_defaults(fn=_cmd_serve)
+
+    u = sub.add_parser("push", help="push weights from a safetensors file to a served model")
+    u.add_argument("url", help="server address, e.g. 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 with --protocol grpc")
+    u.add_argument("model")
+    u.add_argument("weights", help="safetensors file; tensor names are the bundle's variable names")
+    u.add_argument("--via", choices=["auto", "request", "shm", "file"], default="auto",
+                   help="transport (auto: shm for a server on this host, else request)")
+    u.add_argument("--only", nargs="+", metavar="NAME", help="push only these tensors; the others are kept")
+    u.add_argument("--expected-version", type=int, help="compare-and-swap: refuse unless this is the current version")
+    u.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    u.add_argument("--secret-env", default="WEIGHTBUNDLE_SECRET", help="environment variable holding the update secret")
+    u.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(fn=_cmd_push)
 
     a = p.parse_args(argv)
     try:

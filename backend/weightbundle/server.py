@@ -451,7 +451,7 @@ class TritonServer:
                         return self
                     except TritonServerError:
                         if (attempt < 2 and None in self._fixed_ports and self._proc.poll() is not None
-                                and "Address already in use" in self.log_tail(40)):
+                                and "already in use" in self.log_tail(40)):  # "Socket '127.0.0.1:N' already in use"
                             self._cleanup_after_exit()
                             continue
                         raise

@@ -20,6 +20,7 @@ from .errors import BundleError, NotInitializedError, VersionConflictError
 from .runtime import Bundle, RuntimeOptions
 from .repository import sweep_partial, write_version
 from .store import default_root, sweep_stale
+from .transport import read_safetensors, resolve_allowed
 
 STORE_PREFIX = "weightbundle-"
 
@@ -278,11 +279,25 @@ class Service:
     def _op_update(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         weights = self._weights_from_request(req)
         nonfinite = bool(cmd.args.get("reject_nonfinite", False)) or self.settings.reject_nonfinite
-        if cmd.args.get("source") is not None:
-            raise ControlError("update 'source' transports are not available in this build")
+        source = cmd.args.get("source")
+        if source is not None:
+            weights.update(self._weights_from_file(source, weights))
         self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite)
         self.bundle.infer_session()  # warm: the acknowledged version is ready to serve here
         return {"updated": sorted(k for k, v in weights.items() if v.size)}
+
+    def _weights_from_file(self, source: Any, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(source, dict) or set(source) - {"file", "only"} or "file" not in source:
+            raise ControlError("'source' must be {\"file\": \"/abs/path.safetensors\", \"only\": [names]}")
+        only = source.get("only")
+        if only is not None and (not isinstance(only, list) or not all(isinstance(n, str) for n in only)):
+            raise ControlError("'source.only' must be a list of weight names")
+        path = resolve_allowed(source["file"], self.settings.file_update_dirs)
+        tensors = read_safetensors(path, only)
+        both = sorted(set(tensors) & {k for k, v in sent.items() if v.size})
+        if both:
+            raise ControlError(f"weight(s) {both} given both as tensors and in the file; send each once")
+        return tensors
 
     def _op_status(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)

@@ -1,0 +1,256 @@
+"""Client for a weightbundle model served by Triton (tritonclient underneath).
+
+>>> from weightbundle.client import WeightClient                       # doctest: +SKIP
+>>> with WeightClient("127.0.0.1:8000", "mlp", secret=os.environ["WEIGHTBUNDLE_SECRET"]) as c:
+...     out, version = c.infer({"features": x})
+...     c.update({"fc2.weight": w}, via="shm")       # or via="request"; absent weights are kept
+...     c.push_file("/srv/weights/step-1200.safetensors", via="file", only=["fc2.weight"])
+...     c.rollback(); c.commit()
+
+Transports for ``update``:
+- ``request``: the tensors travel in the request body. Works everywhere; slowest for big weights.
+- ``shm``: Triton system shared memory. The client copies the weights into a region it
+  registers, and the request only references it. For a server on this host.
+  The region is always unregistered and removed, even on error or Ctrl-C.
+- ``file``: the request carries only a path to a safetensors file that the server reads.
+  The file must be in one of the model's ``file_update_dirs``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT
+
+VIAS = ("auto", "request", "shm", "file")
+_ALIGN = 64
+
+
+@dataclass
+class PushResult:
+    version: int
+    bytes: int
+    seconds: float
+    via: str
+    result: dict[str, Any]
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        mib = self.bytes / 2**20
+        return (f"weights version {self.version}: pushed {mib:.1f} MiB via {self.via} in {self.seconds * 1000:.0f} ms "
+                f"({self.rate / 2**30:.2f} GiB/s)")
+
+
+class CommandError(RuntimeError):
+    """The server refused a command; the message is the server's."""
+
+
+def _local(url: str) -> bool:
+    host = url.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+class WeightClient:
+    def __init__(self, url: str, model: str, *, protocol: str = "http", secret: str | None = None,
+                 model_version: str = "", timeout: float = 600.0):
+        if protocol not in ("http", "grpc"):
+            raise ValueError("protocol must be 'http' or 'grpc'")
+        self.url, self.model, self.protocol, self.secret, self.model_version = url, model, protocol, secret, model_version
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._c = tc.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+        else:
+            import tritonclient.grpc as tc  # type: ignore[no-redef]
+
+            self._c = tc.InferenceServerClient(url)
+        self._tc = tc
+        self._sig: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        self._c.close()
+
+    def __enter__(self) -> "WeightClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- model signature -------------------------------------------------------------
+    def signature(self) -> dict[str, Any]:
+        """Inputs, weights (name -> (triton dtype, dims)) and batching, from the model config."""
+        if self._sig is None:
+            cfg = self._c.get_model_config(self.model, self.model_version)
+            if self.protocol == "grpc":
+                from google.protobuf.json_format import MessageToDict
+
+                cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
+            inputs = {i["name"]: (i["data_type"].replace("TYPE_", ""), [int(d) for d in i.get("dims", [])], bool(i.get("optional")))
+                      for i in cfg.get("input", [])}
+            weights = {n: v[:2] for n, v in inputs.items() if v[2] and n != CONTROL_INPUT}
+            self._sig = {"batching": int(cfg.get("max_batch_size", 0)) > 0,
+                         "inputs": {n: v[:2] for n, v in inputs.items() if not v[2]}, "weights": weights}
+        return self._sig
+
+    # -- requests ----------------------------------------------------------------------------
+    def _input(self, name: str, arr: np.ndarray) -> Any:
+        from tritonclient.utils import np_to_triton_dtype
+
+        i = self._tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        i.set_data_from_numpy(arr)
+        return i
+
+    def _control(self, op: str, **fields: Any) -> Any:
+        body = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
+        if self.secret is not None and op != "status":
+            body["secret"] = self.secret
+        shape = (1, 1) if self.signature()["batching"] else (1,)
+        return self._input(CONTROL_INPUT, np.array([json.dumps(body).encode()], dtype=object).reshape(shape))
+
+    def _send(self, inputs: list[Any]) -> dict[str, Any]:
+        from tritonclient.utils import InferenceServerException
+
+        outs = [self._tc.InferRequestedOutput(RESULT_OUTPUT)]
+        try:
+            r = self._c.infer(self.model, inputs, model_version=self.model_version, outputs=outs)
+        except InferenceServerException as e:
+            raise CommandError(e.message() if hasattr(e, "message") else str(e)) from None
+        return json.loads(r.as_numpy(RESULT_OUTPUT).reshape(-1)[0])
+
+    def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """(outputs, weights version that computed them)."""
+        names = list(outputs) if outputs else None
+        req = [self._tc.InferRequestedOutput(n) for n in (names + [VERSION_OUTPUT])] if names else None
+        r = self._c.infer(self.model, [self._input(k, v) for k, v in inputs.items()], model_version=self.model_version, outputs=req)
+        resp = r.get_response()
+        got = [o["name"] for o in resp["outputs"]] if isinstance(resp, dict) else [o.name for o in resp.outputs]
+        out = {n: r.as_numpy(n) for n in got}
+        version = int(out.pop(VERSION_OUTPUT).reshape(-1)[0])
+        return out, version
+
+    def status(self, checksums: bool = True) -> dict[str, Any]:
+        return self._send([self._control("status", checksums=checksums)])
+
+    def reset(self, expected_version: int | None = None) -> dict[str, Any]:
+        return self._send([self._control("reset", expected_version=expected_version)])
+
+    def rollback(self, expected_version: int | None = None) -> dict[str, Any]:
+        return self._send([self._control("rollback", expected_version=expected_version)])
+
+    def commit(self, expected_version: int | None = None) -> dict[str, Any]:
+        return self._send([self._control("commit", expected_version=expected_version)])
+
+    def update(self, weights: Mapping[str, np.ndarray], *, via: str = "auto", expected_version: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> PushResult:
+        """Push ``weights`` (name -> array); weights not named are kept. All-or-nothing."""
+        if via not in VIAS or via == "file":
+            raise ValueError("update() sends tensors: via must be 'auto', 'request' or 'shm' (use push_file for 'file')")
+        via = ("shm" if _local(self.url) else "request") if via == "auto" else via
+        sig = self.signature()
+        unknown = sorted(set(weights) - set(sig["weights"]))
+        if unknown:
+            raise CommandError(f"model {self.model!r} has no weight(s) {unknown}")
+        batch = (1,) if sig["batching"] else ()
+        arrays = {n: np.ascontiguousarray(a).reshape(batch + np.shape(a)) for n, a in weights.items()}
+        total = sum(a.nbytes for a in arrays.values())
+        t0 = time.perf_counter()
+        if via == "shm":
+            result = self._update_shm(arrays, expected_version, progress)
+        else:
+            inputs = [self._control("update", expected_version=expected_version)] + [self._input(n, a) for n, a in arrays.items()]
+            result = self._send(inputs)
+            if progress:
+                progress(total, total)
+        return PushResult(result["version"], total, time.perf_counter() - t0, via, result)
+
+    def _update_shm(self, arrays: Mapping[str, np.ndarray], expected_version: int | None,
+                    progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+        import tritonclient.utils.shared_memory as shm
+        from tritonclient.utils import np_to_triton_dtype
+
+        offsets, size = {}, 0
+        for n, a in arrays.items():
+            offsets[n] = size
+            size = (size + a.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        name = f"weightbundle-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        handle = shm.create_shared_memory_region(name, "/" + name, max(size, 1))
+        registered = False
+        try:
+            done, total = 0, sum(a.nbytes for a in arrays.values())
+            for n, a in arrays.items():  # copy straight into the mapped region: one copy on this side
+                if a.nbytes:
+                    view = shm.get_contents_as_numpy(handle, np_to_triton_dtype(a.dtype), [a.size], offsets[n])
+                    np.copyto(view, a.reshape(-1))
+                done += a.nbytes
+                if progress:
+                    progress(done, total)
+            self._c.register_system_shared_memory(name, "/" + name, max(size, 1))
+            registered = True
+            inputs = [self._control("update", expected_version=expected_version)]
+            for n, a in arrays.items():
+                i = self._tc.InferInput(n, list(a.shape), np_to_triton_dtype(a.dtype))
+                if a.nbytes:
+                    i.set_shared_memory(name, a.nbytes, offsets[n])
+                else:
+                    i.set_data_from_numpy(a)
+                inputs.append(i)
+            return self._send(inputs)
+        finally:  # never leak a region, whatever happened (KeyboardInterrupt included)
+            if registered:
+                try:
+                    self._c.unregister_system_shared_memory(name)
+                except Exception:
+                    pass
+            shm.destroy_shared_memory_region(handle)
+
+    def push_file(self, path: str, *, via: str = "auto", only: Sequence[str] | None = None, expected_version: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> PushResult:
+        """Push a safetensors file. ``via='file'`` sends only the path (server reads it)."""
+        from safetensors import safe_open
+
+        if via == "file":
+            path = os.path.abspath(path)
+            size = _safetensors_bytes(path, only)
+            t0 = time.perf_counter()
+            result = self._send([self._control("update", expected_version=expected_version,
+                                               source={"file": path, **({"only": list(only)} if only else {})})])
+            if progress:
+                progress(size, size)
+            return PushResult(result["version"], size, time.perf_counter() - t0, "file", result)
+        with safe_open(path, framework="np") as f:
+            names = list(only) if only else list(f.keys())
+            missing = sorted(set(names) - set(f.keys()))
+            if missing:
+                raise CommandError(f"{path} has no tensor(s) {missing}")
+            weights = {n: f.get_tensor(n) for n in names}
+        return self.update(weights, via=via, expected_version=expected_version, progress=progress)
+
+
+def _safetensors_bytes(path: str, only: Sequence[str] | None) -> int:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+               if k != "__metadata__" and (not only or k in only))
+
+
+def progress_bar(stream: Any = sys.stderr) -> Callable[[int, int], None]:
+    """A one-line text progress bar for pushes (no extra dependency)."""
+    def show(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        stream.write(f"\r[{bar:<30}] {frac * 100:5.1f}%  {done / 2**20:8.1f}/{total / 2**20:.1f} MiB")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+    return show

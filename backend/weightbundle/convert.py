@@ -211,7 +211,9 @@ def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | N
         n, T = s.name, _NAME_TO_ONNX[s.dtype]
         p = f"update/{n}/"
         in_T = _NAME_TO_ONNX[(input_dtypes or {}).get(n, s.dtype)]
-        inputs.append(helper.make_tensor_value_info(n, in_T, None))  # shape None: unknown rank
+        # Unknown rank, as in CANN, so an empty "keep" tensor of any shape is legal. ONNX Runtime
+        # accepts this; onnx.checker, which wants a shape on top-level inputs, does not.
+        inputs.append(helper.make_tensor_value_info(n, in_T, None))
         out, ok = n + UPDATED_SUFFIX, p + "ok"
         empty_T = numpy_helper.from_array(np.zeros((0,), DTYPES[s.dtype]), p + "empty")
         keep = helper.make_graph(

@@ -42,6 +42,11 @@ def crc32(data: Any) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def _raw(arr: np.ndarray) -> memoryview:
+    """Bytes of a C-contiguous array; works for 0-d and zero-size shapes (memoryview.cast does not)."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -95,7 +100,7 @@ def encode(
         for row, v in zip(var_rows, variables):
             arr = np.ascontiguousarray(initial[v.name])
             row["offset"] = weights_len
-            row["crc32"] = crc32(arr.tobytes() if arr.ndim == 0 else memoryview(arr).cast("B"))
+            row["crc32"] = crc32(_raw(arr))
             weights_len = _align(weights_len + v.nbytes, TENSOR_ALIGN)
 
     def toc_for(base: int) -> tuple[dict[str, Any], int]:
@@ -137,7 +142,7 @@ def encode(
         base = toc["weights"]["offset"]
         for row, v in zip(var_rows, variables):
             arr = np.ascontiguousarray(initial[v.name])
-            out[base + row["offset"] : base + row["offset"] + v.nbytes] = memoryview(arr).cast("B")
+            out[base + row["offset"] : base + row["offset"] + v.nbytes] = _raw(arr)
     return bytes(out)
 
 

@@ -182,6 +182,7 @@ class Bundle:
 
     @property
     def has_init(self) -> bool:
+        self._alive()
         return GRAPH_INIT in self._graphs
 
     @property
@@ -192,6 +193,7 @@ class Bundle:
 
     @property
     def store(self) -> WeightStore:
+        self._alive()
         return self._store
 
     def execute(self, model_id: int, inputs: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -301,6 +303,7 @@ class Bundle:
         Returns the full feed (absent inputs become empty = keep) and the dtypes that
         need a retyped update graph.
         """
+        self._alive()
         specs = {v.name: v for v in self.variables}
         unknown = sorted(set(inputs) - set(specs))
         if unknown:

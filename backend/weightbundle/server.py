@@ -358,7 +358,6 @@ class TritonServer:
         self.log_verbose = int(log_verbose)
         self.extra_args = list(extra_args)
         self.env = dict(env) if env is not None else None
-        self._user_log = log_file is not None
         self.log_path: Optional[str] = os.path.abspath(log_file) if log_file else None
         self._own_backend_dir = False
         self._proc: Optional[subprocess.Popen] = None
@@ -450,8 +449,7 @@ class TritonServer:
                         self._wait_ready(deadline)
                         return self
                     except TritonServerError:
-                        if (attempt < 2 and None in self._fixed_ports and self._proc.poll() is not None
-                                and "already in use" in self.log_tail(40)):  # "Socket '127.0.0.1:N' already in use"
+                        if attempt < 2 and self._proc.poll() is not None and self._auto_port_was_taken():
                             self._cleanup_after_exit()
                             continue
                         raise
@@ -459,6 +457,15 @@ class TritonServer:
             except BaseException:
                 self.stop()
                 raise
+
+    def _auto_port_was_taken(self) -> bool:
+        # Triton logs e.g. "failed to start HTTP service: ... Socket '127.0.0.1:N' already in use".
+        m = re.search(r"Socket '[^']*:(\d+)' already in use", self.log_tail(40))
+        if not m:
+            return False
+        port = int(m.group(1))
+        return any(fixed is None and port == used for fixed, used in
+                   zip(self._fixed_ports, (self.http_port, self.grpc_port, self.metrics_port)))
 
     def _spawn(self) -> None:
         free = iter(_free_ports(3))
@@ -469,7 +476,9 @@ class TritonServer:
         with open(self.log_path, "ab") as log:  # the child keeps its own fd
             self._proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=self.backend_dir,
+                # The stub's sys.path starts with '' (the cwd): use a directory with nothing
+                # importable in it rather than whatever directory the caller runs in.
+                cwd=os.path.join(self.backend_dir, "python"),
                 start_new_session=True,  # own process group: killpg reaches the stubs, Ctrl-C in a terminal does not
                 preexec_fn=_pdeathsig_preexec(),
             )
@@ -485,8 +494,8 @@ class TritonServer:
             while True:
                 if self._proc.poll() is not None:
                     raise TritonServerError(
-                        f"tritonserver exited with status {self._proc.returncode} before it was ready "
-                        f"(log {self.log_path}):\n{self.log_tail(40)}")
+                        f"tritonserver exited with status {self._proc.returncode} before it was ready; "
+                        f"{self._failure_report()}")
                 try:
                     with opener.open(url, timeout=1) as resp:
                         if resp.status == 200:
@@ -495,7 +504,7 @@ class TritonServer:
                     pass  # not listening yet, or 400 while models load
                 if time.monotonic() >= deadline:
                     raise TritonServerError(
-                        f"tritonserver not ready at {url} in time (log {self.log_path}):\n{self.log_tail(40)}")
+                        f"tritonserver not ready at {url} within the timeout; {self._failure_report()}")
                 time.sleep(0.05)
 
     def stop(self, timeout: float = 15) -> Optional[int]:
@@ -580,6 +589,15 @@ class TritonServer:
         self._cleaned = True
         self._shm_owned.clear()
 
+    def _failure_report(self) -> str:
+        # Triton's own tables and shutdown chatter fill the tail; put the error lines
+        # (E-level log lines, UNAVAILABLE model states, "error: ...") first.
+        errors = [ln for ln in self.log_tail(2000).splitlines()
+                  if (re.match(r"E\d{4} ", ln) or "UNAVAILABLE:" in ln or ln.startswith("error:"))
+                  and "CudaDriverHelper" not in ln]  # harmless without a GPU
+        summary = "errors:\n" + "\n".join(errors[-20:]) + "\n" if errors else ""
+        return f"log {self.log_path}\n{summary}last lines:\n{self.log_tail(40)}"
+
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server log ('' if there is none)."""
         if not self.log_path:
@@ -647,7 +665,9 @@ def serve(
 ) -> int:
     """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
 
-    Returns 0 after a requested shutdown, 1 if it failed to start or died.
+    Prints the HTTP, gRPC and metrics URLs and the log path once ready. Returns 0
+    after a requested shutdown, 1 if the server failed to start or died, 2 for bad
+    arguments, 130 if interrupted while starting. Leaves no process or shm region.
     """
     stop_requested = threading.Event()
     ready = threading.Event()
@@ -657,22 +677,26 @@ def serve(
         if not ready.is_set():
             raise KeyboardInterrupt  # abort start(); its cleanup stops the process
 
+    try:
+        server = TritonServer(
+            model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+            model_control_mode=model_control_mode, load_models=load_models, backend_config=backend_config,
+            log_verbose=log_verbose, log_file=log_file,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
-    server = TritonServer(
-        model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        model_control_mode=model_control_mode, load_models=load_models, backend_config=backend_config,
-        log_verbose=log_verbose, log_file=log_file,
-    )
     try:
         try:
             server.start(timeout=start_timeout)
         except KeyboardInterrupt:
             print("interrupted while starting; tritonserver stopped", file=sys.stderr)
             return 130
-        except (TritonServerError, ValueError) as e:
+        except TritonServerError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         ready.set()
@@ -685,7 +709,7 @@ def serve(
         while not stop_requested.is_set() and server.is_running():
             stop_requested.wait(0.5)
         if not server.is_running():
-            print(f"error: tritonserver exited with status {server.returncode}:\n{server.log_tail(40)}", file=sys.stderr)
+            print(f"error: tritonserver exited with status {server.returncode}; {server._failure_report()}", file=sys.stderr)
             server.stop()
             return 1
         print("stopping tritonserver ...", flush=True)

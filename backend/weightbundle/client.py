@@ -189,7 +189,7 @@ class WeightClient:
             done, total = 0, sum(a.nbytes for a in arrays.values())
             for n, a in arrays.items():  # copy straight into the mapped region: one copy on this side
                 if a.nbytes:
-                    view = shm.get_contents_as_numpy(handle, np_to_triton_dtype(a.dtype), [a.size], offsets[n])
+                    view = shm.get_contents_as_numpy(handle, a.dtype, [a.size], offsets[n])
                     np.copyto(view, a.reshape(-1))
                 done += a.nbytes
                 if progress:
@@ -237,11 +237,15 @@ class WeightClient:
 
 
 def _safetensors_bytes(path: str, only: Sequence[str] | None) -> int:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
-               if k != "__metadata__" and (not only or k in only))
+    """Bytes the server will read, for the summary only: the server validates the file."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100 * 2**20)))
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+                   if k != "__metadata__" and (not only or k in only))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def progress_bar(stream: Any = sys.stderr) -> Callable[[int, int], None]:

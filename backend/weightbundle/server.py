@@ -447,6 +447,9 @@ class TritonServer:
                     self._spawn()
                     try:
                         self._wait_ready(deadline)
+                        # Attribute the startup models' regions now, in case the whole
+                        # process group is later killed from outside (OOM killer).
+                        self._note_owned_shm()
                         return self
                     except TritonServerError:
                         if attempt < 2 and self._proc.poll() is not None and self._auto_port_was_taken():
@@ -555,14 +558,25 @@ class TritonServer:
             pass
 
     def _note_owned_shm(self) -> None:
-        # Regions mapped by our processes now are certainly ours, even if other
-        # tritonservers on this machine created regions since we started.
-        if self._proc is not None:
-            self._shm_owned |= _shm_used_by(_group_pids(self._proc.pid), self._shm_prefixes)
+        # Attribute regions while our processes still exist: those they map or hold
+        # open, and those named on a stub's command line (argv[2]). Other tritonservers
+        # on this machine may create regions meanwhile; a diff of /dev/shm would take theirs.
+        if self._proc is None:
+            return
+        pids = _group_pids(self._proc.pid)
+        self._shm_owned |= _shm_used_by(pids, self._shm_prefixes)
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().decode("utf-8", "replace").split("\0")
+            except OSError:
+                continue
+            self._shm_owned |= {a for a in argv if _is_region(a, self._shm_prefixes)}
 
     def _cleanup_after_exit(self, grace: float = 10) -> None:
         """After the server has exited: wait for its stubs, then remove our leftover shm."""
         pgid = self._proc.pid
+        self._note_owned_shm()  # stubs of a server that died by itself may still be alive
         # Stubs notice a dead parent and exit (unlinking their region) by themselves.
         deadline = time.monotonic() + grace
         while _group_pids(pgid) and time.monotonic() < deadline:
@@ -572,16 +586,10 @@ class TritonServer:
             deadline = time.monotonic() + 5
             while _group_pids(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        # Candidates: regions created during our lifetime that no live process uses.
-        # Remove those we saw mapped by our processes; others (ours, missed by the
-        # snapshot, or of another server that just died) only if still unused a moment
-        # later, so a region another server is setting up right now is not touched.
-        leftover = (_shm_regions(self._shm_prefixes) - self._shm_before) - _shm_used_by(_proc_pids(), self._shm_prefixes)
-        unknown = leftover - self._shm_owned
-        if unknown:
-            time.sleep(0.2)
-            unknown -= _shm_used_by(_proc_pids(), self._shm_prefixes)
-        for name in (leftover & self._shm_owned) | unknown:
+        # Only regions that are ours (attributed above), new since start, and that no
+        # live process uses any more.
+        leftover = (self._shm_owned & _shm_regions(self._shm_prefixes)) - self._shm_before
+        for name in leftover - _shm_used_by(_proc_pids(), self._shm_prefixes):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:

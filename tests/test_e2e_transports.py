@@ -1,0 +1,165 @@
+"""Weight pushes over each transport against a real tritonserver, plus the push CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import models
+from triton_util import SECRET, make_repo, running
+from weightbundle.client import CommandError, WeightClient
+
+pytestmark = pytest.mark.e2e
+MODEL = models.mlp(sizes=(16, 64, 64, 8))
+ORIG = models.initializers(MODEL)
+X = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+
+
+def _shm_files() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    outside = root / "outside"
+    outside.mkdir()
+    repo = str(root / "repo")
+    make_repo(repo, "m", MODEL, max_batch_size=4, file_update_dirs=str(allowed))
+    make_repo(repo, "m0", MODEL, max_batch_size=0, file_update_dirs=str(allowed))
+    with running(repo) as srv:
+        yield srv, allowed, outside
+
+
+@pytest.fixture(params=["m", "m0"])
+def client(env, request):
+    srv, _, _ = env
+    with WeightClient(srv.http_url, request.param, secret=SECRET) as c:
+        c.reset()
+        yield c
+
+
+def rand(name: str, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(ORIG[name].shape).astype(np.float32)
+
+
+def check_serving(c: WeightClient, weights: dict[str, np.ndarray]) -> int:
+    out, v = c.infer({"x": X})
+    np.testing.assert_allclose(out["y"], models.ort_run(models.with_weights(MODEL, weights), {"x": X})["y"], rtol=1e-5, atol=1e-6)
+    return v
+
+
+@pytest.mark.parametrize("via", ["request", "shm"])
+def test_tensor_transports_update_and_keep_the_rest(client, via):
+    before = client.status()
+    new = {"fc1.weight": rand("fc1.weight", 1)}
+    shm_before = _shm_files()
+    r = client.update(new, via=via)
+    assert r.version == before["version"] + 1 and r.via == via and r.bytes == new["fc1.weight"].nbytes
+    assert _shm_files() == shm_before  # no region left behind, client or server side
+    after = client.status()
+    assert {k: v for k, v in after["checksums"].items() if k != "fc1.weight"} == \
+           {k: v for k, v in before["checksums"].items() if k != "fc1.weight"}
+    assert check_serving(client, new) == r.version
+
+
+def test_file_transport_with_only(client, env):
+    _, allowed, _ = env
+    path = allowed / f"w-{client.model}.safetensors"
+    full = {n: rand(n, 5) for n in ("fc0.weight", "fc2.bias")}
+    save_file(full, str(path))
+    before = client.status()["checksums"]
+    r = client.push_file(str(path), via="file", only=["fc2.bias"])
+    assert r.via == "file" and r.bytes == full["fc2.bias"].nbytes
+    after = client.status()["checksums"]
+    assert after["fc0.weight"] == before["fc0.weight"] and after["fc2.bias"] != before["fc2.bias"]
+    check_serving(client, {"fc2.bias": full["fc2.bias"]})
+    r = client.push_file(str(path), via="file")
+    check_serving(client, full)
+
+
+@pytest.mark.parametrize("via", ["request", "shm"])
+def test_push_file_through_tensor_transports(client, env, via, tmp_path):
+    path = tmp_path / "w.safetensors"
+    full = {"fc0.weight": rand("fc0.weight", 9), "fc1.bias": rand("fc1.bias", 9)}
+    save_file(full, str(path))
+    client.push_file(str(path), via=via, only=["fc1.bias"])
+    check_serving(client, {"fc1.bias": full["fc1.bias"]})
+
+
+def _escapes(allowed, outside):
+    secret_file = outside / "w.safetensors"
+    save_file({"fc2.bias": np.ones(8, np.float32)}, str(secret_file))
+    link = allowed / "link.safetensors"
+    if not link.exists():
+        link.symlink_to(secret_file)
+    dirlink = allowed / "sub"
+    if not dirlink.exists():
+        dirlink.symlink_to(outside, target_is_directory=True)
+    return {
+        "dotdot": (str(allowed / ".." / "outside" / "w.safetensors"), ".."),
+        "absolute_outside": (str(secret_file), "outside the allowed"),
+        "symlink_file": (str(link), "outside the allowed"),
+        "symlink_dir": (str(dirlink / "w.safetensors"), "outside the allowed"),
+        "relative": ("w.safetensors", "absolute"),
+        "missing": (str(allowed / "nope.safetensors"), "does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute_outside", "symlink_file", "symlink_dir", "relative", "missing"])
+def test_path_escapes_are_rejected_and_nothing_changes(client, env, case):
+    _, allowed, outside = env
+    path, needle = _escapes(allowed, outside)[case]
+    before = client.status()
+    with pytest.raises(CommandError, match=needle):
+        client._send([client._control("update", source={"file": path})])
+    after = client.status()
+    assert after["version"] == before["version"] and after["checksums"] == before["checksums"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad_header", "wrong_shape", "unknown_name"])
+def test_corrupt_or_wrong_safetensors_rejected(client, env, damage):
+    _, allowed, _ = env
+    path = allowed / f"bad-{damage}-{client.model}.safetensors"
+    good = {"fc2.bias": np.ones(8, np.float32), "fc0.weight": rand("fc0.weight", 3)}
+    save_file(good, str(path))
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) - 100])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(len(raw)))
+    elif damage == "bad_header":
+        path.write_bytes(raw[:8] + b"{" * 10 + raw[18:])
+    elif damage == "wrong_shape":
+        save_file({"fc2.bias": np.ones(9, np.float32)}, str(path))
+    elif damage == "unknown_name":
+        save_file({"fc9.bias": np.ones(8, np.float32)}, str(path))
+    before = client.status()
+    with pytest.raises(CommandError):
+        client.push_file(str(path), via="file")
+    after = client.status()
+    assert after["version"] == before["version"] and after["checksums"] == before["checksums"]
+    check_serving(client, {})
+
+
+def test_push_cli_prints_summary_and_cleans_shm(env, tmp_path):
+    srv, _, _ = env
+    path = tmp_path / "w.safetensors"
+    w = rand("fc1.weight", 4)
+    save_file({"fc1.weight": w}, str(path))
+    shm_before = _shm_files()
+    cmd = [sys.executable, "-m", "weightbundle.cli", "push", srv.http_url, "m", str(path), "--via", "shm"]
+    p = subprocess.run(cmd, env=dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "weights version" in p.stdout and "MiB via shm" in p.stdout and "GiB/s" in p.stdout
+    assert _shm_files() == shm_before
+    p = subprocess.run(cmd, env=dict(os.environ, WEIGHTBUNDLE_SECRET="wrong"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "secret" in p.stderr
+    with WeightClient(srv.http_url, "m", secret=SECRET) as c:
+        check_serving(c, {"fc1.weight": w})

@@ -356,6 +356,29 @@ def test_kill_then_cleanup(make_server, repo):
 
 @pytest.mark.e2e
 @needs_triton
+def test_whole_group_sigkilled_leftovers_removed_others_kept(make_server, repo):
+    # SIGKILL of server *and* stubs (e.g. the OOM killer): nobody unlinks the regions,
+    # so stop() must. A region created meanwhile by someone else must survive.
+    srv = make_server(repo).start(timeout=START_TIMEOUT)
+    pid, stubs = srv.pid, _children(srv.pid)
+    regions = _mapped_regions([pid] + stubs)
+    foreign = os.path.join("/dev/shm", f"triton_python_backend_shm_region_not-ours-{os.getpid()}-{time.time_ns()}")
+    try:
+        with open(foreign, "wb") as f:
+            f.write(b"x")
+        os.killpg(pid, signal.SIGKILL)
+        assert _wait_for(lambda: not any(_pid_alive(p) for p in [pid] + stubs), 10)
+        assert all(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), "expected leftovers"
+        srv.stop()
+        _assert_gone(srv, pid, stubs, regions, [srv.http_port, srv.grpc_port, srv.metrics_port])
+        assert os.path.exists(foreign), "removed a region this server did not create"
+    finally:
+        if os.path.exists(foreign):
+            os.unlink(foreign)
+
+
+@pytest.mark.e2e
+@needs_triton
 def test_broken_model_load_error_server_stays_up(make_server, broken_repo):
     srv = make_server(broken_repo, model_control_mode="explicit", load_models=["double"]).start(timeout=START_TIMEOUT)
     for client in (httpclient.InferenceServerClient(srv.http_url), grpcclient.InferenceServerClient(srv.grpc_url)):
@@ -494,7 +517,9 @@ def test_safety_net_when_owner_dies(repo, how, tmp_path):
     proc = _run_python(f"""
         import sys, time
         from weightbundle.server import TritonServer
-        srv = TritonServer({str(repo)!r}, log_file={str(tmp_path / "triton.log")!r}).start(timeout={START_TIMEOUT})
+        # Own log and backend dir under tmp_path: a SIGKILLed owner cannot remove temp ones.
+        srv = TritonServer({str(repo)!r}, log_file={str(tmp_path / "triton.log")!r},
+                           backend_dir={str(tmp_path / "be")!r}).start(timeout={START_TIMEOUT})
         print("PID", srv.pid, flush=True)
         if {how!r} == "sigkill":
             time.sleep(120)

@@ -360,6 +360,7 @@ class TritonServer:
         self.env = dict(env) if env is not None else None
         self.log_path: Optional[str] = os.path.abspath(log_file) if log_file else None
         self._own_backend_dir = False
+        self._own_log = False  # a temp log we made: removed after a clean stop, kept after a failure
         self._proc: Optional[subprocess.Popen] = None
         self._shm_before: Set[str] = set()
         self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
@@ -440,6 +441,7 @@ class TritonServer:
                 prepare_backend_dir(self.backend_dir)
                 if self.log_path is None:
                     fd, self.log_path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+                    self._own_log = True
                     os.close(fd)
                 deadline = time.monotonic() + timeout
                 # Auto-picked ports can be taken by someone else before Triton binds them: retry.
@@ -530,6 +532,11 @@ class TritonServer:
             if self._own_backend_dir and self.backend_dir:
                 shutil.rmtree(self.backend_dir, ignore_errors=True)
                 self.backend_dir, self._own_backend_dir = None, False
+            if self._own_log and proc is not None and proc.returncode == 0 and self.log_path:
+                try:
+                    os.unlink(self.log_path)
+                except FileNotFoundError:
+                    pass
             _LIVE.discard(self)
             return proc.returncode if proc is not None else None
 
@@ -594,6 +601,12 @@ class TritonServer:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
                 pass
+        # Weight stores of a server that died without unloading its models (SIGKILL, or a
+        # stub killed mid-shutdown): only stores whose owning server pid is dead are removed.
+        from .serving import STORE_PREFIX
+        from .store import default_root, sweep_stale
+
+        sweep_stale(default_root(), STORE_PREFIX)
         self._cleaned = True
         self._shm_owned.clear()
 

@@ -702,3 +702,29 @@ def test_failed_load_leaves_no_store(monkeypatch, damage):
     with pytest.raises(wb.FormatError):
         wb.Bundle.load_from_mem(bad)
     assert all(not os.path.exists(p) for p in created), "a failed load left a weight store behind"
+
+
+# --- hybrid swap (lead) -------------------------------------------------------------------
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_hybrid_serves_new_version_at_once_then_swaps_in_the_prepacked_session(hybrid):
+    m = models.convnet()
+    feeds = {"x": np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32)}
+    opts = wb.RuntimeOptions(prepack=True, hybrid=hybrid, optimization="all")
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), opts) as b:
+        b.execute(1)
+        inits = models.initializers(m)
+        new = {"conv1.weight": (inits["conv1.weight"] * -1.5).astype(np.float32), "bn0.var": inits["bn0.var"] * 2}
+        b.execute(2, new)
+        ref = models.ort_run(models.with_weights(m, new), feeds)["y"]
+        first, v1 = b.infer(feeds)  # served by whichever session is current: must be the new version
+        assert v1 == 1
+        np.testing.assert_allclose(first["y"], ref, rtol=1e-4, atol=1e-5)
+        assert b._builder.wait_idle(60)
+        assert b.fully_optimised
+        sess_a = b.infer_session()[1]
+        later, v2 = b.infer(feeds)
+        assert v2 == 1 and b.infer_session()[1] is sess_a
+        np.testing.assert_allclose(later["y"], ref, rtol=1e-4, atol=1e-5)
+        if hybrid:  # the pre-packed session replaced the zero-copy one
+            providers_opts = sess_a.get_session_options()
+            assert providers_opts.get_session_config_entry("session.disable_prepacking") == "0"

@@ -46,16 +46,21 @@ class TensorSpec:
 
 @dataclass
 class RuntimeOptions:
-    """How sessions are built. ``prepack`` trades memory and update latency for speed.
+    """How sessions are built. Measured trade-offs are in the README's performance section.
 
-    prepack=True: each weight version gets a session with ORT's pre-packed copy of
-    MatMul/Conv weights (inference at baked-initializer speed; building it costs
-    ~0.1 s per 64 MiB on 2 cores). prepack=False: sessions memory-map the store
-    (zero-copy, an update is visible after ~one memcpy, slower GEMMs on CPU).
+    prepack=True: each weight version gets a session with ORT's pre-packed copy of the
+    MatMul/Conv weights and ``optimization`` applied with the weights known ("all" gives
+    Conv+BatchNorm folding and NCHWc, as a baked ORT session has): steady inference at
+    baked speed, at the cost of a per-instance copy and ~1 ms/MiB of build time.
+    prepack=False: sessions memory-map the store (zero-copy, builds in ~1 ms, slower GEMMs).
+    hybrid=True (with prepack): a new version is served at once from a zero-copy session
+    while the pre-packed one builds on a background thread, then swapped in; so an update
+    is visible after about one memcpy and full speed follows a build later.
     """
 
     prepack: bool = True
-    optimization: str = "basic"  # ORT level applied when a version's session is built
+    optimization: str = "all"  # ORT level applied when a version's (pre-packed) session is built
+    hybrid: bool = True
     intra_op_threads: int = 0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     history: int = 1  # previous versions kept for rollback
@@ -115,6 +120,7 @@ class Bundle:
         self._finalizer = weakref.finalize(self, WeightStore.destroy, self._store) if self._owns_store else (lambda: None)
         self._lock = threading.Lock()
         self._infer: tuple[int, ort.InferenceSession] | None = None
+        self._builder = _Builder(self._swap_in)
         self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         g = self._graphs[GRAPH_INFERENCE].graph
         consts = {t.name for t in g.initializer}
@@ -217,6 +223,7 @@ class Bundle:
         if self._unloaded:
             return
         self._unloaded = True
+        self._builder.stop()
         self._infer = None
         self._update_sessions.clear()
         if self._owns_store:  # a shared store (options.store_dir) belongs to whoever passed it
@@ -389,8 +396,8 @@ class Bundle:
                 t.external_data.add(key=k, value=str(val))
         return m
 
-    def _new_session(self, proto: onnx.ModelProto, prepack: bool) -> ort.InferenceSession:
-        so = self._session_options(prepack, self.options.optimization)
+    def _new_session(self, proto: onnx.ModelProto, prepack: bool, level: str) -> ort.InferenceSession:
+        so = self._session_options(prepack, level)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         try:
             return ort.InferenceSession(proto.SerializeToString(), so, providers=list(self.options.providers))
@@ -410,5 +417,78 @@ class Bundle:
             v = self._store.current()
             assert v is not None
             if self._infer is None or self._infer[0] != v.number:
-                self._infer = (v.number, self._new_session(self._infer_proto_for(v), self.options.prepack))
+                opts = self.options
+                if opts.prepack and opts.hybrid:
+                    # Serve the new version now from the zero-copy mapping; the fast session follows.
+                    self._infer = (v.number, self._new_session(self._infer_proto_for(v), prepack=False, level="none"))
+                    self._builder.request(v)
+                else:
+                    self._infer = (v.number, self._new_session(self._infer_proto_for(v), opts.prepack, opts.optimization))
             return self._infer
+
+    def _swap_in(self, v: Version) -> None:
+        """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
+        sess = self._new_session(self._infer_proto_for(v), prepack=True, level=self.options.optimization)
+        with self._lock:
+            if self._infer is not None and self._infer[0] == v.number:
+                self._infer = (v.number, sess)
+
+    @property
+    def fully_optimised(self) -> bool:
+        """True when the current version is served by its final (pre-packed) session."""
+        return not (self.options.prepack and self.options.hybrid) or self._builder.idle()
+
+
+class _Builder:
+    """One daemon thread that builds the newest requested session; stale requests are skipped.
+
+    ORT releases the GIL while it builds, so inference goes on meanwhile.
+    """
+
+    def __init__(self, build: Any):
+        self._build = build
+        self._cv = threading.Condition()
+        self._want: Version | None = None
+        self._busy = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def request(self, v: Version) -> None:
+        with self._cv:
+            self._want = v
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="weightbundle-session-builder", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return self._want is None and not self._busy
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: self._want is None and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._want is not None or self._stop)
+                if self._stop:
+                    return
+                v, self._want, self._busy = self._want, None, True
+            try:
+                self._build(v)
+            except Exception:  # the zero-copy session keeps serving this version correctly
+                pass
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+            t = self._thread
+        if t is not None:
+            t.join(timeout=60)

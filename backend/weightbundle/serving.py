@@ -60,7 +60,8 @@ class ServingSettings:
     update_auth: str = "secret"  # "secret" or "none" (trusted networks / demos only)
     history: int = 1
     prepack: bool = True
-    optimization: str = "basic"
+    hybrid: bool = True
+    optimization: str = "all"
     intra_op_threads: int = 0
     reject_nonfinite: bool = False
     store_root: str | None = None
@@ -69,7 +70,7 @@ class ServingSettings:
 
     _PARAMS = {
         "bundle_filename": _str, "allow_updates": _bool, "update_secret_env": _str, "update_secret_file": _str,
-        "update_auth": _str, "history": _int, "prepack": _bool, "optimization": _str, "intra_op_threads": _int,
+        "update_auth": _str, "history": _int, "prepack": _bool, "hybrid": _bool, "optimization": _str, "intra_op_threads": _int,
         "reject_nonfinite": _bool, "store_root": _str, "file_update_dirs": _paths,
     }
 
@@ -88,7 +89,7 @@ class ServingSettings:
         return s
 
     def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
-        return RuntimeOptions(prepack=self.prepack, optimization=self.optimization, intra_op_threads=self.intra_op_threads,
+        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, optimization=self.optimization, intra_op_threads=self.intra_op_threads,
                               history=self.history, store_dir=store_dir)
 
 

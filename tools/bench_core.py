@@ -1,0 +1,526 @@
+#!/usr/bin/env python
+"""Benchmark of the bundle core (issue 2 item 7): steady-state speed and update latency.
+
+Not a test: it measures, prints a markdown table and writes the raw numbers as JSON.
+Every ratio in the table comes from ONE run in which the compared things were
+measured side by side, their repetitions interleaved (the order rotates each round),
+so a noisy machine shifts numerator and denominator alike.  Reported values are
+medians over the repetitions.
+
+Per model (the 4x(2048x2048) FP32 MLP at batch 32, and a conv net with BatchNorm):
+
+  (a) baked   plain ONNX Runtime on the original model, initializers baked in, default
+              session options (ORT_ENABLE_ALL): the speed baseline.
+  (b) steady  ``Bundle.infer`` for each RuntimeOptions mode (prepack x optimization),
+              ratio to (a).
+  (c) update  ``Bundle.update(full new weights)`` until the next ``infer`` returns the new
+              version, minus one steady inference; split into update() and first-infer
+              (= session build + one inference); ratio to the memcpy floor, ``np.copyto`` of
+              the same total bytes into a pre-faulted buffer, measured in the same rounds.
+              The "tmpfs floor" (writing those bytes to a new file in the store's tmpfs) is
+              shown too: a new immutable blob has to pay for page allocation.
+  (d) session build time, process RSS growth per mode (a fresh subprocess per mode, so
+              modes do not pollute each other's numbers), load_from_file time.
+
+    python tools/bench_core.py            # full: about 2-4 minutes on 2 cores
+    python tools/bench_core.py --quick    # tiny models, seconds: keeps the script from rotting
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT / "backend", ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import models  # noqa: E402  (tests/models.py)
+import weightbundle as wb  # noqa: E402
+from weightbundle import RuntimeOptions  # noqa: E402
+
+LEVELS = ("none", "basic", "extended", "all")
+# (prepack, optimization, hybrid). hybrid only matters with prepack: a new version is served
+# from a zero-copy session at once while the pre-packed one builds in the background.
+MODES = [(True, "all", True)] + [(pp, lvl, False) for pp in (True, False) for lvl in LEVELS]
+MiB = 1 << 20
+WARM_CALLS = 2  # untimed inferences at the start of each steady visit
+QUIESCE_S = 0.01  # pause before each timed update visit, so spinning ORT pools of the last visit go idle
+
+
+def mode_name(mode: tuple[bool, str, bool]) -> str:
+    return f"prepack={'T' if mode[0] else 'F'} opt={mode[1]}" + (" hybrid" if mode[2] else "")
+
+
+# --------------------------------------------------------------------------- models
+def bench_convnet(channels=(3, 64, 128, 256, 512), hw: int = 64, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """tests/models.convnet's block (Conv -> BatchNorm -> Relu -> MaxPool, GAP, Gemm head), larger input."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], {}, "x"
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+        inits[f"conv{i}.weight"] = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+        inits[f"conv{i}.bias"] = rng.standard_normal(cout).astype(np.float32) * 0.1
+        inits[f"bn{i}.scale"] = (1 + 0.1 * rng.standard_normal(cout)).astype(np.float32)
+        inits[f"bn{i}.shift"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+        inits[f"bn{i}.mean"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+        inits[f"bn{i}.var"] = (1 + 0.1 * rng.random(cout)).astype(np.float32)
+        nodes += [
+            helper.make_node("Conv", [x, f"conv{i}.weight", f"conv{i}.bias"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", [f"c{i}", f"bn{i}.scale", f"bn{i}.shift", f"bn{i}.mean", f"bn{i}.var"],
+                             [f"b{i}"], epsilon=1e-5),
+            helper.make_node("Relu", [f"b{i}"], [f"r{i}"]),
+            helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]),
+        ]
+        x = f"p{i}"
+    inits["head.weight"] = (rng.standard_normal((classes, channels[-1])) / np.sqrt(channels[-1])).astype(np.float32)
+    inits["head.bias"] = np.zeros(classes, np.float32)
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "bench_convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
+                          [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="weightbundle-bench")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def model_specs(quick: bool) -> list[dict]:
+    """name, how to make the model (re-made in probe subprocesses), input shape."""
+    if quick:
+        return [
+            {"name": "mlp-quick", "desc": "2x(256x256) FP32 MLP, batch 8", "make": ["big_mlp", {"n": 256, "layers": 2}], "x": [8, 256]},
+            {"name": "conv-quick", "desc": "tests/models.convnet() (3,8,16) 16x16, batch 4", "make": ["convnet", {}], "x": [4, 3, 16, 16]},
+        ]
+    return [
+        {"name": "mlp", "desc": "4x(2048x2048) FP32 MLP, batch 32", "make": ["big_mlp", {}], "x": [32, 2048]},
+        {"name": "conv", "desc": "conv net Conv-BN-Relu-MaxPool x4, channels (3,64,128,256,512), 64x64, 1000 classes, batch 4",
+         "make": ["bench_convnet", {}], "x": [4, 3, 64, 64]},
+    ]
+
+
+def make_model(spec: dict) -> onnx.ModelProto:
+    fn, kw = spec["make"]
+    return bench_convnet(**kw) if fn == "bench_convnet" else getattr(models, fn)(**kw)
+
+
+def make_input(spec: dict) -> np.ndarray:
+    return np.random.default_rng(123).standard_normal(spec["x"]).astype(np.float32)
+
+
+def weight_sets(model: onnx.ModelProto, variables: list, n: int = 2) -> list[dict[str, np.ndarray]]:
+    """``n`` full sets of new weights: each original scaled elementwise by U(0.9, 1.1) (keeps
+    signs, so BatchNorm variances stay positive), deterministic so probes can remake them."""
+    orig = models.initializers(model)
+    rng = np.random.default_rng(7)
+    return [{v.name: (orig[v.name] * rng.uniform(0.9, 1.1, orig[v.name].shape)).astype(v.np_dtype) for v in variables} for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- helpers
+def now() -> float:
+    return time.perf_counter()
+
+
+def med(xs) -> float:
+    return float(np.median(xs)) if len(xs) else float("nan")
+
+
+def baked_session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()  # defaults: ORT_ENABLE_ALL, pre-packing on
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def mem_now() -> dict[str, float]:
+    """Process memory in MiB: psutil RSS plus the kernel's split (anon = private copies such
+    as pre-packed weights; shmem/file = mapped tmpfs blobs, shared with the store)."""
+    import psutil
+
+    out = {"rss": psutil.Process().memory_info().rss / MiB}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("RssAnon", "RssFile", "RssShmem"):
+                    out[k[3:].lower()] = int(v.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def dir_bytes(path: str) -> int:
+    try:
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+    except OSError:
+        return 0
+
+
+# --------------------------------------------------------------------------- RSS probe (subprocess)
+def probe(req: dict) -> dict:
+    """Memory of one mode in a fresh process: load, init, first infer, then two full updates."""
+    spec, threads = req["spec"], req["threads"]
+    model = make_model(spec)
+    x = make_input(spec)
+    gc.collect()
+    if req["mode"] == "baked":
+        with open(req["model_path"], "rb") as f:
+            model_bytes = f.read()
+        del model
+        gc.collect()
+        m0 = mem_now()
+        t0 = now()
+        sess = baked_session(model_bytes, threads)
+        t1 = now()
+        sess.run(None, {"x": x})
+        m1 = mem_now()
+        return {"create_s": t1 - t0, "mem_before": m0, "mem_steady": m1}
+    pp, lvl, hy = req["mode"]
+    opts = RuntimeOptions(prepack=pp, optimization=lvl, hybrid=hy, intra_op_threads=threads)
+    probe_bundle = wb.Bundle.load_from_file(req["bundle_path"], RuntimeOptions())
+    sets = weight_sets(model, probe_bundle.variables)
+    probe_bundle.unload()
+    del model
+    gc.collect()
+    m0 = mem_now()
+    b = wb.Bundle.load_from_file(req["bundle_path"], opts)
+    m_load = mem_now()
+    b.init()
+    b.infer({"x": x})
+    m_v0 = mem_now()
+    for w in sets:
+        b.update(w)
+        b.infer({"x": x})
+    gc.collect()
+    m_ss = mem_now()
+    store = dir_bytes(b.store.path)
+    b.unload()
+    return {"mem_before": m0, "mem_loaded": m_load, "mem_first": m_v0, "mem_steady": m_ss, "store_bytes": store,
+            "weight_set_bytes": int(sum(a.nbytes for a in sets[0].values()))}
+
+
+def run_probe(req: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_probe", json.dumps(req)]
+    # A fixed mmap threshold: large blocks go back to the OS on free, so memory freed before
+    # the first reading is not silently reused later and RSS growth is not understated.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- main benchmark
+def bench_model(spec: dict, args, workdir: str, log) -> dict:
+    iters, threads = args.iters, args.threads
+    model = make_model(spec)
+    model_bytes = model.SerializeToString()
+    model_path = os.path.join(workdir, f"{spec['name']}.onnx")
+    bundle_path = os.path.join(workdir, f"{spec['name']}.bundle")
+    with open(model_path, "wb") as f:
+        f.write(model_bytes)
+    x = make_input(spec)
+    feeds = {"x": x}
+
+    t0 = now()
+    data = wb.build_bundle(wb.convert(model))
+    build_s = now() - t0
+    wb.save_bundle(bundle_path, data)
+    del data
+
+    R: dict = {"name": spec["name"], "desc": spec["desc"], "input_shape": spec["x"], "build_bundle_s": build_s,
+               "bundle_file_bytes": os.path.getsize(bundle_path)}
+
+    # (a) baseline: plain ORT, baked initializers. Creation timed a few times.
+    creates = []
+    for _ in range(args.create_reps):
+        gc.collect()
+        t0 = now()
+        baked = baked_session(model_bytes, threads)
+        creates.append(now() - t0)
+    baked.run(None, feeds)
+    R["baked_create_s"] = creates
+
+    # (d) load_from_file, init, cold first inference, for every mode
+    bundles: dict[tuple[bool, str], wb.Bundle] = {}
+    setup: dict[str, dict] = {}
+    for mode in MODES:
+        pp, lvl, hy = mode
+        gc.collect()
+        t0 = now()
+        b = wb.Bundle.load_from_file(bundle_path, RuntimeOptions(prepack=pp, optimization=lvl, hybrid=hy, intra_op_threads=threads))
+        t1 = now()
+        b.init()
+        t2 = now()
+        b.infer(feeds)
+        t3 = now()
+        bundles[mode] = b
+        setup[mode_name(mode)] = {"load_s": t1 - t0, "init_s": t2 - t1, "first_infer_after_init_s": t3 - t2}
+    R["setup"] = setup
+    variables = bundles[MODES[0]].variables
+    total_bytes = int(sum(v.nbytes for v in variables))
+    R["weights"] = {"count": len(variables), "bytes": total_bytes}
+    loads = []
+    for _ in range(iters):
+        t0 = now()
+        b = wb.Bundle.load_from_file(bundle_path)
+        loads.append(now() - t0)
+        b.unload()
+    R["load_from_file_s"] = loads
+    log(f"  {spec['name']}: {len(variables)} weights, {total_bytes / MiB:.1f} MiB; bundle built in {build_s:.2f} s")
+
+    # (b) steady state, interleaved: each round visits baseline + every mode in rotated order
+    keys = ["baked"] + [mode_name(m) for m in MODES]
+    runners = {"baked": lambda: baked.run(None, feeds)}
+    for m in MODES:
+        runners[mode_name(m)] = (lambda b: (lambda: b.infer(feeds)))(bundles[m])
+    for r in runners.values():  # warm-up
+        r()
+    # Each visit: untimed warm-up calls first. ORT worker threads spin for a while after a run;
+    # on 2 cores the previous session's spinning pool would otherwise be billed to the next one.
+    inner = max(1, args.inner)
+    steady: dict[str, list[float]] = {k: [] for k in keys}
+    paired: dict[str, list[float]] = {k: [] for k in keys}  # per round: median(mode) / median(baked)
+    for rnd in range(iters * 2):
+        order = keys[rnd % len(keys):] + keys[: rnd % len(keys)]
+        this = {}
+        for k in order:
+            fn = runners[k]
+            for _ in range(WARM_CALLS):
+                fn()
+            ts = []
+            for _ in range(inner):
+                t0 = now()
+                fn()
+                ts.append(now() - t0)
+            steady[k] += ts
+            this[k] = med(ts)
+        for k in keys:
+            paired[k].append(this[k] / this["baked"])
+    R["steady_s"] = steady
+    R["steady_paired_ratio"] = paired
+    steady_med = {k: med(v) for k, v in steady.items()}
+    log("  steady: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in steady_med.items()))
+
+    # (c) update latency, interleaved with the memcpy and tmpfs floors
+    sets = weight_sets(model, variables)
+    flat = [np.concatenate([s[v.name].reshape(-1).view(np.uint8) for v in variables]) for s in sets]
+    dst = np.empty_like(flat[0])
+    dst[:] = 1  # pre-fault: the floor is a pure copy
+    shm = tempfile.mkdtemp(prefix="bench-core-floor-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    floor = {"memcpy": [], "tmpfs_new_file": []}
+    upd: dict[str, dict[str, list[float]]] = {mode_name(m): {"update": [], "first_infer": [], "post_steady": []} for m in MODES}
+    mkeys = ["memcpy", "tmpfs"] + [mode_name(m) for m in MODES]
+    for rnd in range(iters):
+        w = sets[rnd % 2]
+        order = mkeys[rnd % len(mkeys):] + mkeys[: rnd % len(mkeys)]
+        for k in order:
+            gc.collect()
+            time.sleep(QUIESCE_S)
+            if k == "memcpy":
+                t0 = now()
+                np.copyto(dst, flat[rnd % 2])
+                floor["memcpy"].append(now() - t0)
+                continue
+            if k == "tmpfs":
+                p = os.path.join(shm, f"f{rnd}.bin")
+                t0 = now()
+                with open(p, "wb") as f:
+                    f.write(memoryview(flat[rnd % 2]))
+                floor["tmpfs_new_file"].append(now() - t0)
+                os.unlink(p)
+                continue
+            b = next(bb for m, bb in bundles.items() if mode_name(m) == k)
+            t0 = now()
+            ver = b.update(w)
+            t1 = now()
+            _, got = b.infer(feeds)
+            t2 = now()
+            b.infer(feeds)
+            t3 = now()
+            if got != ver:
+                raise RuntimeError(f"{k}: infer after update returned version {got}, expected {ver}")
+            upd[k]["update"].append(t1 - t0)
+            upd[k]["first_infer"].append(t2 - t1)
+            upd[k]["post_steady"].append(t3 - t2)
+    shutil.rmtree(shm, ignore_errors=True)
+    R["floor_s"] = floor
+    R["update_s"] = upd
+
+    # sanity: every mode serves the last weights, matching ORT on the original model with them
+    last = sets[(iters - 1) % 2]
+    ref = baked_session(models.with_weights(model, last).SerializeToString(), threads).run(None, feeds)[0]
+    R["max_abs_err_vs_ort"] = {mode_name(m): float(np.max(np.abs(bundles[m].infer(feeds)[0]["y"] - ref))) for m in MODES}
+    R["ref_max_abs"] = float(np.max(np.abs(ref)))
+    for b in bundles.values():
+        b.unload()
+    del baked, bundles
+    gc.collect()
+
+    # (d) memory per mode, each in a fresh process
+    probe_modes = ["baked"] + (MODES if not args.quick else [(True, "all", True), (False, "none", False)])
+    R["mem"] = {}
+    for pm in probe_modes:
+        req = {"spec": spec, "threads": threads, "mode": pm if pm == "baked" else list(pm), "model_path": model_path, "bundle_path": bundle_path}
+        R["mem"]["baked" if pm == "baked" else mode_name(pm)] = run_probe(req)
+    return R
+
+
+def summarize(R: dict) -> dict:
+    base = med(R["steady_s"]["baked"])
+    floor = med(R["floor_s"]["memcpy"])
+    base_p10 = float(np.percentile(R["steady_s"]["baked"], 10))
+    rows = {}
+    for key, u in R["update_s"].items():
+        st = med(R["steady_s"][key])
+        # paired per round: the steady inference right after the first one, same session, same round
+        lat = med([a + b - c for a, b, c in zip(u["update"], u["first_infer"], u["post_steady"])])
+        build = med([b - c for b, c in zip(u["first_infer"], u["post_steady"])])
+        mem = R["mem"].get(key, {})
+        rows[key] = {
+            "steady_ms": st * 1e3, "steady_ratio": med(R["steady_paired_ratio"][key]),
+            "steady_ratio_unpaired": st / base,
+            "steady_ratio_p10": float(np.percentile(R["steady_s"][key], 10)) / base_p10,
+            "update_ms": med(u["update"]) * 1e3, "first_infer_ms": med(u["first_infer"]) * 1e3, "build_ms": build * 1e3,
+            "latency_ms": lat * 1e3, "latency_x_memcpy": lat / floor, "update_x_memcpy": med(u["update"]) / floor,
+            "cold_build_ms": (R["setup"][key]["first_infer_after_init_s"] - st) * 1e3,
+            "rss_growth_mib": mem["mem_steady"]["rss"] - mem["mem_before"]["rss"] if "mem_steady" in mem else None,
+            "anon_growth_mib": mem["mem_steady"].get("anon", float("nan")) - mem["mem_before"].get("anon", float("nan")) if "mem_steady" in mem else None,
+            "store_mib": mem["store_bytes"] / MiB if "store_bytes" in mem else None,
+            "max_abs_err": R["max_abs_err_vs_ort"][key],
+        }
+    bm = R["mem"].get("baked", {})
+    return {
+        "baked_ms": base * 1e3, "memcpy_ms": floor * 1e3, "tmpfs_ms": med(R["floor_s"]["tmpfs_new_file"]) * 1e3,
+        "memcpy_gbps": R["weights"]["bytes"] / floor / 1e9,
+        "baked_create_ms": med(R["baked_create_s"]) * 1e3,
+        "baked_rss_growth_mib": bm["mem_steady"]["rss"] - bm["mem_before"]["rss"] if "mem_steady" in bm else None,
+        "baked_anon_growth_mib": bm["mem_steady"].get("anon", float("nan")) - bm["mem_before"].get("anon", float("nan")) if "mem_steady" in bm else None,
+        "load_from_file_ms": med(R["load_from_file_s"]) * 1e3,
+        "init_ms": {k: v["init_s"] * 1e3 for k, v in R["setup"].items()},
+        "rows": rows,
+    }
+
+
+def fmt(v, spec=".2f", suffix=""):
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:{spec}}{suffix}"
+
+
+def markdown(results: list[dict], summaries: list[dict]) -> str:
+    out = []
+    out.append("| model | mode | steady ms | vs baked (p10) | update() ms (vs memcpy) | 1st infer ms | build ms | update→served ms | vs memcpy | RSS +MiB (anon) | store MiB |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for R, S in zip(results, summaries):
+        out.append(f"| {R['name']} | (a) baked ORT | {S['baked_ms']:.2f} | 1.00 | | | {S['baked_create_ms']:.0f} (create) | | | "
+                   f"{fmt(S['baked_rss_growth_mib'], '.0f')} ({fmt(S['baked_anon_growth_mib'], '.0f')}) | |")
+        for key, r in S["rows"].items():
+            out.append(f"| {R['name']} | {key} | {r['steady_ms']:.2f} | {r['steady_ratio']:.2f}x ({r['steady_ratio_p10']:.2f}x) | {r['update_ms']:.1f} ({r['update_x_memcpy']:.1f}x) | {r['first_infer_ms']:.1f} | "
+                       f"{r['build_ms']:.1f} | {r['latency_ms']:.1f} | {r['latency_x_memcpy']:.1f}x | "
+                       f"{fmt(r['rss_growth_mib'], '.0f')} ({fmt(r['anon_growth_mib'], '.0f')}) | {fmt(r['store_mib'], '.0f')} |")
+    out.append("")
+    out.append("| model | weights | memcpy floor | tmpfs new-file floor | load_from_file | init (prepack=T opt=all) | build_bundle |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for R, S in zip(results, summaries):
+        out.append(f"| {R['name']} | {R['weights']['count']} tensors, {R['weights']['bytes'] / MiB:.1f} MiB | {S['memcpy_ms']:.2f} ms ({S['memcpy_gbps']:.1f} GB/s) | "
+                   f"{S['tmpfs_ms']:.2f} ms | {S['load_from_file_ms']:.2f} ms | {S['init_ms'].get('prepack=T opt=all', float('nan')):.1f} ms | {R['build_bundle_s'] * 1e3:.0f} ms |")
+    return "\n".join(out)
+
+
+def fmt_load(la) -> str:
+    return "n/a" if la is None else "/".join(f"{x:.2f}" for x in la)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpu": cpu, "onnxruntime": ort.__version__, "numpy": np.__version__, "onnx": onnx.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny models and few iterations (seconds; for CI)")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads, baseline and bundle alike (default 2)")
+    ap.add_argument("--iters", type=int, default=None, help="update rounds; steady rounds are 2x this (default 15, quick 3)")
+    ap.add_argument("--inner", type=int, default=3, help="timed inferences per mode per steady round (default 3)")
+    ap.add_argument("--out", default=str(ROOT / "tools" / "out"), help="folder for the JSON and markdown (default tools/out)")
+    ap.add_argument("--_probe", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._probe:
+        print(json.dumps(probe(json.loads(args._probe))))
+        return 0
+    if args.iters is None:
+        args.iters = 3 if args.quick else 15
+    args.iters = max(1, args.iters)
+    args.create_reps = 1 if args.quick else 3
+
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    mach = machine()
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"$ {command}")
+    t_start = now()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results, summaries = [], []
+    workdir = tempfile.mkdtemp(prefix="bench-core-")
+    try:
+        for spec in model_specs(args.quick):
+            R = bench_model(spec, args, workdir, log)
+            results.append(R)
+            summaries.append(summarize(R))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = now() - t_start
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    noise = {R["name"]: float(np.subtract(*np.percentile(R["steady_s"]["baked"], [75, 25])) / med(R["steady_s"]["baked"])) for R in results}
+
+    table = markdown(results, summaries)
+    header = (f"command: `{command}` (cwd {os.getcwd()})\n"
+              f"machine: {mach['cpu_count']} CPUs ({mach['cpu']}), onnxruntime {mach['onnxruntime']}, numpy {mach['numpy']}, "
+              f"python {mach['python']}, {mach['platform']}\n"
+              f"threads {args.threads}, {args.iters} update rounds, {2 * args.iters}x{args.inner} steady samples per mode, "
+              f"medians; total {elapsed:.0f} s\n"
+              f"noise: load average {fmt_load(load_start)} at start, {fmt_load(load_end)} at end; IQR/median of baked steady "
+              + ", ".join(f"{k} {v:.0%}" for k, v in noise.items()) + " (when the paired median and p10 ratios disagree, the "
+              "machine was contended: trust p10)\n")
+    notes = ("\nsteady: Bundle.infer; vs baked: median over rounds of the per-round ratio to (a) (p10: ratio of 10th percentiles, "
+             "closer to an uncontended machine). update→served: update() + first infer of the new version - the steady infer "
+             "that follows it (paired per round); vs memcpy: over np.copyto of the same bytes in this run. build: first infer - steady. "
+             "RSS: growth of a fresh process from before load to after init + 2 full updates (anon = private copies, e.g. pre-packed "
+             "weights; the rest is mapped tmpfs blobs, shared with the store). store: tmpfs bytes the store holds (history=1).")
+    print(header)
+    print(table)
+    print(notes)
+    os.makedirs(args.out, exist_ok=True)
+    stem = "bench_core-quick" if args.quick else "bench_core"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"command": command, "cwd": os.getcwd(), "machine": mach, "loadavg_start": load_start, "loadavg_end": load_end,
+                   "baked_steady_iqr_over_median": noise, "threads": args.threads, "iters": args.iters,
+                   "inner": args.inner, "elapsed_s": elapsed, "summary": {R["name"]: S for R, S in zip(results, summaries)},
+                   "raw": results}, f, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(header + "\n" + table + "\n" + notes + "\n")
+    log(f"wrote {os.path.join(args.out, stem + '.json')} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -728,3 +728,70 @@ def test_hybrid_serves_new_version_at_once_then_swaps_in_the_prepacked_session(h
         if hybrid:  # the pre-packed session replaced the zero-copy one
             providers_opts = sess_a.get_session_options()
             assert providers_opts.get_session_config_entry("session.disable_prepacking") == "0"
+
+
+# --- staging blob fast path (lead) ----------------------------------------------------------
+def _staging_bundle(**opts):
+    m = models.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(**opts))
+    b.execute(1)
+    return m, b
+
+
+def _wait_staging(b, timeout=10.0):
+    import time
+
+    path = os.path.join(b.store.path, "staging.bin")
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(path)
+
+
+def test_staging_path_full_and_partial_updates_match_ort():
+    m, b = _staging_bundle()
+    with b:
+        feeds = {"x": np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)}
+        inits = models.initializers(m)
+        assert _wait_staging(b)
+        new = {n: np.random.default_rng(i).standard_normal(a.shape).astype(np.float32) / 20 for i, (n, a) in enumerate(inits.items())}
+        b.update(new)
+        assert "staging.bin" not in os.listdir(b.store.path) or _wait_staging(b)
+        cur = b.store.current()
+        assert {cur.entries[n][0] for n in new} == {f"blob-{cur.number}.bin"}  # published from the staging blob
+        np.testing.assert_allclose(b.infer(feeds)[0]["y"], models.ort_run(models.with_weights(m, new), feeds)["y"], rtol=1e-4, atol=1e-5)
+        assert _wait_staging(b)
+        w1 = np.random.default_rng(99).standard_normal((512, 512)).astype(np.float64)  # cast inside the graph
+        b.update({"w1": w1})
+        cur = b.store.current()
+        for n in ("w0", "w2"):
+            np.testing.assert_array_equal(b.store.array(cur, n), new[n])
+        np.testing.assert_array_equal(b.store.array(cur, "w1"), w1.astype(np.float32))
+        blob = os.path.join(b.store.path, cur.entries["w1"][0])
+        assert os.stat(blob).st_blocks * 512 < 2 * 512 * 512 * 4  # pages of untouched variables punched out
+        ref = models.ort_run(models.with_weights(m, {**new, "w1": w1.astype(np.float32)}), feeds)["y"]
+        np.testing.assert_allclose(b.infer(feeds)[0]["y"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_staging_path_is_all_or_nothing_and_returns_the_staging_blob():
+    m, b = _staging_bundle()
+    with b:
+        assert _wait_staging(b)
+        before = {n: np.array(b.store.array(b.store.current(), n)) for n in ("w0", "w1", "w2")}
+        with pytest.raises(wb.VersionConflictError):
+            b.update({"w0": np.zeros((512, 512), np.float32)}, expected_version=7)
+        assert _wait_staging(b, timeout=0.5)  # handed back, not leaked
+        assert b.version == 0
+        for n, a in before.items():
+            np.testing.assert_array_equal(b.store.array(b.store.current(), n), a)
+        assert not [f for f in os.listdir(b.store.path) if f.startswith(".claimed-")]
+
+
+def test_staging_can_be_disabled():
+    m, b = _staging_bundle(staging=False)
+    with b:
+        b.update({"w0": np.zeros((512, 512), np.float32)})
+        import time
+
+        time.sleep(0.2)
+        assert "staging.bin" not in os.listdir(b.store.path)

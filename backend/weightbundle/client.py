@@ -182,7 +182,7 @@ class WeightClient:
         for n, a in arrays.items():
             offsets[n] = size
             size = (size + a.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        name = f"weightbundle-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = f"wbpush-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # distinct from weight stores (weightbundle-*)
         handle = shm.create_shared_memory_region(name, "/" + name, max(size, 1))
         registered = False
         try:

@@ -29,6 +29,8 @@ from .errors import BundleError, FormatError, InputError, NotInitializedError, U
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
 from .store import Version, WeightStore
 
+STAGING_MIN_BYTES = 1 << 20  # below this, the plain write path is as fast and holds no staging blob
+
 _LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -64,6 +66,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     history: int = 1  # previous versions kept for rollback
+    staging: bool = True  # keep one pre-allocated staging blob (one model size of tmpfs) for fast updates
     store_dir: str | None = None  # shared store directory; None: a private one
 
 
@@ -112,6 +115,7 @@ class Bundle:
         self._layout = fmt.decode(buffer)
         self._graphs = {gid: self._parse_graph(gid, mv) for gid, mv in self._layout.graphs.items()}
         self.variables: list[VariableSpec] = self._layout.variables
+        self._specs = {v.name: v for v in self.variables}
         self._check_graphs_match_table()
         self._store = (WeightStore(self.options.store_dir, self.variables, self.options.history) if self.options.store_dir
                        else WeightStore.private(self.variables, self.options.history))
@@ -280,7 +284,10 @@ class Bundle:
         so.add_external_initializers_from_files_in_memory(["weights"], [section], [len(section)])
         sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs = sess.run(None, {})
-        return self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init").number
+        version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init").number
+        if self.options.staging:
+            self._prepare_staging_soon()
+        return version
 
     def export(self, version: Version | None = None) -> bytes:
         """A complete, loadable bundle whose initial weights are ``version``'s (default: current).
@@ -347,18 +354,80 @@ class Bundle:
                 if a.size and a.dtype.kind == "f" and not np.isfinite(a).all():
                     raise UpdateError(f"weight {name!r} contains NaN or Inf")
         sess = self._update_session(retype)
+        # Zero-size variables count as set when named, so a first full update can include them.
+        changed = [v.name for v in self.variables if feed[v.name].size or (v.nbytes == 0 and v.name in inputs)]
+        staged = None
+        if self.options.staging and sum(self._specs[n].nbytes for n in changed) >= STAGING_MIN_BYTES:
+            staged = self._store.claim_staging()
+        if staged is not None:
+            try:
+                self._run_update_into(sess, feed, changed, staged)
+            except BaseException:
+                self._store.release_staging(staged)
+                raise
+            version = self._store.publish_staged(staged, changed, op="update", expected_version=expected_version).number
+        else:
+            version = self._store.publish(self._run_update(sess, feed, changed), op="update", expected_version=expected_version).number
+        if self.options.staging:
+            self._prepare_staging_soon()
+        return version
+
+    def _run_update(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str]) -> dict[str, np.ndarray]:
+        """Plain path: the update graph's outputs come back as arrays."""
         try:
             outs = sess.run(None, feed)
         except Exception as e:
             raise UpdateError(f"update graph rejected the update: {e}") from None
         names = [o.name for o in sess.get_outputs()]
-        valid = outs[names.index(VALID_OUTPUT)]
+        self._check_valid(outs[names.index(VALID_OUTPUT)])
+        return {n: outs[names.index(n + UPDATED_SUFFIX)].reshape(self._specs[n].shape) for n in changed}
+
+    def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str) -> None:
+        """Fast path: bind the update graph's outputs straight into the claimed staging blob."""
+        offsets, size = self._store.staging_layout()
+        mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        try:
+            io = sess.io_binding()
+            for name, a in feed.items():
+                io.bind_cpu_input(name, np.ascontiguousarray(a))
+            views = {}
+            for v in self.variables:
+                out = v.name + UPDATED_SUFFIX
+                if v.name in changed and v.nbytes:
+                    view = mm[offsets[v.name] : offsets[v.name] + v.nbytes].view(v.np_dtype).reshape(v.shape)
+                    views[out] = view
+                    io.bind_output(out, "cpu", 0, v.np_dtype, list(v.shape), view.ctypes.data)
+                else:
+                    io.bind_output(out, "cpu")
+            io.bind_output(VALID_OUTPUT, "cpu")
+            try:
+                sess.run_with_iobinding(io)
+            except Exception as e:
+                raise UpdateError(f"update graph rejected the update: {e}") from None
+            outs = dict(zip([o.name for o in sess.get_outputs()], io.get_outputs()))
+            self._check_valid(outs[VALID_OUTPUT].numpy())
+            for out, view in views.items():  # ORT normally writes in place; copy if it chose not to
+                if outs[out].data_ptr() != view.ctypes.data:
+                    np.copyto(view, outs[out].numpy())
+        finally:
+            del mm
+
+    def _check_valid(self, valid: np.ndarray) -> None:
         if not valid.all():
             bad = [v.name for v, ok in zip(self.variables, valid) if not ok]
             raise UpdateError(f"update graph rejected the shape of {bad}")
-        new = {n[: -len(UPDATED_SUFFIX)]: a for n, a in zip(names, outs) if n.endswith(UPDATED_SUFFIX) and a.size and 0 not in a.shape}
-        new.update({v.name: outs[names.index(v.name + UPDATED_SUFFIX)] for v in self.variables if v.nbytes == 0 and v.name in inputs})
-        return self._store.publish(new, op="update", expected_version=expected_version).number
+
+    def _prepare_staging_soon(self) -> None:
+        """Allocate the next staging blob on a background thread (never on the update's path)."""
+        store = self._store
+
+        def run() -> None:
+            try:
+                store.prepare_staging()
+            except OSError:  # the store went away (unload) or tmpfs is full: plain path next time
+                pass
+
+        threading.Thread(target=run, name="weightbundle-staging", daemon=True).start()
 
     def _update_session(self, retype: dict[str, str]) -> ort.InferenceSession:
         key = tuple(sorted(retype.items()))  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ class ServingSettings:
     history: int = 1
     prepack: bool = True
     hybrid: bool = True
+    staging: bool = True
     optimization: str = "all"
     intra_op_threads: int = 0
     reject_nonfinite: bool = False
@@ -70,7 +71,7 @@ class ServingSettings:
 
     _PARAMS = {
         "bundle_filename": _str, "allow_updates": _bool, "update_secret_env": _str, "update_secret_file": _str,
-        "update_auth": _str, "history": _int, "prepack": _bool, "hybrid": _bool, "optimization": _str, "intra_op_threads": _int,
+        "update_auth": _str, "history": _int, "prepack": _bool, "hybrid": _bool, "staging": _bool, "optimization": _str, "intra_op_threads": _int,
         "reject_nonfinite": _bool, "store_root": _str, "file_update_dirs": _paths,
     }
 
@@ -89,7 +90,7 @@ class ServingSettings:
         return s
 
     def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
-        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, optimization=self.optimization, intra_op_threads=self.intra_op_threads,
+        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, staging=self.staging, optimization=self.optimization, intra_op_threads=self.intra_op_threads,
                               history=self.history, store_dir=store_dir)
 
 

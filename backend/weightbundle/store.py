@@ -30,6 +30,8 @@ from .errors import BundleError, UpdateError, VersionConflictError
 from .format import VariableSpec
 
 PAGE = 4096
+STAGING = "staging.bin"
+CLAIMED = ".claimed-"
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,79 @@ class WeightStore:
                 entries.update(self._write_blob(blob, arrays))
             return self._commit(number, op, entries, None if cur is None else cur.number)
 
+    # -- staging blob ------------------------------------------------------------------
+    # A new file on tmpfs costs ~2x a memcpy to fill, because every page is allocated and
+    # zeroed on first touch.  So the store keeps one *staging* blob, allocated ahead of
+    # time (fallocate), laid out with every variable at a fixed page-aligned offset.  An
+    # updater claims it (rename, so only one process can), lets the update graph write
+    # straight into it, and publishes it by renaming it to a blob; the pages of variables
+    # it did not change are punched out.  One staging blob per store, whatever the
+    # number of instances: memory cost is one model size of tmpfs.
+    def staging_layout(self) -> tuple[dict[str, int], int]:
+        offsets, off = {}, 0
+        for name in self.order:
+            offsets[name] = off
+            off = (off + self.specs[name].nbytes + PAGE - 1) // PAGE * PAGE
+        return offsets, max(off, PAGE)
+
+    def prepare_staging(self) -> None:
+        """Allocate the staging blob if there is none (call off the critical path)."""
+        target = os.path.join(self.path, STAGING)
+        if os.path.exists(target):
+            return
+        _, size = self.staging_layout()
+        tmp = os.path.join(self.path, f"{CLAIMED}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:  # no space on tmpfs: updates fall back to the plain write path
+            os.close(fd)
+            _unlink(tmp)
+            return
+        os.close(fd)
+        self._return_staging(tmp)
+
+    def claim_staging(self) -> str | None:
+        """Take the staging blob for this process, or None if there is none right now."""
+        dst = os.path.join(self.path, f"{CLAIMED}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(os.path.join(self.path, STAGING), dst)  # atomic: one claimer wins
+        except FileNotFoundError:
+            return None
+        return dst
+
+    def _return_staging(self, path: str) -> None:
+        try:
+            os.link(path, os.path.join(self.path, STAGING))  # fails if another one appeared meanwhile
+        except FileExistsError:
+            pass
+        _unlink(path)
+
+    def release_staging(self, path: str) -> None:
+        """Give a claimed staging blob back unpublished (the update was rejected)."""
+        self._return_staging(path)
+
+    def publish_staged(self, path: str, names: Sequence[str], op: str, expected_version: int | None = None) -> Version:
+        """Publish a claimed staging blob holding new values for ``names`` at their layout offsets."""
+        offsets, _ = self.staging_layout()
+        keep = set(names)
+        with self.locked():
+            cur = self.current()
+            if expected_version is not None and (cur is None or cur.number != expected_version):
+                self.release_staging(path)
+                raise VersionConflictError(expected_version, -1 if cur is None else cur.number)
+            missing = [n for n in self.order if n not in keep and (cur is None or n not in cur.entries)]
+            if missing:
+                self.release_staging(path)
+                raise UpdateError(f"no current value for {missing[:5]}{'...' if len(missing) > 5 else ''}: the first update must set every variable")
+            _punch_holes(path, [(offsets[n], self.specs[n].nbytes) for n in self.order if n not in keep])
+            number = 0 if cur is None else cur.number + 1
+            blob = f"blob-{number}.bin"
+            os.rename(path, os.path.join(self.path, blob))
+            entries = dict(cur.entries) if cur else {}
+            entries.update({n: (blob, offsets[n]) for n in names})
+            return self._commit(number, op, entries, None if cur is None else cur.number)
+
     def rollback(self, expected_version: int | None = None) -> Version:
         """Publish, as a new version, the contents the current version replaced.
 
@@ -205,6 +280,8 @@ class WeightStore:
         for f in os.listdir(self.path):
             if f.startswith("blob-") and f not in live:
                 _unlink(os.path.join(self.path, f))
+            elif f.startswith(CLAIMED) and not _pid_alive(int(f[len(CLAIMED):].split("-", 1)[0])):
+                _unlink(os.path.join(self.path, f))  # claimed by a process that died mid-update
 
     # -- sharing between processes ------------------------------------------------
     # Each attached process holds an flock on instances/<pid>; a lock that can be
@@ -295,3 +372,19 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> None:
+    """Free the pages of unused ranges (tmpfs supports FALLOC_FL_PUNCH_HOLE)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for off, n in ranges:
+            n = (n + PAGE - 1) // PAGE * PAGE
+            if n:
+                libc.fallocate(fd, 3, ctypes.c_long(off), ctypes.c_long(n))  # PUNCH_HOLE | KEEP_SIZE; best effort
+    finally:
+        os.close(fd)

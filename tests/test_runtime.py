@@ -795,3 +795,26 @@ def test_staging_can_be_disabled():
 
         time.sleep(0.2)
         assert "staging.bin" not in os.listdir(b.store.path)
+
+
+def test_falls_back_to_the_source_graph_when_the_compiled_one_cannot_load():
+    """A bundle compiled by another ONNX Runtime may hold ops this one lacks: use the stored source."""
+    import onnx as _onnx
+
+    from weightbundle import format as fmt
+
+    m = models.mlp()
+    g = wb.convert(m)
+    good = fmt.decode(wb.build_bundle(g))
+    broken = _onnx.ModelProto()
+    broken.ParseFromString(bytes(good.graphs[0]))
+    broken.graph.node[0].domain = "com.example.notinthisruntime"
+    broken.opset_import.add(domain="com.example.notinthisruntime", version=1)
+    graphs = {gid: bytes(mv) for gid, mv in good.graphs.items()}
+    graphs[0] = broken.SerializeToString()
+    meta = {k: v for k, v in good.toc.items() if k not in ("graphs", "variables", "weights", "extra")}
+    data = fmt.encode(graphs, good.variables, good.initial, meta, {k: bytes(v) for k, v in good.extra.items()})
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    with wb.Bundle.load_from_mem(data) as b:
+        b.execute(1)
+        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], models.ort_run(m, {"x": x})["y"], rtol=1e-5, atol=1e-6)

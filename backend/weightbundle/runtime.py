@@ -117,6 +117,7 @@ class Bundle:
         self.variables: list[VariableSpec] = self._layout.variables
         self._specs = {v.name: v for v in self.variables}
         self._check_graphs_match_table()
+        self._infer_graph = self._graphs[GRAPH_INFERENCE]  # or the stored source graph, see _new_session
         self._store = (WeightStore(self.options.store_dir, self.variables, self.options.history) if self.options.store_dir
                        else WeightStore.private(self.variables, self.options.history))
         self._owns_store = self.options.store_dir is None
@@ -268,8 +269,6 @@ class Bundle:
         if not self.has_init:
             raise BundleError("this bundle was built without an init graph (--no-init); set weights with an update")
         init = self._graphs[GRAPH_INIT]
-        weights = self._layout.initial
-        assert weights is not None
         proto = onnx.ModelProto()
         proto.CopyFrom(init)
         rows = {r["name"]: r for r in self._layout.toc["variables"]}
@@ -454,23 +453,28 @@ class Bundle:
     def _infer_proto_for(self, v: Version) -> onnx.ModelProto:
         """The inference graph with placeholders pointing at version ``v``'s blobs."""
         m = onnx.ModelProto()
-        m.CopyFrom(self._graphs[GRAPH_INFERENCE])
-        specs = {s.name: s for s in self.variables}
+        m.CopyFrom(self._infer_graph)
         for t in m.graph.initializer:
             if not is_placeholder(t):
                 continue
             del t.external_data[:]
             blob, off = v.entries[t.name]
-            for k, val in (("location", blob), ("offset", off), ("length", specs[t.name].nbytes)):
+            for k, val in (("location", blob), ("offset", off), ("length", self._specs[t.name].nbytes)):
                 t.external_data.add(key=k, value=str(val))
         return m
 
-    def _new_session(self, proto: onnx.ModelProto, prepack: bool, level: str) -> ort.InferenceSession:
+    def _new_session(self, v: Version, prepack: bool, level: str) -> ort.InferenceSession:
         so = self._session_options(prepack, level)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         try:
-            return ort.InferenceSession(proto.SerializeToString(), so, providers=list(self.options.providers))
+            return ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=list(self.options.providers))
         except Exception as e:
+            source = self._layout.extra.get("inference_source") if self._layout else None
+            if source is not None and self._infer_graph is self._graphs[GRAPH_INFERENCE]:
+                # The graph compiled at build time may not load here (another ONNX Runtime
+                # version or provider): fall back, once, to the unoptimised graph the bundle keeps.
+                self._infer_graph = self._parse_graph(GRAPH_INFERENCE, source)
+                return self._new_session(v, prepack, level)
             raise FormatError(f"ONNX Runtime cannot build the inference session: {e}") from None
 
     def infer_session(self) -> tuple[int, ort.InferenceSession]:
@@ -489,15 +493,15 @@ class Bundle:
                 opts = self.options
                 if opts.prepack and opts.hybrid:
                     # Serve the new version now from the zero-copy mapping; the fast session follows.
-                    self._infer = (v.number, self._new_session(self._infer_proto_for(v), prepack=False, level="none"))
+                    self._infer = (v.number, self._new_session(v, prepack=False, level="none"))
                     self._builder.request(v)
                 else:
-                    self._infer = (v.number, self._new_session(self._infer_proto_for(v), opts.prepack, opts.optimization))
+                    self._infer = (v.number, self._new_session(v, opts.prepack, opts.optimization))
             return self._infer
 
     def _swap_in(self, v: Version) -> None:
         """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
-        sess = self._new_session(self._infer_proto_for(v), prepack=True, level=self.options.optimization)
+        sess = self._new_session(v, prepack=True, level=self.options.optimization)
         with self._lock:
             if self._infer is not None and self._infer[0] == v.number:
                 self._infer = (v.number, sess)

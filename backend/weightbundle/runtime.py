@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -126,6 +127,7 @@ class Bundle:
         self._lock = threading.Lock()
         self._infer: tuple[int, ort.InferenceSession] | None = None
         self._builder = _Builder(self._swap_in)
+        self._staging_thread: threading.Thread | None = None
         self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         g = self._graphs[GRAPH_INFERENCE].graph
         consts = {t.name for t in g.initializer}
@@ -229,6 +231,8 @@ class Bundle:
             return
         self._unloaded = True
         self._builder.stop()
+        if self._staging_thread is not None:  # it writes into the store: finish before removing it
+            self._staging_thread.join(timeout=30)
         self._infer = None
         self._update_sessions.clear()
         if self._owns_store:  # a shared store (options.store_dir) belongs to whoever passed it
@@ -279,7 +283,7 @@ class Bundle:
             for k, val in (("location", "weights"), ("offset", rows[name]["offset"]), ("length", rows[name]["nbytes"])):
                 t.external_data.add(key=k, value=str(val))
         section = self._weight_section()
-        so = self._session_options(prepack=False, level="none")
+        so = self._session_options(prepack=False, level="none", housekeeping=True)
         so.add_external_initializers_from_files_in_memory(["weights"], [section], [len(section)])
         sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs = sess.run(None, {})
@@ -426,7 +430,9 @@ class Bundle:
             except OSError:  # the store went away (unload) or tmpfs is full: plain path next time
                 pass
 
-        threading.Thread(target=run, name="weightbundle-staging", daemon=True).start()
+        t = threading.Thread(target=run, name="weightbundle-staging", daemon=True)
+        self._staging_thread = t
+        t.start()
 
     def _update_session(self, retype: dict[str, str]) -> ort.InferenceSession:
         key = tuple(sorted(retype.items()))  # type: ignore[arg-type]
@@ -435,17 +441,22 @@ class Bundle:
             proto = self._graphs[GRAPH_UPDATE]
             if retype:  # same graph, inputs declared with the client's dtype; its Cast nodes convert
                 proto = update_graph(self.variables, retype)
-            sess = ort.InferenceSession(proto.SerializeToString(), self._session_options(prepack=False, level="basic"),
+            sess = ort.InferenceSession(proto.SerializeToString(), self._session_options(prepack=False, level="basic", housekeeping=True),
                                         providers=["CPUExecutionProvider"])
             self._update_sessions[key] = sess
         return sess
 
     # -- sessions per version -----------------------------------------------------
-    def _session_options(self, prepack: bool, level: str) -> ort.SessionOptions:
+    def _session_options(self, prepack: bool, level: str, housekeeping: bool = False) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.graph_optimization_level = _LEVELS[level]
         so.log_severity_level = 3
-        if self.options.intra_op_threads:
+        if housekeeping:
+            # Init/update graphs only cast and copy (memory-bound): one thread, and no
+            # spinning pool left behind to steal the cores inference needs.
+            so.intra_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif self.options.intra_op_threads:
             so.intra_op_num_threads = self.options.intra_op_threads
         so.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
         return so
@@ -469,6 +480,8 @@ class Bundle:
         try:
             return ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=list(self.options.providers))
         except Exception as e:
+            if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
+                raise _Superseded(v.number) from None  # newer updates collected its blobs meanwhile
             source = self._layout.extra.get("inference_source") if self._layout else None
             if source is not None and self._infer_graph is self._graphs[GRAPH_INFERENCE]:
                 # The graph compiled at build time may not load here (another ONNX Runtime
@@ -487,17 +500,27 @@ class Bundle:
         if cur is not None and cur[0] == head:
             return cur
         with self._lock:
-            v = self._store.current()
-            assert v is not None
-            if self._infer is None or self._infer[0] != v.number:
-                opts = self.options
-                if opts.prepack and opts.hybrid:
-                    # Serve the new version now from the zero-copy mapping; the fast session follows.
-                    self._infer = (v.number, self._new_session(v, prepack=False, level="none"))
-                    self._builder.request(v)
-                else:
-                    self._infer = (v.number, self._new_session(v, opts.prepack, opts.optimization))
-            return self._infer
+            for _ in range(100):
+                try:
+                    return self._session_for_current()
+                except _Superseded:
+                    continue  # a burst of updates outran the build: take the newest version
+            raise BundleError("weights change faster than an inference session can be built")
+
+    def _session_for_current(self) -> tuple[int, ort.InferenceSession]:
+        """Caller holds ``self._lock``."""
+        v = self._store.current()
+        assert v is not None
+        if self._infer is None or self._infer[0] != v.number:
+            opts = self.options
+            if opts.prepack and opts.hybrid:
+                # Serve the new version now from the zero-copy mapping; the fast session follows.
+                # Same optimisation level as the final session, so both give the same numbers.
+                self._infer = (v.number, self._new_session(v, prepack=False, level=opts.optimization))
+                self._builder.request(v)
+            else:
+                self._infer = (v.number, self._new_session(v, opts.prepack, opts.optimization))
+        return self._infer
 
     def _swap_in(self, v: Version) -> None:
         """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
@@ -512,10 +535,17 @@ class Bundle:
         return not (self.options.prepack and self.options.hybrid) or self._builder.idle()
 
 
+class _Superseded(Exception):
+    """A version's blobs were garbage-collected while its session was being built."""
+
+
 class _Builder:
     """One daemon thread that builds the newest requested session; stale requests are skipped.
 
-    ORT releases the GIL while it builds, so inference goes on meanwhile.
+    ORT releases the GIL while it builds, so inference goes on meanwhile.  Before a build
+    it waits for the version to settle (as long as the last build took): under a stream
+    of updates a build would be obsolete before it paid off, and on a small machine it
+    would steal the cores that inference needs.  The zero-copy session serves meanwhile.
     """
 
     def __init__(self, build: Any):
@@ -525,6 +555,7 @@ class _Builder:
         self._busy = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._settle = 0.05  # seconds; becomes the duration of the last build
 
     def request(self, v: Version) -> None:
         with self._cv:
@@ -549,12 +580,18 @@ class _Builder:
                 if self._stop:
                     return
                 v, self._want, self._busy = self._want, None, True
+                # Settle: a newer request during the wait replaces this one.
+                if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=self._settle):
+                    self._busy = False
+                    continue
+            t0 = time.perf_counter()
             try:
                 self._build(v)
             except Exception:  # the zero-copy session keeps serving this version correctly
                 pass
             finally:
                 with self._cv:
+                    self._settle = min(max(time.perf_counter() - t0, 0.01), 2.0)
                     self._busy = False
                     self._cv.notify_all()
 

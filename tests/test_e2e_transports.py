@@ -64,11 +64,26 @@ def test_tensor_transports_update_and_keep_the_rest(client, via):
     shm_before = _shm_files()
     r = client.update(new, via=via)
     assert r.version == before["version"] + 1 and r.via == via and r.bytes == new["fc1.weight"].nbytes
-    assert _shm_files() == shm_before  # no region left behind, client or server side
     after = client.status()
     assert {k: v for k, v in after["checksums"].items() if k != "fc1.weight"} == \
            {k: v for k, v in before["checksums"].items() if k != "fc1.weight"}
     assert check_serving(client, new) == r.version
+    new2 = {"fc1.weight": rand("fc1.weight", 2)}
+    client.update(new2, via=via)  # a second push reuses the client's region
+    assert check_serving(client, new2) == r.version + 1
+    assert len(_shm_files() - shm_before) == (1 if via == "shm" else 0)
+    client.close()  # the region goes with the client
+    assert _shm_files() == shm_before
+
+
+def test_shm_region_is_dropped_when_the_server_refuses(env):
+    srv, _, _ = env
+    shm_before = _shm_files()
+    with WeightClient(srv.http_url, "m", secret="wrong") as c:
+        with pytest.raises(CommandError, match="secret"):
+            c.update({"fc1.weight": rand("fc1.weight", 1)}, via="shm")
+        assert _shm_files() == shm_before
+    assert _shm_files() == shm_before
 
 
 def test_file_transport_with_only(client, env):

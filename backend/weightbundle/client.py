@@ -76,8 +76,10 @@ class WeightClient:
             self._c = tc.InferenceServerClient(url)
         self._tc = tc
         self._sig: dict[str, Any] | None = None
+        self._region: tuple[str, Any, int] | None = None  # (name, handle, bytes) of our registered shm region
 
     def close(self) -> None:
+        self._drop_region()
         self._c.close()
 
     def __enter__(self) -> "WeightClient":
@@ -173,6 +175,44 @@ class WeightClient:
                 progress(total, total)
         return PushResult(result["version"], total, time.perf_counter() - t0, via, result)
 
+    def _region_for(self, size: int) -> tuple[str, Any]:
+        """A registered system-shm region of at least ``size`` bytes, reused across pushes.
+
+        Creating and registering a region costs about as much as filling it, so one is
+        kept until ``close()`` (or until a bigger one is needed).
+        """
+        import tritonclient.utils.shared_memory as shm
+
+        if self._region is not None and self._region[2] >= size:
+            return self._region[0], self._region[1]
+        self._drop_region()
+        name = f"wbpush-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # distinct from weight stores (weightbundle-*)
+        handle = shm.create_shared_memory_region(name, "/" + name, size)
+        try:
+            self._c.register_system_shared_memory(name, "/" + name, size)
+        except BaseException:
+            shm.destroy_shared_memory_region(handle)
+            raise
+        self._region = (name, handle, size)
+        return name, handle
+
+    def _drop_region(self) -> None:
+        """Unregister and remove our shm region; never raises (runs on every exit path)."""
+        import tritonclient.utils.shared_memory as shm
+
+        if self._region is None:
+            return
+        name, handle, _ = self._region
+        self._region = None
+        try:
+            self._c.unregister_system_shared_memory(name)
+        except Exception:
+            pass
+        try:
+            shm.destroy_shared_memory_region(handle)
+        except Exception:
+            pass
+
     def _update_shm(self, arrays: Mapping[str, np.ndarray], expected_version: int | None,
                     progress: Callable[[int, int], None] | None) -> dict[str, Any]:
         import tritonclient.utils.shared_memory as shm
@@ -182,10 +222,8 @@ class WeightClient:
         for n, a in arrays.items():
             offsets[n] = size
             size = (size + a.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        name = f"wbpush-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # distinct from weight stores (weightbundle-*)
-        handle = shm.create_shared_memory_region(name, "/" + name, max(size, 1))
-        registered = False
         try:
+            name, handle = self._region_for(max(size, 1))
             done, total = 0, sum(a.nbytes for a in arrays.values())
             for n, a in arrays.items():  # copy straight into the mapped region: one copy on this side
                 if a.nbytes:
@@ -194,8 +232,6 @@ class WeightClient:
                 done += a.nbytes
                 if progress:
                     progress(done, total)
-            self._c.register_system_shared_memory(name, "/" + name, max(size, 1))
-            registered = True
             inputs = [self._control("update", expected_version=expected_version)]
             for n, a in arrays.items():
                 i = self._tc.InferInput(n, list(a.shape), np_to_triton_dtype(a.dtype))
@@ -205,13 +241,9 @@ class WeightClient:
                     i.set_data_from_numpy(a)
                 inputs.append(i)
             return self._send(inputs)
-        finally:  # never leak a region, whatever happened (KeyboardInterrupt included)
-            if registered:
-                try:
-                    self._c.unregister_system_shared_memory(name)
-                except Exception:
-                    pass
-            shm.destroy_shared_memory_region(handle)
+        except BaseException:  # on any failure (Ctrl-C included) leave nothing registered behind
+            self._drop_region()
+            raise
 
     def push_file(self, path: str, *, via: str = "auto", only: Sequence[str] | None = None, expected_version: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> PushResult:

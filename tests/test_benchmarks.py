@@ -1,0 +1,34 @@
+"""The benchmarks run in their quick modes so they cannot rot (figures are not asserted:
+speed targets live in the benchmarks' own reports, not in timed tests)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+
+
+def _run(script: str, out: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(TOOLS, script), "--quick", "--out", out],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_core_benchmark_quick(tmp_path):
+    p = _run("bench_core.py", str(tmp_path), 300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "| model | mode |" in p.stdout
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data  # raw numbers written
+
+
+@pytest.mark.e2e
+def test_serving_benchmark_quick(tmp_path):
+    p = _run("bench_serving.py", str(tmp_path), 600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for section in ("P1", "P2", "P3", "P4"):
+        assert section in p.stdout
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()

@@ -237,3 +237,16 @@ def test_commit_writes_a_loadable_version_folder_with_the_current_weights(servic
     [r] = service.handle([{"CONTROL": ctl(op="commit", secret=SECRET, expected_version=0)}])
     assert "current version is 1" in r.error
     assert sorted(os.listdir(service.model_dir)) == ["1", "2"]
+
+
+def test_sweep_partial_removes_only_commits_of_dead_writers(tmp_path):
+    from weightbundle.repository import sweep_partial
+
+    live = tmp_path / f".commit-{os.getpid()}-abc"
+    dead = tmp_path / ".commit-999999999-def"  # no such pid
+    legacy = tmp_path / ".commit-nopid"
+    for d in (live, dead, legacy):
+        d.mkdir()
+    (tmp_path / "1").mkdir()
+    assert sorted(sweep_partial(str(tmp_path))) == sorted([dead.name, legacy.name])
+    assert live.exists() and (tmp_path / "1").exists()

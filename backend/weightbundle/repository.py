@@ -13,6 +13,8 @@ import os
 import shutil
 import uuid
 
+from .store import pid_alive
+
 PARTIAL_PREFIX = ".commit-"
 
 
@@ -33,7 +35,7 @@ def write_version(model_dir: str, filename: str, chunks: "list[bytes | memoryvie
 
     The caller serialises concurrent commits (the weight store's lock).
     """
-    tmp = os.path.join(model_dir, f"{PARTIAL_PREFIX}{uuid.uuid4().hex}")
+    tmp = os.path.join(model_dir, f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
     os.mkdir(tmp)
     try:
         path = os.path.join(tmp, filename)
@@ -54,10 +56,18 @@ def write_version(model_dir: str, filename: str, chunks: "list[bytes | memoryvie
 
 
 def sweep_partial(model_dir: str) -> list[str]:
-    """Remove ``.commit-*`` folders left by a crash during a commit."""
+    """Remove ``.commit-<pid>-*`` folders left by a crash during a commit.
+
+    Only folders whose writer is dead: another instance may be committing right now.
+    """
     gone = []
     for n in os.listdir(model_dir):
-        if n.startswith(PARTIAL_PREFIX):
-            shutil.rmtree(os.path.join(model_dir, n), ignore_errors=True)
-            gone.append(n)
+        if not n.startswith(PARTIAL_PREFIX):
+            continue
+        pid = n[len(PARTIAL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(model_dir, n), ignore_errors=True)
+        gone.append(n)
     return gone
+

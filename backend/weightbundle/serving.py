@@ -158,7 +158,9 @@ class Service:
                 bundle.infer_session()  # build the session now, not on the first request
             return svc
         except BaseException:
+            store = bundle.store
             bundle.unload()
+            store.release()  # last one out removes the store; others keep serving from it
             raise
 
     def close(self) -> None:

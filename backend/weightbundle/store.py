@@ -280,7 +280,7 @@ class WeightStore:
         for f in os.listdir(self.path):
             if f.startswith("blob-") and f not in live:
                 _unlink(os.path.join(self.path, f))
-            elif f.startswith(CLAIMED) and not _pid_alive(int(f[len(CLAIMED):].split("-", 1)[0])):
+            elif f.startswith(CLAIMED) and not pid_alive(int(f[len(CLAIMED):].split("-", 1)[0])):
                 _unlink(os.path.join(self.path, f))  # claimed by a process that died mid-update
 
     # -- sharing between processes ------------------------------------------------
@@ -357,14 +357,14 @@ def sweep_stale(root: str, prefix: str) -> list[str]:
         if not name.startswith(prefix):
             continue
         pid_s = name[len(prefix):].split("-", 1)[0]
-        if not pid_s.isdigit() or _pid_alive(int(pid_s)):
+        if not pid_s.isdigit() or pid_alive(int(pid_s)):
             continue
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(name)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

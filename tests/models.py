@@ -47,7 +47,7 @@ def big_mlp(n: int = 2048, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits, "big_mlp")
 
 
-def convnet(channels=(3, 8, 16), classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+def convnet(channels=(3, 8, 16), classes: int = 10, seed: int = 0, hw: int = 16) -> onnx.ModelProto:
     """Conv -> BatchNorm -> Relu -> MaxPool blocks, GlobalAveragePool, Gemm head."""
     rng = np.random.default_rng(seed)
     nodes, inits, x = [], {}, "x"
@@ -69,7 +69,7 @@ def convnet(channels=(3, 8, 16), classes: int = 10, seed: int = 0) -> onnx.Model
     inits["head.bias"] = np.zeros(classes, np.float32)
     nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
               helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], transB=1)]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], 16, 16])],
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], hw, hw])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])], inits, "convnet")
 
 

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT / "backend", ROOT / "tests"):
@@ -69,35 +68,8 @@ def mode_name(mode: tuple[bool, str, bool]) -> str:
 
 # --------------------------------------------------------------------------- models
 def bench_convnet(channels=(3, 64, 128, 256, 512), hw: int = 64, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
-    """tests/models.convnet's block (Conv -> BatchNorm -> Relu -> MaxPool, GAP, Gemm head), larger input."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], {}, "x"
-    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
-        inits[f"conv{i}.weight"] = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
-        inits[f"conv{i}.bias"] = rng.standard_normal(cout).astype(np.float32) * 0.1
-        inits[f"bn{i}.scale"] = (1 + 0.1 * rng.standard_normal(cout)).astype(np.float32)
-        inits[f"bn{i}.shift"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
-        inits[f"bn{i}.mean"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
-        inits[f"bn{i}.var"] = (1 + 0.1 * rng.random(cout)).astype(np.float32)
-        nodes += [
-            helper.make_node("Conv", [x, f"conv{i}.weight", f"conv{i}.bias"], [f"c{i}"], pads=[1, 1, 1, 1]),
-            helper.make_node("BatchNormalization", [f"c{i}", f"bn{i}.scale", f"bn{i}.shift", f"bn{i}.mean", f"bn{i}.var"],
-                             [f"b{i}"], epsilon=1e-5),
-            helper.make_node("Relu", [f"b{i}"], [f"r{i}"]),
-            helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]),
-        ]
-        x = f"p{i}"
-    inits["head.weight"] = (rng.standard_normal((classes, channels[-1])) / np.sqrt(channels[-1])).astype(np.float32)
-    inits["head.bias"] = np.zeros(classes, np.float32)
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
-              helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], transB=1)]
-    g = helper.make_graph(nodes, "bench_convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], hw, hw])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
-                          [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="weightbundle-bench")
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    """tests/models.convnet's blocks (Conv -> BatchNorm -> Relu -> MaxPool, GAP, Gemm head), wider, larger input."""
+    return models.convnet(channels=channels, classes=classes, seed=seed, hw=hw)
 
 
 def model_specs(quick: bool) -> list[dict]:

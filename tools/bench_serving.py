@@ -66,7 +66,6 @@ for _p in (ROOT / "backend", ROOT / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import models  # noqa: E402  (tests/models.py)
@@ -1079,7 +1078,7 @@ def markdown(R: dict) -> str:
     L.append("### P1: update latency, ms until the first response carries the new version (median)")
     L.append("")
     sizes = list(p1["median_ms"])
-    mid = sizes[min(1, len(sizes) - 1)]
+
     L.append("| method | " + " | ".join(sizes) + " | vs memcpy floor (" + "/".join(sizes) + ") | Triton reload / this (" + "/".join(sizes) + ") |")
     L.append("|---|" + "---:|" * (len(sizes) + 2))
     names = {"memcpy": "memcpy floor (np.copyto, in-process)", "reload": "Triton reload (new version folder + load_model)"}

@@ -204,7 +204,7 @@ def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | N
     the variable's: a mismatch yields False in ``__valid__`` and no value.  ``input_dtypes``
     retypes inputs (the Cast node does the conversion) for clients sending another float type.
     """
-    I64, BOOL = TensorProto.INT64, TensorProto.BOOL
+    BOOL = TensorProto.BOOL
     c = lambda name, arr: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(arr), name))  # noqa: E731
     nodes, inputs, outputs, valid = [], [], [], []
     for s in specs:

@@ -186,3 +186,23 @@ def test_new_version_folder_loaded_with_explicit_model_control(fresh, server):
         c.load_model("mlp_nb")
     r = c.infer("mlp_nb", [tensor(mod, "x", x())], model_version="1")
     np.testing.assert_allclose(r.as_numpy("y"), models.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_unload_frees_the_weight_store_and_reload_serves_again(fresh, server):
+    import time
+
+    mod, c = fresh
+
+    def stores():
+        return [d for d in os.listdir("/dev/shm") if d.startswith(f"weightbundle-{server.pid}-mlp_nb-")]
+
+    assert stores()
+    c.unload_model("mlp_nb")
+    deadline = time.time() + 20
+    while stores() and time.time() < deadline:
+        time.sleep(0.1)
+    assert stores() == []
+    c.load_model("mlp_nb")
+    y, v = infer(mod, c, "mlp_nb")
+    assert v == 0
+    np.testing.assert_allclose(y, models.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)

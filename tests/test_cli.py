@@ -1,0 +1,73 @@
+"""The ``weightbundle`` command line: build, inspect, config (serve and push run in the e2e tests)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+import weightbundle as wb
+from weightbundle.cli import main
+
+
+@pytest.fixture
+def onnx_path(tmp_path):
+    p = tmp_path / "mlp.onnx"
+    onnx.save(models.mlp(), str(p))
+    return str(p)
+
+
+def test_build_inspect_roundtrip(onnx_path, tmp_path, capsys):
+    out = str(tmp_path / "m.bundle")
+    assert main(["build", onnx_path, "-o", out]) == 0
+    assert main(["inspect", out, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert [g["id"] for g in d["graphs"]] == [0, 1, 2]
+    assert [v["name"] for v in d["variables"]] == [v.name for v in wb.convert(models.mlp()).variables]
+    assert all(len(v["crc32"]) == 8 for v in d["variables"])
+    assert main(["inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert "fc0.weight" in text and "update-graph input order" in text
+
+
+def test_build_with_weights_and_no_init(onnx_path, tmp_path, capsys):
+    full, small = str(tmp_path / "full.bundle"), str(tmp_path / "small.bundle")
+    assert main(["build", onnx_path, "-o", full]) == 0
+    assert main(["build", onnx_path, "-o", small, "--weights", "fc2.weight", "fc2.bias", "--no-init"]) == 0
+    with wb.Bundle.load_from_file(small) as b:
+        assert [v.name for v in b.variables] == ["fc2.weight", "fc2.bias"]
+        assert b.model_num == 2
+    assert os.path.getsize(small) < os.path.getsize(full)
+    capsys.readouterr()
+    assert main(["inspect", small]) == 0
+    assert "no init graph" in capsys.readouterr().out
+
+
+def test_errors_are_messages_not_tracebacks(onnx_path, tmp_path, capsys):
+    assert main(["build", onnx_path, "-o", str(tmp_path / "x.bundle"), "--weights", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    bad = tmp_path / "bad.bundle"
+    bad.write_bytes(b"\x89WBNDL\r\n" + b"\0" * 100)
+    assert main(["inspect", str(bad)]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.bundle")]) == 2
+
+
+def test_config_writes_a_complete_pbtxt(onnx_path, tmp_path, capsys):
+    out = str(tmp_path / "m.bundle")
+    main(["build", onnx_path, "-o", out])
+    cfg = tmp_path / "config.pbtxt"
+    assert main(["config", out, "--name", "m", "--max-batch-size", "8", "--instances", "3",
+                 "--parameter", "allow_updates=true", "-o", str(cfg)]) == 0
+    text = cfg.read_text()
+    for needle in ('name: "m"', 'backend: "weightbundle"', "max_batch_size: 8", 'name: "x" data_type: TYPE_FP32 dims: [ 16 ]',
+                   'name: "CONTROL" data_type: TYPE_STRING dims: [ 1 ] optional: true',
+                   'name: "fc0.weight" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true',
+                   'name: "WEIGHTS_VERSION" data_type: TYPE_UINT64', "count: 3 kind: KIND_CPU", "dynamic_batching",
+                   'key: "allow_updates" value: { string_value: "true" }'):
+        assert needle in text, needle
+    assert main(["config", out, "--name", "m"]) == 0
+    assert "dynamic_batching" not in capsys.readouterr().out

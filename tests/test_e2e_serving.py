@@ -206,3 +206,29 @@ def test_unload_frees_the_weight_store_and_reload_serves_again(fresh, server):
     y, v = infer(mod, c, "mlp_nb")
     assert v == 0
     np.testing.assert_allclose(y, models.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_cas_status_rollback_reset_over_the_wire(fresh):
+    mod, c = fresh
+    ctl = lambda body: control(mod, {"secret": SECRET, **body}, False)  # noqa: E731
+    v0 = status(mod, c, "mlp_nb")["version"]
+    base = status(mod, c, "mlp_nb")["checksums"]
+    w1 = {"fc2.bias": np.full(8, 1.0, np.float32)}
+    w2 = {"fc2.bias": np.full(8, 2.0, np.float32)}
+    assert version(update(mod, c, w1, "mlp_nb", expected_version=v0)) == v0 + 1
+    with pytest.raises(InferenceServerException, match=f"current version is {v0 + 1}"):
+        update(mod, c, w2, "mlp_nb", expected_version=v0)  # stale CAS: refused, nothing changes
+    assert status(mod, c, "mlp_nb")["version"] == v0 + 1
+    update(mod, c, w2, "mlp_nb")
+    r = c.infer("mlp_nb", [ctl({"op": "rollback"})])  # back to w1's contents, as a new version
+    assert result(r)["version"] == v0 + 3 and result(r)["restored"] == f"rollback to {v0 + 1}"
+    y, v = infer(mod, c, "mlp_nb")
+    assert v == v0 + 3
+    np.testing.assert_allclose(y, models.ort_run(models.with_weights(MODEL, w1), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InferenceServerException, match="not retained"):  # history=1 keeps one step
+        c.infer("mlp_nb", [ctl({"op": "rollback"})])
+    with pytest.raises(InferenceServerException, match="current version"):
+        c.infer("mlp_nb", [ctl({"op": "reset", "expected_version": 0})])
+    c.infer("mlp_nb", [ctl({"op": "reset", "expected_version": v0 + 3})])
+    st = status(mod, c, "mlp_nb")
+    assert st["version"] == v0 + 4 and st["checksums"] == base

@@ -172,7 +172,8 @@ def test_commit_survives_restart_and_sigkill_never_leaves_a_half_written_version
         c.close()
     # 2) SIGKILL while commits are in flight: every numeric folder is a complete bundle.
     for attempt in range(4):
-        srv = TritonServer(repo, env=dict(os.environ, WEIGHTBUNDLE_E2E_SECRET=SECRET))
+        srv = TritonServer(repo, env=dict(os.environ, WEIGHTBUNDLE_E2E_SECRET=SECRET),
+                           log_file=str(tmp_path / f"killed-{attempt}.log"))
         srv.start(timeout=90)
         dead_pid = srv.pid
         c = httpclient.InferenceServerClient(srv.http_url)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -35,6 +36,7 @@ def make_repo(root: str, name: str, model: onnx.ModelProto, *, max_batch_size: i
 @contextmanager
 def running(repo: str, **kw: Any) -> Iterator[TritonServer]:
     env = dict(os.environ, **{SECRET_ENV: SECRET})
+    kw.setdefault("log_file", os.path.join(os.path.dirname(os.path.abspath(repo)), f"tritonserver-{os.path.basename(repo)}-{uuid.uuid4().hex[:6]}.log"))
     srv = TritonServer(repo, env=env, **kw)
     try:
         srv.start(timeout=90)

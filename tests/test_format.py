@@ -650,3 +650,23 @@ def test_property_trailing_garbage(extra):
 @given(blob=st.binary(min_size=0, max_size=512))
 def test_property_random_bytes_with_magic(blob):
     _must_fail(fmt.MAGIC + blob)
+
+
+# --- streaming writer (lead) ------------------------------------------------------------------
+def test_streaming_write_equals_encode_and_decodes(tmp_path):
+    from weightbundle import format as fmt
+
+    specs = [fmt.VariableSpec("a", "float32", (3, 5)), fmt.VariableSpec("b", "float16", (7,)), fmt.VariableSpec("z", "float32", (0, 4))]
+    rng = np.random.default_rng(0)
+    initial = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float16),
+               "z": np.zeros((0, 4), np.float32)}
+    graphs = {0: b"g0" * 10, 1: b"g1", 2: b"g2" * 3}
+    data = fmt.encode(graphs, specs, initial, {"producer": "t"}, {"x": b"extra"})
+    p = tmp_path / "s.bundle"
+    with open(p, "wb") as f:
+        f.write(b"")  # writer starts at the current position of a fresh file
+        n = fmt.write(f, graphs, specs, initial, {"producer": "t"}, {"x": b"extra"})
+    assert n == len(data) and p.read_bytes() == data
+    layout = fmt.decode(p.read_bytes())
+    for k, v in initial.items():
+        np.testing.assert_array_equal(layout.initial[k], v)

@@ -10,11 +10,12 @@ truncation is detected as a ``FormatError`` before a single byte is trusted.
 """
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
@@ -90,17 +91,33 @@ def encode(
     extra: Mapping[str, bytes] | None = None,
 ) -> bytes:
     """Serialise graphs, variable table and (optionally) initial weights into bundle bytes."""
+    buf = io.BytesIO()
+    write(buf, graphs, variables, initial, meta, extra)
+    return buf.getvalue()
+
+
+def write(
+    f: BinaryIO,
+    graphs: Mapping[int, bytes],
+    variables: Sequence[VariableSpec],
+    initial: Mapping[str, np.ndarray] | None,
+    meta: Mapping[str, Any] | None = None,
+    extra: Mapping[str, bytes] | None = None,
+) -> int:
+    """Stream a bundle into a seekable binary file; returns its length.
+
+    Weights are read once, checksummed as they are written, and never gathered in
+    memory, so writing a 10 GB bundle (``commit``) needs no 10 GB buffer.  The TOC is
+    sized with maximal checksum widths, then rewritten in place at the end.
+    """
     sections: list[tuple[str, bytes]] = [(f"graph:{gid}", bytes(graphs[gid])) for gid in sorted(graphs)]
     sections += [(f"extra:{k}", bytes(v)) for k, v in sorted((extra or {}).items())]
-    # First pass with placeholder offsets to size the TOC, then fix offsets; the TOC is padded
-    # with spaces to a stable length so offsets computed from it stay valid.
     var_rows = [v.to_json() for v in variables]
     weights_len = 0
     if initial is not None:
         for row, v in zip(var_rows, variables):
-            arr = np.ascontiguousarray(initial[v.name])
             row["offset"] = weights_len
-            row["crc32"] = crc32(_raw(arr))
+            row["crc32"] = 0xFFFFFFFF  # widest value: the real one never makes the TOC longer
             weights_len = _align(weights_len + v.nbytes, TENSOR_ALIGN)
 
     def toc_for(base: int) -> tuple[dict[str, Any], int]:
@@ -125,25 +142,39 @@ def encode(
 
     toc, _ = toc_for(0)
     toc_len = _align(len(json.dumps(toc).encode()) + 256, TENSOR_ALIGN)
-    sections_base = _align(HEADER_SIZE + toc_len, TENSOR_ALIGN)
-    toc, end = toc_for(sections_base)
-    toc_bytes = json.dumps(toc).encode()
-    assert len(toc_bytes) <= toc_len
-    toc_bytes = toc_bytes + b" " * (toc_len - len(toc_bytes))
+    toc, total = toc_for(_align(HEADER_SIZE + toc_len, TENSOR_ALIGN))
 
-    out = bytearray(end)
-    header = _HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, HEADER_SIZE, toc_len, crc32(toc_bytes), end)
-    out[: len(header)] = header
-    struct.pack_into("<I", out, len(header), crc32(header))
-    out[HEADER_SIZE : HEADER_SIZE + toc_len] = toc_bytes
+    start = f.tell()
+    pos = 0
+
+    def put(at: int, data: Any) -> None:  # zero padding up to ``at``, then ``data``
+        nonlocal pos
+        if at > pos:
+            f.write(bytes(at - pos))
+        f.write(data)
+        pos = at + memoryview(data).nbytes
+
+    put(0, bytes(HEADER_SIZE + toc_len))  # header and TOC are written last, in place
     for (name, blob), entry in zip(sections, toc["graphs"] + list(toc["extra"].values())):
-        out[entry["offset"] : entry["offset"] + len(blob)] = blob
+        put(entry["offset"], blob)
     if initial is not None:
         base = toc["weights"]["offset"]
         for row, v in zip(var_rows, variables):
-            arr = np.ascontiguousarray(initial[v.name])
-            out[base + row["offset"] : base + row["offset"] + v.nbytes] = _raw(arr)
-    return bytes(out)
+            data = _raw(initial[v.name])
+            if len(data) != v.nbytes:
+                raise ValueError(f"initial value of {v.name!r} has {len(data)} bytes, expected {v.nbytes}")
+            row["crc32"] = crc32(data)
+            put(base + row["offset"], data)
+    if total > pos:
+        f.write(bytes(total - pos))
+    toc_bytes = json.dumps(toc).encode()
+    assert len(toc_bytes) <= toc_len
+    toc_bytes += b" " * (toc_len - len(toc_bytes))
+    header = _HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, HEADER_SIZE, toc_len, crc32(toc_bytes), total)
+    f.seek(start)
+    f.write(header + struct.pack("<I", crc32(header)) + bytes(HEADER_SIZE - _HEADER.size - 4) + toc_bytes)
+    f.seek(start + total)
+    return total
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from typing import BinaryIO, Callable
 
 from .store import pid_alive
 
@@ -30,8 +31,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_version(model_dir: str, filename: str, chunks: "list[bytes | memoryview]") -> int:
-    """Write ``chunks`` as ``<model_dir>/<N>/<filename>`` with N = highest + 1; return N.
+def write_version(model_dir: str, filename: str, writer: Callable[[BinaryIO], object]) -> int:
+    """Let ``writer`` fill ``<model_dir>/<N>/<filename>`` (N = highest + 1) atomically; return N.
 
     The caller serialises concurrent commits (the weight store's lock).
     """
@@ -40,8 +41,7 @@ def write_version(model_dir: str, filename: str, chunks: "list[bytes | memoryvie
     try:
         path = os.path.join(tmp, filename)
         with open(path, "wb") as f:
-            for c in chunks:
-                f.write(c)
+            writer(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(path, 0o644)

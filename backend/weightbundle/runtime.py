@@ -12,13 +12,14 @@ pre-packed copy when ``prepack=True``), so a running inference is never torn.
 """
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 import onnx
@@ -302,7 +303,13 @@ class Bundle:
         return version
 
     def export(self, version: Version | None = None) -> bytes:
-        """A complete, loadable bundle whose initial weights are ``version``'s (default: current).
+        """A complete, loadable bundle whose initial weights are ``version``'s (default: current)."""
+        buf = io.BytesIO()
+        self.export_to(buf, version)
+        return buf.getvalue()
+
+    def export_to(self, f: BinaryIO, version: Version | None = None) -> int:
+        """Stream that bundle into a seekable file (weights go straight from the store's mmaps).
 
         Same compiled graphs; the init graph is regenerated when this bundle had none.
         """
@@ -316,7 +323,7 @@ class Bundle:
                   GRAPH_UPDATE: bytes(self._layout.graphs[GRAPH_UPDATE])}
         meta = {k: val for k, val in self._layout.toc.items() if k not in ("graphs", "variables", "weights", "extra")}
         extra = {k: bytes(mv) for k, mv in self._layout.extra.items()}
-        return fmt.encode(graphs, self.variables, {s.name: self._store.array(v, s.name) for s in self.variables}, meta, extra)
+        return fmt.write(f, graphs, self.variables, {s.name: self._store.array(v, s.name) for s in self.variables}, meta, extra)
 
     def _weight_section(self) -> np.ndarray:
         w = self._layout.toc["weights"]

@@ -343,8 +343,7 @@ class Service:
                 raise ControlError("nothing to commit: no weights yet")
             if cmd.expected_version is not None and cur.number != cmd.expected_version:
                 raise VersionConflictError(cmd.expected_version, cur.number)
-            data = self.bundle.export(cur)
-            folder = write_version(self.model_dir, self.settings.bundle_filename, [data])
+            folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
         return {"committed_version": cur.number, "model_version_folder": folder,
                 "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}
 

@@ -236,4 +236,6 @@ def test_updates_disabled_unless_enabled_and_metrics_move(tmp_path):
     assert metric("weightbundle_updates_rejected_total", model="m", reason="conflict") == 1
     assert metric("weightbundle_updates_rejected_total", model="locked", reason="disabled") == 1
     assert metric("weightbundle_weights_version", model="m") == 2
-    assert metric("weightbundle_update_seconds_total", model="m", op="update") > 0
+    assert metric("weightbundle_update_duration_seconds_count", model="m", op="update") == 2
+    assert metric("weightbundle_update_duration_seconds_sum", model="m", op="update") > 0
+    assert metric("weightbundle_update_duration_seconds_bucket", model="m", op="update", le="+Inf") == 2

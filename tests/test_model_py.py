@@ -51,14 +51,15 @@ class _Error:
 
 
 class _Family:
-    COUNTER, GAUGE = "counter", "gauge"
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
     registry: dict = {}
 
     def __init__(self, name, description, kind):
         self.name = name
 
-    def Metric(self, labels):  # noqa: N802 (Triton's spelling)
+    def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's spelling)
         m = _Metric()
+        m.buckets = buckets
         _Family.registry[(self.name, tuple(sorted(labels.items())))] = m
         return m
 
@@ -72,6 +73,10 @@ class _Metric:
 
     def set(self, v):
         self.value = v
+
+    def observe(self, v):
+        assert self.buckets, "a histogram needs buckets"
+        self.observed = getattr(self, "observed", []) + [v]
 
 
 @pytest.fixture
@@ -116,3 +121,5 @@ def test_execute_routes_inference_and_commands_and_records_metrics(model_py):
     rejected = [(dict(labels)["reason"], m.value) for (name, labels), m in reg.items() if name == "weightbundle_updates_rejected_total"]
     assert applied == [1.0] and rejected == [("auth", 1.0)]
     assert [m.value for (name, _), m in reg.items() if name == "weightbundle_weights_version"] == [1]
+    [hist] = [m for (name, _), m in reg.items() if name == "weightbundle_update_duration_seconds"]
+    assert len(hist.observed) == 1 and hist.observed[0] > 0

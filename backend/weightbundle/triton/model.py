@@ -47,6 +47,9 @@ def _triton_array(a):
     return a if a.dtype == object else np.ascontiguousarray(a)
 
 
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
 class _Metrics:
     """Counters and gauges on Triton's /metrics, labelled by model and version."""
 
@@ -55,22 +58,24 @@ class _Metrics:
         self._labels = labels
         self._applied = pb_utils.MetricFamily("weightbundle_updates_applied_total", "Weight commands applied", pb_utils.MetricFamily.COUNTER)
         self._rejected = pb_utils.MetricFamily("weightbundle_updates_rejected_total", "Weight commands rejected, by reason", pb_utils.MetricFamily.COUNTER)
-        self._latency = pb_utils.MetricFamily("weightbundle_update_seconds_total", "Time spent applying weight commands", pb_utils.MetricFamily.COUNTER)
+        self._latency = pb_utils.MetricFamily("weightbundle_update_duration_seconds", "Time to apply a weight command",
+                                              pb_utils.MetricFamily.HISTOGRAM)
         # Families must outlive their metrics, so keep every family on self.
         self._version_family = pb_utils.MetricFamily("weightbundle_weights_version", "Current weight version", pb_utils.MetricFamily.GAUGE)
         self.version = self._version_family.Metric(labels=labels)
         self._by_key = {}
 
-    def _metric(self, family, **extra):
+    def _metric(self, family, buckets=None, **extra):
         key = (id(family), tuple(sorted(extra.items())))
         if key not in self._by_key:
-            self._by_key[key] = family.Metric(labels={**self._labels, **extra})
+            labels = {**self._labels, **extra}
+            self._by_key[key] = family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels)
         return self._by_key[key]
 
     def record(self, event: Event):
         if event.kind == "update_applied":
             self._metric(self._applied, op=event.op).increment(1)
-            self._metric(self._latency, op=event.op).increment(event.seconds)
+            self._metric(self._latency, buckets=LATENCY_BUCKETS, op=event.op).observe(event.seconds)
             if event.version is not None:
                 self.version.set(event.version)
         else:

@@ -593,9 +593,10 @@ class _Builder:
     """One daemon thread that builds the newest requested session; stale requests are skipped.
 
     ORT releases the GIL while it builds, so inference goes on meanwhile.  Before a build
-    it waits for the version to settle (as long as the last build took): under a stream
-    of updates a build would be obsolete before it paid off, and on a small machine it
-    would steal the cores that inference needs.  The zero-copy session serves meanwhile.
+    it waits for the version to settle: at least as long as the last build took, and twice
+    the last gap between versions.  Under a stream of updates a build would be obsolete
+    before it paid off, and on a small machine it would steal the cores that inference
+    needs; the zero-copy session serves meanwhile.
     """
 
     def __init__(self, build: Any):
@@ -605,10 +606,14 @@ class _Builder:
         self._busy = False
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._settle = 0.05  # seconds; becomes the duration of the last build
+        self._build_s = 0.05  # duration of the last build
+        self._gap_s = float("inf")  # time between the last two requests (versions)
+        self._last_request = 0.0
 
     def request(self, v: Version) -> None:
         with self._cv:
+            t = time.monotonic()
+            self._gap_s, self._last_request = t - self._last_request, t
             self._want = v
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="weightbundle-session-builder", daemon=True)
@@ -631,7 +636,8 @@ class _Builder:
                     return
                 v, self._want, self._busy = self._want, None, True
                 # Settle: a newer request during the wait replaces this one.
-                if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=self._settle):
+                settle = min(max(self._build_s, 2 * self._gap_s if self._gap_s < 1.0 else 0.0), 2.0)
+                if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=settle):
                     self._busy = False
                     continue
             t0 = time.perf_counter()
@@ -641,7 +647,7 @@ class _Builder:
                 pass
             finally:
                 with self._cv:
-                    self._settle = min(max(time.perf_counter() - t0, 0.01), 2.0)
+                    self._build_s = min(max(time.perf_counter() - t0, 0.01), 2.0)
                     self._busy = False
                     self._cv.notify_all()
 

@@ -87,7 +87,7 @@ def test_a_restarted_instance_reattaches_at_the_current_version(four):
             time.sleep(0.2)
             continue
         assert got == v
-        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)  # zero-copy and pre-packed sessions may differ in the last bit
         seen += 1
     assert seen == 40
     c.close()

@@ -63,7 +63,9 @@ def main() -> int:
 
         http.close()
         grpc.close()
-    ok = not np.allclose(before, after) and np.array_equal(before, back)
+    # allclose, not array_equal: the first inference of a version runs on its zero-copy session and later
+    # ones on the pre-packed session, whose GEMM kernels may round differently in the last bit.
+    ok = not np.allclose(before, after) and np.allclose(before, back, rtol=1e-5, atol=1e-6)
     print("OK: the answer changed with the update and came back with the rollback, no reload." if ok else "FAILED")
     return 0 if ok else 1
 

@@ -736,27 +736,37 @@ def p2_triton(res: Resources, art: Artifact, env: dict, x: np.ndarray, n_req: in
 
 
 # --------------------------------------------------------------------------- P3
-def concurrent_infer(url: str, model: str, x: np.ndarray, threads: int, per_thread: int) -> set[int]:
-    seen: set[int] = set()
+def run_parallel(calls: list[Callable[[], None]]) -> None:
+    """Run each call on its own thread, wait for all, re-raise the first failure."""
     errors: list[BaseException] = []
 
-    def work() -> None:
-        c = http_client(url)
+    def guard(fn: Callable[[], None]) -> None:
         try:
-            for _ in range(per_thread):
-                seen.add(infer_raw(c, model, x)[1])
+            fn()
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
-        finally:
-            c.close()
 
-    ts = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    ts = [threading.Thread(target=guard, args=(fn,), daemon=True) for fn in calls]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
     if errors:
         raise errors[0]
+
+
+def concurrent_infer(url: str, model: str, x: np.ndarray, threads: int, per_thread: int) -> set[int]:
+    seen: set[int] = set()
+
+    def work() -> None:
+        c = http_client(url)
+        try:
+            for _ in range(per_thread):
+                seen.add(infer_raw(c, model, x)[1])
+        finally:
+            c.close()
+
+    run_parallel([work] * threads)
     return seen
 
 
@@ -813,21 +823,11 @@ def p3(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, ins
     try:
         if parallel:
             servers: dict[tuple[str, int], TritonServer] = {}
-            errors: list[BaseException] = []
 
             def start(kind: str, k: int) -> None:
-                try:
-                    servers[(kind, k)] = res.start_server(make(kind, k), env, f"p3-{kind[-1]}{k}")
-                except BaseException as e:  # noqa: BLE001
-                    errors.append(e)
+                servers[(kind, k)] = res.start_server(make(kind, k), env, f"p3-{kind[-1]}{k}")
 
-            ts = [threading.Thread(target=start, args=c, daemon=True) for c in configs]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            if errors:
-                raise errors[0]
+            run_parallel([lambda c=c: start(*c) for c in configs])
             if pending is not None:
                 pending.join()
             for kind, k in configs:

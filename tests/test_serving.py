@@ -250,3 +250,28 @@ def test_sweep_partial_removes_only_commits_of_dead_writers(tmp_path):
     (tmp_path / "1").mkdir()
     assert sorted(sweep_partial(str(tmp_path))) == sorted([dead.name, legacy.name])
     assert live.exists() and (tmp_path / "1").exists()
+
+
+def test_reject_nonfinite_from_config_and_per_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("WB_TEST_SECRET", SECRET)
+    (tmp_path / "shm").mkdir()
+    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", reject_nonfinite="true",
+                   store_root=str(tmp_path / "shm"))
+    svc = Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
+    try:
+        bad = np.ones((1, 8), np.float32)
+        bad[0, 3] = np.nan
+        [r] = svc.handle([{"CONTROL": ctl(op="update", secret=SECRET), "fc2.bias": bad}])
+        assert "NaN or Inf" in r.error and svc.bundle.version == 0
+    finally:
+        svc.close()
+
+
+def test_per_command_reject_nonfinite_and_status_without_checksums(service):
+    inf = np.full((1, 8), np.inf, np.float32)
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET, reject_nonfinite=True), "fc2.bias": inf}])
+    assert "NaN or Inf" in r.error
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET), "fc2.bias": inf}])  # allowed when not asked
+    assert r.error is None
+    st = json.loads(service.handle([{"CONTROL": ctl(op="status", checksums=False)}])[0].outputs["CONTROL_RESULT"].ravel()[0])
+    assert "checksums" not in st and st["version"] == 1

@@ -337,7 +337,7 @@ class Bundle:
         need a retyped update graph.
         """
         self._alive()
-        specs = {v.name: v for v in self.variables}
+        specs = self._specs
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
             raise UpdateError(f"unknown weight(s) {unknown}; this bundle's weights are {list(specs)[:20]}")

@@ -135,12 +135,7 @@ class WeightStore:
         one step, e.g. compare-and-swap by the caller; ``expected_version`` does that here.
         """
         with self.locked():
-            cur = self.current()
-            if expected_version is not None and (cur is None or cur.number != expected_version):
-                raise VersionConflictError(expected_version, -1 if cur is None else cur.number)
-            missing = [n for n in self.order if n not in arrays and (cur is None or n not in cur.entries)]
-            if missing:
-                raise UpdateError(f"no current value for {missing[:5]}{'...' if len(missing) > 5 else ''}: the first update must set every variable")
+            cur = self._check_publish(set(arrays), expected_version)
             number = 0 if cur is None else cur.number + 1
             entries = dict(cur.entries) if cur else {}
             if arrays:
@@ -205,14 +200,11 @@ class WeightStore:
         offsets, _ = self.staging_layout()
         keep = set(names)
         with self.locked():
-            cur = self.current()
-            if expected_version is not None and (cur is None or cur.number != expected_version):
+            try:
+                cur = self._check_publish(keep, expected_version)
+            except UpdateError:
                 self.release_staging(path)
-                raise VersionConflictError(expected_version, -1 if cur is None else cur.number)
-            missing = [n for n in self.order if n not in keep and (cur is None or n not in cur.entries)]
-            if missing:
-                self.release_staging(path)
-                raise UpdateError(f"no current value for {missing[:5]}{'...' if len(missing) > 5 else ''}: the first update must set every variable")
+                raise
             _punch_holes(path, [(offsets[n], self.specs[n].nbytes) for n in self.order if n not in keep])
             number = 0 if cur is None else cur.number + 1
             blob = f"blob-{number}.bin"
@@ -220,6 +212,16 @@ class WeightStore:
             entries = dict(cur.entries) if cur else {}
             entries.update({n: (blob, offsets[n]) for n in names})
             return self._commit(number, op, entries, None if cur is None else cur.number)
+
+    def _check_publish(self, names: set[str], expected_version: int | None) -> Version | None:
+        """Under the lock: compare-and-swap, and every variable must have a value afterwards."""
+        cur = self.current()
+        if expected_version is not None and (cur is None or cur.number != expected_version):
+            raise VersionConflictError(expected_version, -1 if cur is None else cur.number)
+        missing = [n for n in self.order if n not in names and (cur is None or n not in cur.entries)]
+        if missing:
+            raise UpdateError(f"no current value for {missing[:5]}{'...' if len(missing) > 5 else ''}: the first update must set every variable")
+        return cur
 
     def rollback(self, expected_version: int | None = None) -> Version:
         """Publish, as a new version, the contents the current version replaced.

@@ -196,6 +196,14 @@ class Bundle:
         return ids[index]
 
     @property
+    def update_inputs(self) -> list[TensorSpec]:
+        """The update graph's inputs in order: name, dtype, shape (CANN: the update model's input descs).
+
+        An update names these tensors; an absent or empty one keeps what it feeds.
+        """
+        return [TensorSpec(v.name, v.np_dtype, tuple(v.shape)) for v in self.variables]
+
+    @property
     def has_init(self) -> bool:
         self._alive()
         return GRAPH_INIT in self._graphs

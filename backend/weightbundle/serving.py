@@ -125,7 +125,7 @@ class Service:
         self.model_dir = model_dir
         self.model_name = model_name
         self.on_event = on_event or (lambda e: None)
-        self.weight_names = {v.name for v in bundle.variables}
+        self.weight_names = {u.name for u in bundle.update_inputs}
         self.input_names = {i.name for i in bundle.inputs}
         reserved = {CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT}
         clash = (self.weight_names & self.input_names) | ((self.weight_names | self.input_names) & reserved)

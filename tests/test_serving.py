@@ -89,10 +89,10 @@ def test_bad_request_in_a_batch_does_not_fail_its_neighbours(service):
     (np.array([[b'{"op":"update","bogus":1}']], dtype=object), "does not take"),
 ])
 def test_malformed_commands_are_rejected_and_change_nothing(service, control, needle):
-    before = service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"]
+    before = service.handle([{"CONTROL": ctl(op="status", secret=SECRET)}])[0].outputs["CONTROL_RESULT"]
     [r] = service.handle([{"CONTROL": control, "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
     assert r.error is not None and needle in r.error
-    after = service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"]
+    after = service.handle([{"CONTROL": ctl(op="status", secret=SECRET)}])[0].outputs["CONTROL_RESULT"]
     assert before.tolist() == after.tolist()
 
 
@@ -127,11 +127,11 @@ def test_cas_reset_rollback_status(service):
     assert "current version is 0" in r.error
     [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET, expected_version=0), "fc2.weight": w}])
     assert r.error is None and service.bundle.version == 1
-    st = json.loads(service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"].ravel()[0])
+    st = json.loads(service.handle([{"CONTROL": ctl(op="status", secret=SECRET)}])[0].outputs["CONTROL_RESULT"].ravel()[0])
     assert st["version"] == 1 and set(st["checksums"]) == {v.name for v in service.bundle.variables}
     [r] = service.handle([{"CONTROL": ctl(op="rollback", secret=SECRET)}])
     assert r.error is None and service.bundle.version == 2
-    st2 = json.loads(service.handle([{"CONTROL": ctl(op="status")}])[0].outputs["CONTROL_RESULT"].ravel()[0])
+    st2 = json.loads(service.handle([{"CONTROL": ctl(op="status", secret=SECRET)}])[0].outputs["CONTROL_RESULT"].ravel()[0])
     assert st2["checksums"]["fc2.weight"] != st["checksums"]["fc2.weight"]
     [r] = service.handle([{"CONTROL": ctl(op="reset", secret=SECRET)}])
     assert r.error is None and service.bundle.version == 3

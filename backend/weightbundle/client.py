@@ -114,7 +114,7 @@ class WeightClient:
 
     def _control(self, op: str, **fields: Any) -> Any:
         body = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
-        if self.secret is not None and op != "status":
+        if self.secret is not None:  # status too: checksums are for callers holding the secret
             body["secret"] = self.secret
         shape = (1, 1) if self.signature()["batching"] else (1,)
         return self._input(CONTROL_INPUT, np.array([json.dumps(body).encode()], dtype=object).reshape(shape))
@@ -270,14 +270,20 @@ class WeightClient:
 
 def _safetensors_bytes(path: str, only: Sequence[str] | None) -> int:
     """Bytes the server will read, for the summary only: the server validates the file."""
+    from .control import ControlError
+    from .transport import safetensors_header
+
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(min(n, 100 * 2**20)))
-        return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
-                   if k != "__metadata__" and (not only or k in only))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
-        return os.path.getsize(path) if os.path.exists(path) else 0
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        header, _ = safetensors_header(fd, os.fstat(fd).st_size)
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if not only or k in only)
+    except (ControlError, OSError):
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def progress_bar(stream: Any = sys.stderr) -> Callable[[int, int], None]:

@@ -11,7 +11,7 @@ import hmac
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -29,6 +29,10 @@ _FIELDS = {
     "rollback": {"expected_version"},
     "commit": {"expected_version"},
 }
+RESERVED_NAMES = frozenset({CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT})
+# Field types, checked strictly: a boolean is true or false, not 1 or "yes".
+_TYPES: dict[str, type] = {"reject_nonfinite": bool, "checksums": bool, "source": dict}
+_TYPE_WORDS = {bool: "true or false", dict: "a JSON object", int: "an integer", str: "a string"}
 MAX_CONTROL_BYTES = 64 * 1024  # a command is small; refuse to parse megabytes of JSON
 
 
@@ -65,22 +69,31 @@ def parse_command(value: Any) -> Command:
         raise ControlError(f"{CONTROL_INPUT} is {len(raw)} bytes; a command is at most {MAX_CONTROL_BYTES}")
     try:
         obj = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\\ud800") cannot be used as text
+    except (UnicodeDecodeError, UnicodeEncodeError) as e:
+        raise ControlError(f"{CONTROL_INPUT} is not valid UTF-8 text: {e.reason}") from None
+    except RecursionError:
+        raise ControlError(f"{CONTROL_INPUT} nests too deeply; a command is a flat JSON object") from None
+    except ValueError as e:
         raise ControlError(f"{CONTROL_INPUT} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ControlError(f"{CONTROL_INPUT} must be a JSON object like {{\"op\": \"update\"}}, got {type(obj).__name__}")
     op = obj.pop("op", None)
-    if op not in OPS:
-        raise ControlError(f"unknown op {op!r}; valid ops are {list(OPS)}")
+    if not isinstance(op, str) or op not in OPS:
+        raise ControlError(f"unknown op {op!r:.80}; valid ops are {list(OPS)}")
     secret = obj.pop("secret", None)
     if secret is not None and not isinstance(secret, str):
         raise ControlError("'secret' must be a string")
     ev = obj.pop("expected_version", None) if "expected_version" in _FIELDS[op] else None
     if ev is not None and (not isinstance(ev, int) or isinstance(ev, bool) or ev < 0):
-        raise ControlError(f"'expected_version' must be a non-negative integer, got {ev!r}")
+        raise ControlError(f"'expected_version' must be a non-negative integer, got {ev!r:.80}")
     unknown = sorted(set(obj) - _FIELDS[op])
     if unknown:
-        raise ControlError(f"op {op!r} does not take field(s) {unknown}; it takes {sorted(_FIELDS[op] | {'secret'})}")
+        raise ControlError(f"op {op!r} does not take field(s) {unknown[:10]!r:.200}; it takes {sorted(_FIELDS[op] | {'secret'})}")
+    for name, value in obj.items():
+        want = _TYPES.get(name)
+        if want is not None and not (isinstance(value, want) and not (want is int and isinstance(value, bool))):
+            raise ControlError(f"'{name}' must be {_TYPE_WORDS[want]}, got {type(value).__name__}")
     return Command(op, ev, secret, obj)
 
 
@@ -116,6 +129,14 @@ class Authorizer:
                 raise ControlError(f"update_secret_file {file_path!r} is empty")
         return cls(enabled, secret, require_secret)
 
+    def authenticated(self, cmd: Command) -> bool:
+        """Whether ``cmd`` carries what a mutating op would need (the secret, or auth is off)."""
+        if not self.enabled:
+            return False
+        if not self._require:
+            return True
+        return cmd.secret is not None and hmac.compare_digest(cmd.secret.encode(), self._secret or b"")
+
     def check(self, cmd: Command) -> None:
         if cmd.op not in MUTATING:
             return
@@ -127,3 +148,37 @@ class Authorizer:
             raise ControlError(f"op {cmd.op!r} refused: missing 'secret'", reason="auth")
         if not hmac.compare_digest(cmd.secret.encode(), self._secret or b""):
             raise ControlError(f"op {cmd.op!r} refused: wrong 'secret'", reason="auth")
+
+
+def validate_names(names: Sequence[str], what: str = "tensor") -> None:
+    """Refuse names that a Triton config or request cannot carry safely.
+
+    Control characters (a newline ends a config line), quotes and backslashes (string
+    delimiters and escapes in config.pbtxt and JSON), names reserved by the control
+    protocol, empty names, and names over 256 bytes.
+    """
+    bad = []
+    for n in names:
+        why = name_problem(n)
+        if why:
+            bad.append(f"{n!r} ({why})")
+    if bad:
+        raise BundleError(f"{what} name(s) Triton cannot carry: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                          "rename them in the ONNX model (or pick other weights with --weights)")
+
+
+def name_problem(n: Any) -> str | None:
+    if not isinstance(n, str) or not n:
+        return "empty"
+    if n in RESERVED_NAMES:
+        return "reserved by the control protocol"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in n):
+        return "contains a control character"
+    if '"' in n or "\\" in n:
+        return "contains a quote or a backslash"
+    try:
+        if len(n.encode("utf-8")) > 256:
+            return "longer than 256 bytes"
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    return None

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ConvertError
+from .control import validate_names
+from .errors import BundleError, ConvertError
 from .format import DTYPES, VariableSpec
 
 VARIABLE_LOCATION = "weightbundle:variable"  # external_data location that marks a placeholder
@@ -167,6 +168,12 @@ def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] |
     inputs = [i for i in infer.graph.input if i.name not in chosen]
     del infer.graph.input[:]
     infer.graph.input.extend(inputs)
+    consts = {t.name for t in infer.graph.initializer}
+    try:  # every name that ends up in config.pbtxt or in a request must be one Triton can carry
+        validate_names([i.name for i in inputs if i.name not in consts] + [o.name for o in infer.graph.output], "inference input/output")
+        validate_names(names, "weight")
+    except BundleError as e:
+        raise ConvertError(str(e)) from None
 
     return RefreshableGraphs(infer, _init_graph(specs, initial), update_graph(specs), specs)
 

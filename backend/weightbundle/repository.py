@@ -6,15 +6,18 @@ because a restart or ``load_model`` could pick it up. So we write into a hidden
 folder, then ``rename`` it to ``<N>``, and fsync the parent. A crash leaves either
 no new folder or a complete one. A leftover ``.commit-*`` is removed by
 ``sweep_partial`` on the next start.
+
+The writer holds an ``flock`` on the folder while it writes; the kernel drops it when
+the writer dies.  So "is someone still writing this?" is a lock probe, not a pid
+check: a pid can be reused, or belong to a stub that is stuck but no longer writing.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
 from typing import BinaryIO, Callable
-
-from .store import pid_alive
 
 PARTIAL_PREFIX = ".commit-"
 
@@ -38,6 +41,8 @@ def write_version(model_dir: str, filename: str, writer: Callable[[BinaryIO], ob
     """
     tmp = os.path.join(model_dir, f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
     os.mkdir(tmp)
+    held = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # "being written": sweep_partial leaves it alone
     try:
         path = os.path.join(tmp, filename)
         with open(path, "wb") as f:
@@ -53,21 +58,30 @@ def write_version(model_dir: str, filename: str, writer: Callable[[BinaryIO], ob
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
 
 
 def sweep_partial(model_dir: str) -> list[str]:
-    """Remove ``.commit-<pid>-*`` folders left by a crash during a commit.
+    """Remove ``.commit-*`` folders left by a crash during a commit.
 
-    Only folders whose writer is dead: another instance may be committing right now.
+    Only folders nobody holds the lock on: another instance may be committing right now.
     """
     gone = []
     for n in os.listdir(model_dir):
         if not n.startswith(PARTIAL_PREFIX):
             continue
-        pid = n[len(PARTIAL_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and pid_alive(int(pid)):
+        path = os.path.join(model_dir, n)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
             continue
-        shutil.rmtree(os.path.join(model_dir, n), ignore_errors=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
         gone.append(n)
     return gone
-

@@ -376,10 +376,6 @@ class Bundle:
         """Apply an update through the update graph, all-or-nothing. Returns the new version."""
         self._alive()
         feed, retype = self.check_update(inputs)
-        if reject_nonfinite:
-            for name, a in feed.items():
-                if a.size and a.dtype.kind == "f" and not np.isfinite(a).all():
-                    raise UpdateError(f"weight {name!r} contains NaN or Inf")
         sess = self._update_session(retype)
         # Zero-size variables count as set when named, so a first full update can include them.
         changed = [v.name for v in self.variables if feed[v.name].size or (v.nbytes == 0 and v.name in inputs)]
@@ -388,13 +384,16 @@ class Bundle:
             staged = self._store.claim_staging()
         if staged is not None:
             try:
-                self._run_update_into(sess, feed, changed, staged)
+                self._run_update_into(sess, feed, changed, staged, reject_nonfinite)
             except BaseException:
                 self._store.release_staging(staged)
                 raise
             version = self._store.publish_staged(staged, changed, op="update", expected_version=expected_version).number
         else:
-            version = self._store.publish(self._run_update(sess, feed, changed), op="update", expected_version=expected_version).number
+            values = self._run_update(sess, feed, changed)
+            if reject_nonfinite:
+                _check_finite(values)
+            version = self._store.publish(values, op="update", expected_version=expected_version).number
         if self.options.staging:
             self._prepare_staging_soon()
         else:
@@ -411,7 +410,8 @@ class Bundle:
         self._check_valid(outs[names.index(VALID_OUTPUT)])
         return {n: outs[names.index(n + UPDATED_SUFFIX)].reshape(self._specs[n].shape) for n in changed}
 
-    def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str) -> None:
+    def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str,
+                         reject_nonfinite: bool = False) -> None:
         """Fast path: bind the update graph's outputs straight into the claimed staging blob."""
         offsets, size = self._store.staging_layout()
         premapped, self._staging_map = self._staging_map, None
@@ -442,6 +442,8 @@ class Bundle:
             for out, view in views.items():  # ORT normally writes in place; copy if it chose not to
                 if outs[out].data_ptr() != view.ctypes.data:
                     np.copyto(view, outs[out].numpy())
+            if reject_nonfinite:
+                _check_finite({out[: -len(UPDATED_SUFFIX)]: view for out, view in views.items()})
         finally:
             del mm
 
@@ -565,6 +567,15 @@ class Bundle:
     def fully_optimised(self) -> bool:
         """True when the current version is served by its final (pre-packed) session."""
         return not (self.options.prepack and self.options.hybrid) or self._builder.idle()
+
+
+def _check_finite(values: Mapping[str, np.ndarray]) -> None:
+    """Refuse NaN/Inf in the values the update graph produced, i.e. *after* the cast to the
+    variable's dtype: a float64 1e39 is finite but becomes +inf in a float32 variable."""
+    for name, a in values.items():
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            raise UpdateError(f"weight {name!r} contains NaN or Inf in the variable's dtype {a.dtype} "
+                              "(values out of that dtype's range overflow to Inf)")
 
 
 def _populated_map(path: str) -> tuple[int, np.ndarray]:

@@ -9,23 +9,24 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT, Authorizer, Command, ControlError, parse_command
+from .control import CONTROL_INPUT, MUTATING, RESULT_OUTPUT, VERSION_OUTPUT, Authorizer, Command, ControlError, parse_command
 from .errors import BundleError, NotInitializedError, VersionConflictError
 from .runtime import Bundle, RuntimeOptions
 from .repository import sweep_partial, write_version
 from .store import default_root, sweep_stale
-from .transport import read_safetensors, resolve_allowed
+from .transport import read_allowed_safetensors
 
 STORE_PREFIX = "weightbundle-"
 
 
-def _bool(v: str, key: str) -> bool:
+def parse_bool(v: str, key: str) -> bool:
     s = v.strip().lower()
     if s in ("1", "true", "yes", "on", "enabled"):
         return True
@@ -70,9 +71,9 @@ class ServingSettings:
     max_batch_size: int = 0
 
     _PARAMS = {
-        "bundle_filename": _str, "allow_updates": _bool, "update_secret_env": _str, "update_secret_file": _str,
-        "update_auth": _str, "history": _int, "prepack": _bool, "hybrid": _bool, "staging": _bool, "optimization": _str, "intra_op_threads": _int,
-        "reject_nonfinite": _bool, "store_root": _str, "file_update_dirs": _paths,
+        "bundle_filename": _str, "allow_updates": parse_bool, "update_secret_env": _str, "update_secret_file": _str,
+        "update_auth": _str, "history": _int, "prepack": parse_bool, "hybrid": parse_bool, "staging": parse_bool, "optimization": _str, "intra_op_threads": _int,
+        "reject_nonfinite": parse_bool, "store_root": _str, "file_update_dirs": _paths,
     }
 
     @classmethod
@@ -118,13 +119,15 @@ class Service:
     """One Triton model instance's view of a bundle and its shared weight store."""
 
     def __init__(self, bundle: Bundle, settings: ServingSettings, authorizer: Authorizer,
-                 model_dir: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None):
+                 model_dir: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None,
+                 log: Callable[[str], None] | None = None):
         self.bundle = bundle
         self.settings = settings
         self.auth = authorizer
         self.model_dir = model_dir
         self.model_name = model_name
         self.on_event = on_event or (lambda e: None)
+        self.log = log or (lambda msg: None)  # model.py passes Triton's logger
         self.weight_names = {u.name for u in bundle.update_inputs}
         self.input_names = {i.name for i in bundle.inputs}
         reserved = {CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT}
@@ -134,8 +137,13 @@ class Service:
 
     @classmethod
     def open(cls, model_dir: str, version: str | int, settings: ServingSettings, model_name: str,
-             on_event: Callable[[Event], None] | None = None) -> "Service":
-        """Load ``<model_dir>/<version>/<bundle_filename>``, attach the shared store, init once."""
+             on_event: Callable[[Event], None] | None = None, model_config: Mapping[str, Any] | None = None,
+             log: Callable[[str], None] | None = None) -> "Service":
+        """Load ``<model_dir>/<version>/<bundle_filename>``, attach the shared store, init once.
+
+        ``model_config`` (Triton's JSON form) is checked against the bundle: weight inputs
+        must carry exact shapes, and exist only when updates are on.
+        """
         path = os.path.join(model_dir, str(version), settings.bundle_filename)
         if not os.path.isfile(path):
             raise BundleError(f"bundle file not found: {path} (set parameter bundle_filename to use another name)")
@@ -153,7 +161,13 @@ class Service:
             with bundle.store.locked():
                 if bundle.store.head() is None and bundle.has_init:
                     bundle.init()
-            svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event)
+            if model_config is not None:
+                from .modelconfig import check_config
+
+                check_config(bundle, model_config, settings.allow_updates)
+            svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event, log)
+            if settings.allow_updates and settings.update_auth == "none":
+                svc.log(f"{model_name}: WARNING update_auth=none: anyone who can reach this server can change its weights")
             if bundle.version is not None:
                 bundle.infer_session()  # build the session now, not on the first request
             return svc
@@ -170,7 +184,12 @@ class Service:
 
     # -- routing -----------------------------------------------------------------
     def handle(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[Reply]:
-        """Replies in request order; a command sees every request before it applied."""
+        """Replies in request order; a command sees every request before it applied.
+
+        Every request gets its own reply: nothing one request sends can fail another
+        request of the same batch, and no exception escapes (a bug becomes that one
+        request's INTERNAL error, with the traceback in the server log only).
+        """
         replies: list[Reply | None] = [None] * len(requests)
         group: list[int] = []
         for i, req in enumerate(requests):
@@ -181,7 +200,7 @@ class Service:
             else:
                 group.append(i)
         self._infer_group(requests, group, replies)
-        return [r for r in replies if r is not None]
+        return [r if r is not None else Reply(error="internal error: no reply was produced", code="INTERNAL") for r in replies]
 
     def _infer_group(self, requests: Sequence[Mapping[str, np.ndarray]], idx: list[int], replies: list[Reply | None]) -> None:
         if not idx:
@@ -202,16 +221,16 @@ class Service:
 
     def _batchable(self, reqs: list[Mapping[str, np.ndarray]]) -> bool:
         first = reqs[0]
-        return all(set(r) == set(first) and all(r[k].shape[1:] == first[k].shape[1:] and r[k].dtype == first[k].dtype
+        return all(set(r) == set(first) and all(r[k].ndim >= 1 and r[k].shape[1:] == first[k].shape[1:] and r[k].dtype == first[k].dtype
                                                  for k in first) for r in reqs)
 
     def _run_batched(self, requests: Sequence[Mapping[str, np.ndarray]], idx: list[int], replies: list[Reply | None]) -> None:
-        sizes = [len(next(iter(requests[i].values()))) for i in idx]
-        feeds = {k: np.concatenate([requests[i][k] for i in idx]) for k in requests[idx[0]]}
         try:
+            sizes = [len(next(iter(requests[i].values()))) for i in idx]
+            feeds = {k: np.concatenate([requests[i][k] for i in idx]) for k in requests[idx[0]]}
             outs, version = self.bundle.infer(feeds)
-        except BundleError:
-            for i in idx:  # one bad request must not fail its neighbours: retry alone
+        except Exception:  # noqa: BLE001 - one bad request must not fail its neighbours: retry each alone
+            for i in idx:
                 replies[i] = self._infer_one(requests[i])
             return
         start = 0
@@ -224,11 +243,13 @@ class Service:
     def _infer_one(self, req: Mapping[str, np.ndarray]) -> Reply:
         try:
             outs, version = self.bundle.infer(req)
+            rows = len(next(iter(req.values()))) if self.settings.max_batch_size > 0 and req else 1
         except NotInitializedError as e:
             return Reply(error=str(e), code="UNAVAILABLE")
         except BundleError as e:
             return Reply(error=str(e))
-        rows = len(next(iter(req.values()))) if self.settings.max_batch_size > 0 and req else 1
+        except Exception as e:  # noqa: BLE001
+            return self._internal("inference", e)
         outs[VERSION_OUTPUT] = self._version_tensor(version, rows)
         return Reply(outs)
 
@@ -236,8 +257,22 @@ class Service:
         """[1] without batching; [batch, 1] with it (Triton's batch dim comes first)."""
         return np.full((rows, 1), version, np.uint64) if self.settings.max_batch_size > 0 else np.array([version], np.uint64)
 
+    def _internal(self, what: str, e: BaseException) -> Reply:
+        """A bug or an unexpected failure: the client gets a short message, the log the traceback."""
+        self.log(f"{self.model_name}: internal error during {what}:\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        return Reply(error=f"internal error during {what} ({type(e).__name__}); the server log has the details", code="INTERNAL")
+
+    def _emit(self, event: Event) -> None:
+        try:  # metrics must never turn a reply into a failure
+            self.on_event(event)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"{self.model_name}: metrics update failed: {e!r}")
+
     # -- commands ---------------------------------------------------------------------
     def _command(self, req: Mapping[str, np.ndarray]) -> Reply:
+        """Run one command.  The reply tells the truth: an error means nothing changed,
+        and a success carries the version this very op created (not whatever is current
+        by the time the reply is built: other instances may have moved on)."""
         t0 = time.perf_counter()
         op = "?"
         try:
@@ -246,30 +281,51 @@ class Service:
             self.auth.check(cmd)
             result = getattr(self, f"_op_{cmd.op}")(cmd, req)
         except VersionConflictError as e:
-            self.on_event(Event("update_rejected", op, "conflict"))
+            self._emit(Event("update_rejected", op, "conflict"))
             return Reply(error=str(e), code="ALREADY_EXISTS")
         except ControlError as e:
-            self.on_event(Event("update_rejected", op, e.reason))
+            self._emit(Event("update_rejected", op, e.reason))
             return Reply(error=str(e), code=e.code)
         except BundleError as e:
-            self.on_event(Event("update_rejected", op, "invalid"))
+            self._emit(Event("update_rejected", op, "invalid"))
             return Reply(error=str(e))
-        version = self.bundle.version
-        if cmd.op != "status":
-            self.on_event(Event("update_applied", cmd.op, seconds=time.perf_counter() - t0, version=version))
-        result = {"op": cmd.op, "version": version, **result}
-        out = {RESULT_OUTPUT: np.array([json.dumps(result).encode()], dtype=object)}
+        except OSError as e:  # tmpfs full, permissions...: the store is unchanged (writes are atomic)
+            self._emit(Event("update_rejected", op, "os_error"))
+            self.log(f"{self.model_name}: op {op!r} failed: {e!r}")
+            return Reply(error=f"op {op!r} failed on the server: {os.strerror(e.errno) if e.errno else type(e).__name__}; "
+                               "the weights are unchanged", code="UNAVAILABLE")
+        except Exception as e:  # noqa: BLE001
+            self._emit(Event("update_rejected", op, "internal"))
+            return self._internal(f"op {op!r}", e)
+        version = result.pop("version")
+        if cmd.op in MUTATING:
+            self._emit(Event("update_applied", cmd.op, seconds=time.perf_counter() - t0, version=version))
+            self._warm()
+        body = json.dumps({"op": cmd.op, "version": version, **result}).encode()
+        out = {RESULT_OUTPUT: np.array([body], dtype=object)}
         if version is not None:
             out[VERSION_OUTPUT] = self._version_tensor(version)
         if self.settings.max_batch_size > 0:
             out[RESULT_OUTPUT] = out[RESULT_OUTPUT].reshape(1, 1)
         return Reply(out)
 
+    def _warm(self) -> None:
+        """Build the session for the newest version now, so the next inference does not wait.
+
+        Best effort, after the op was applied: a failure here (e.g. a newer update from
+        another instance collected this version meanwhile) must not report the op as failed.
+        """
+        try:
+            self.bundle.infer_session()
+        except Exception as e:  # noqa: BLE001 - the next inference builds it again
+            self.log(f"{self.model_name}: warming the new version's session failed: {e!r}")
+
     def _weights_from_request(self, req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Weight inputs of a command; with batching, strip the leading batch dim of 1."""
         stray = sorted(set(req) - self.weight_names - {CONTROL_INPUT})
         if stray:
             raise ControlError(f"a command request carries non-weight input(s) {stray}; send inference in a separate request")
+        shapes = {u.name: u.shape for u in self.bundle.update_inputs}
         out = {}
         for name in self.weight_names & set(req):
             a = req[name]
@@ -277,6 +333,8 @@ class Service:
                 if a.ndim == 0 or a.shape[0] not in (0, 1):
                     raise ControlError(f"weight {name!r}: with batching the leading dimension must be 1 (one command), got shape {a.shape}")
                 a = a.reshape(a.shape[1:]) if a.shape[0] == 1 else np.empty((0,), a.dtype)
+            if shapes[name] == () and a.shape == (1,):  # a scalar travels as dims [1] (Triton has no rank 0)
+                a = a.reshape(())
             out[name] = a
         return out
 
@@ -286,9 +344,8 @@ class Service:
         source = cmd.args.get("source")
         if source is not None:
             weights.update(self._weights_from_file(source, weights))
-        self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite)
-        self.bundle.infer_session()  # warm: the acknowledged version is ready to serve here
-        return {"updated": sorted(k for k, v in weights.items() if v.size)}
+        version = self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite)
+        return {"version": version, "updated": sorted(k for k, v in weights.items() if v.size)}
 
     def _weights_from_file(self, source: Any, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(source, dict) or set(source) - {"file", "only"} or "file" not in source:
@@ -296,8 +353,7 @@ class Service:
         only = source.get("only")
         if only is not None and (not isinstance(only, list) or not all(isinstance(n, str) for n in only)):
             raise ControlError("'source.only' must be a list of weight names")
-        path = resolve_allowed(source["file"], self.settings.file_update_dirs)
-        tensors = read_safetensors(path, only)
+        tensors = read_allowed_safetensors(source["file"], self.settings.file_update_dirs, only)
         both = sorted(set(tensors) & {k for k, v in sent.items() if v.size})
         if both:
             raise ControlError(f"weight(s) {both} given both as tensors and in the file; send each once")
@@ -307,9 +363,14 @@ class Service:
         self._no_weights(req)
         store = self.bundle.store
         cur = store.current()
-        result: dict[str, Any] = {"retained_versions": store.versions(), "history": self.settings.history,
-                                  "updates_enabled": self.auth.enabled}
-        if cur is not None and cmd.args.get("checksums", True):
+        result: dict[str, Any] = {"version": None if cur is None else cur.number, "retained_versions": store.versions(),
+                                  "history": self.settings.history, "updates_enabled": self.auth.enabled}
+        # A CRC32 of a 4-byte weight is the weight: only callers holding the secret get them.
+        want = cmd.args.get("checksums")
+        allowed = self.auth.authenticated(cmd)
+        if want and not allowed:
+            raise ControlError("'checksums' need the update secret: send \"secret\" with the status command", reason="auth")
+        if cur is not None and allowed and want is not False:
             result["checksums"] = {v.name: f"{zlib.crc32(store.array(cur, v.name).reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
                                    for v in self.bundle.variables}
         return result
@@ -321,15 +382,13 @@ class Service:
             cur = store.head()
             if cmd.expected_version is not None and cur != cmd.expected_version:
                 raise VersionConflictError(cmd.expected_version, -1 if cur is None else cur)
-            self.bundle.init()
-        self.bundle.infer_session()
-        return {}
+            version = self.bundle.init()
+        return {"version": version}
 
     def _op_rollback(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
         v = self.bundle.store.rollback(cmd.expected_version)
-        self.bundle.infer_session()
-        return {"restored": v.op}
+        return {"version": v.number, "restored": v.op}
 
     def _op_commit(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Persist the current weights as a new version folder (see repository.py)."""
@@ -344,7 +403,7 @@ class Service:
             if cmd.expected_version is not None and cur.number != cmd.expected_version:
                 raise VersionConflictError(cmd.expected_version, cur.number)
             folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
-        return {"committed_version": cur.number, "model_version_folder": folder,
+        return {"version": cur.number, "committed_version": cur.number, "model_version_folder": folder,
                 "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}
 
     def _no_weights(self, req: Mapping[str, np.ndarray]) -> None:

@@ -244,18 +244,22 @@ class WeightStore:
     def _write_blob(self, blob: str, arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[str, int]]:
         out: dict[str, tuple[str, int]] = {}
         tmp = os.path.join(self.path, blob + ".tmp")
-        with open(tmp, "wb") as f:
-            off = 0
-            for name in self.order:
-                if name not in arrays:
-                    continue
-                arr = np.ascontiguousarray(arrays[name])
-                f.seek(off)
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                out[name] = (blob, off)
-                off = (off + arr.nbytes + PAGE - 1) // PAGE * PAGE
-            f.truncate(max(off, 1))
-        os.rename(tmp, os.path.join(self.path, blob))
+        try:
+            with open(tmp, "wb") as f:
+                off = 0
+                for name in self.order:
+                    if name not in arrays:
+                        continue
+                    arr = np.ascontiguousarray(arrays[name])
+                    f.seek(off)
+                    f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                    out[name] = (blob, off)
+                    off = (off + arr.nbytes + PAGE - 1) // PAGE * PAGE
+                f.truncate(max(off, 1))
+            os.rename(tmp, os.path.join(self.path, blob))
+        except BaseException:  # ENOSPC and friends: a half-written temp file must not keep the tmpfs full
+            _unlink(tmp)
+            raise
         return out
 
     def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None) -> Version:
@@ -268,9 +272,13 @@ class WeightStore:
 
     def _atomic_write(self, name: str, data: bytes) -> None:
         tmp = os.path.join(self.path, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.rename(tmp, os.path.join(self.path, name))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.rename(tmp, os.path.join(self.path, name))
+        except BaseException:
+            _unlink(tmp)
+            raise
 
     def _gc(self, head: int) -> None:
         """Keep HEAD plus ``history`` older manifests; drop blobs nobody references."""

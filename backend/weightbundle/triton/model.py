@@ -6,11 +6,12 @@ Thin by design: parse config, convert tensors, build responses.  The work is in
 ``weightbundle.serving`` (unit-tested without a server).
 """
 import json
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from weightbundle.serving import Event, ServingSettings, Service
+from weightbundle.serving import Event, Reply, ServingSettings, Service
 
 
 class TritonPythonModel:
@@ -19,27 +20,50 @@ class TritonPythonModel:
         settings = ServingSettings.from_model_config(config)
         self._metrics = _Metrics(args["model_name"], args["model_version"])
         self.service = Service.open(args["model_repository"], args["model_version"], settings, args["model_name"],
-                                    on_event=self._metrics.record)
+                                    on_event=self._metrics.record, model_config=config, log=_log)
         if self.service.bundle.version is not None:
             self._metrics.version.set(self.service.bundle.version)
 
     def execute(self, requests):
-        parsed = [{t.name(): t.as_numpy() for t in request.inputs()} for request in requests]
-        replies = self.service.handle(parsed)
-        version = self.service.bundle.version
-        if version is not None:
-            self._metrics.version.set(version)
-        responses = []
-        for r in replies:
-            if r.error is not None:
-                code = getattr(pb_utils.TritonError, r.code, pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(r.error, code)))
-            else:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, _triton_array(v)) for k, v in r.outputs.items()]))
-        return responses
+        # Reading one request's tensors can fail (a malformed string tensor): that request
+        # alone gets the error, the rest of the batch is served.
+        parsed, unreadable = [], {}
+        for k, request in enumerate(requests):
+            try:
+                parsed.append({t.name(): t.as_numpy() for t in request.inputs()})
+            except Exception as e:  # noqa: BLE001
+                unreadable[k] = Reply(error=f"cannot read the request's tensors ({type(e).__name__})")
+        served = iter(self.service.handle(parsed))
+        replies = [unreadable[k] if k in unreadable else next(served) for k in range(len(requests))]
+        try:
+            version = self.service.bundle.version
+            if version is not None:
+                self._metrics.version.set(version)
+        except Exception as e:  # noqa: BLE001 - a gauge must not fail the batch
+            _log(f"weightbundle: cannot update the version gauge: {e!r}")
+        return [_response(r) for r in replies]
 
     def finalize(self):
         self.service.close()
+
+
+def _response(r):
+    if r.error is None:
+        try:
+            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, _triton_array(v)) for k, v in r.outputs.items()])
+        except Exception as e:  # noqa: BLE001
+            _log(f"weightbundle: cannot build a response: {e!r}")
+            r = Reply(error=f"internal error while building the response ({type(e).__name__})", code="INTERNAL")
+    code = getattr(pb_utils.TritonError, r.code, pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(r.error, code))
+
+
+def _log(message):
+    logger = getattr(pb_utils, "Logger", None)  # injected by the stub; absent in unit-test fakes
+    if logger is not None:
+        logger.log_warn(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _triton_array(a):

@@ -104,13 +104,14 @@ def open_allowed(path: Any, allowed_dirs: Sequence[str]) -> int:
     except UnicodeEncodeError:
         raise ControlError(f"path {path!r} is not valid UTF-8") from None
     for d in allowed_dirs:
-        for root in dict.fromkeys((os.path.normpath(d), os.path.realpath(d))):
-            prefix = root.encode("utf-8", "surrogateescape").rstrip(b"/") + b"/"
+        db = d.encode("utf-8", "surrogateescape")
+        for root in dict.fromkeys((os.path.normpath(db), os.path.realpath(db))):
+            prefix = root.rstrip(b"/") + b"/"
             if not want.startswith(prefix) or want == prefix.rstrip(b"/"):
                 continue
             rel = want[len(prefix):]
             try:
-                dirfd = os.open(root.encode("utf-8", "surrogateescape"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
                 raise ControlError(f"allowed directory of this model cannot be opened: {e.strerror}") from None
             try:

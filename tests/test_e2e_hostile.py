@@ -158,14 +158,15 @@ def test_oversized_or_unauthenticated_weights_do_not_grow_memory(env, client):
     srv = env[0]
     alive(srv, client, "big")
     before = region_bytes(srv)
-    huge = np.ones((4096, 2048), np.float32)  # 32 MiB, twice fc1.weight
-    for _ in range(3):
+    huge = np.ones((4096, 2048), np.float32)  # 32 MiB, twice fc1.weight; 16 of them in all
+    for _ in range(8):
         refused(lambda: client.infer("big", [control(httpclient, {"op": "update", "secret": "wrong"}, False),
                                              tensor(httpclient, "fc1.weight", huge)]), "shape")
         refused(lambda: client.infer("big", [tensor(httpclient, "fc1.weight", huge)]), "shape")
         refused(lambda: client.infer("off", [control(httpclient, {"op": "update"}, False),
                                              tensor(httpclient, "fc1.weight", np.ones((64, 64), np.float32))]))
     grown = region_bytes(srv) - before
+    print(f"16 oversized unauthenticated requests: python-backend regions {before / 2**20:.1f} -> {(before + grown) / 2**20:.1f} MiB")
     assert grown < 4 * 2**20, f"python-backend regions grew by {grown / 2**20:.1f} MiB"
     # A right-sized tensor with a wrong secret is copied once (the documented bound), never accumulated.
     right = np.ones((2048, 2048), np.float32)
@@ -446,7 +447,7 @@ def test_leftover_commit_folder_is_swept_at_the_first_start(tmp_path):
 
 # -- the fuzz test -----------------------------------------------------------------------------------
 def test_fuzz_control_documents_and_tensors(env):
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, assume, given, settings
     from hypothesis import strategies as st
 
     srv = env[0]
@@ -457,18 +458,21 @@ def test_fuzz_control_documents_and_tensors(env):
                                lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
                                max_leaves=12)
     fields = st.sampled_from(["expected_version", "reject_nonfinite", "checksums", "source", "secret", "only", "file", "zzz"])
-    docs = st.fixed_dictionaries({"op": st.sampled_from(["update", "status", "reset", "rollback", "commit", "", "explode"]) | json_values},
+    ops = st.one_of(*(st.just(o) for o in ("update", "status", "status", "reset", "rollback", "commit")), st.sampled_from(["", "explode"]) | json_values)
+    docs = st.fixed_dictionaries({"op": ops},
                                  optional={"secret": st.sampled_from([SECRET, "wrong", "\ud800", ""]) | json_values}) \
-        .flatmap(lambda d: st.dictionaries(fields, json_values, max_size=3).map(lambda extra: {**extra, **d}))
-    raw = st.one_of(docs.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64))
+        .flatmap(lambda d: (st.just({}) | st.dictionaries(fields, json_values, max_size=3)).map(lambda extra: {**extra, **d}))
+    doc_bytes = docs.map(lambda d: json.dumps(d).encode())
+    raw = st.one_of(doc_bytes, doc_bytes, doc_bytes, st.binary(max_size=64))
     dtypes = st.sampled_from([np.float32, np.float64, np.int32, np.float16])
-    tensors = st.dictionaries(st.sampled_from(names), st.tuples(dtypes, st.booleans(), st.integers(0, 3)), max_size=3)
+    tensors = st.just({}) | st.dictionaries(st.sampled_from(names), st.tuples(dtypes, st.booleans(), st.integers(0, 3)), max_size=3)
     stats = {"cases": 0, "ok": 0, "clear_errors": 0}
     baseline = {"sums": checksums(c, "hn")}
 
-    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(raw=raw, tens=tensors, with_control=st.booleans())
     def case(raw: bytes, tens: dict, with_control: bool) -> None:
+        assume(with_control or tens)
         stats["cases"] += 1
         ins = []
         if with_control:
@@ -478,8 +482,6 @@ def test_fuzz_control_documents_and_tensors(env):
         for n, (dt, exact, k) in tens.items():
             shape = shapes.get(n, (2, 16)) if exact else tuple(range(1, k + 2))
             ins.append(tensor(httpclient, n, np.ones(shape, dt)))
-        if not ins:
-            return
         try:
             c.infer("hn", ins)
             stats["ok"] += 1
@@ -492,7 +494,7 @@ def test_fuzz_control_documents_and_tensors(env):
 
     case()
     print(f"fuzz: {stats}")
-    assert stats["cases"] >= 100 and stats["clear_errors"] > stats["ok"]
+    assert stats["cases"] >= 150 and stats["ok"] > 0 and stats["clear_errors"] > stats["ok"]
     assert srv.is_running()
     alive(srv, c, "hn")
     c.close()

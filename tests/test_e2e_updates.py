@@ -210,13 +210,19 @@ def test_updates_disabled_unless_enabled_and_metrics_move(tmp_path):
     make_repo(repo, "locked", MODEL, allow_updates="false")
     with running(repo) as srv:
         c = httpclient.InferenceServerClient(srv.http_url)
-        with pytest.raises(InferenceServerException, match="disabled"):
+        # Updates off: the config declares no weight inputs, so Triton refuses the tensor itself...
+        with pytest.raises(InferenceServerException, match="unexpected inference input"):
             c.infer("locked", [control(httpclient, {"op": "update", "secret": SECRET}, False),
                                tensor(httpclient, "fc0.bias", np.ones(64, np.float32))])
+        # ...and the backend refuses every mutating command.
+        with pytest.raises(InferenceServerException, match="disabled"):
+            c.infer("locked", [control(httpclient, {"op": "reset", "secret": SECRET}, False)])
         push(c, {"fc0.bias": np.ones(64, np.float32)})
         push(c, {"fc0.bias": np.ones(64, np.float32)})
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException, match="shape"):  # Triton's own check: never reaches the backend
             push(c, {"fc0.bias": np.ones(63, np.float32)})
+        with pytest.raises(InferenceServerException, match="NaN"):     # the backend's: counted as invalid
+            push(c, {"fc0.bias": np.full(64, np.nan, np.float32)}, reject_nonfinite=True)
         with pytest.raises(InferenceServerException):
             c.infer("m", [control(httpclient, {"op": "update", "secret": "bad"}, False)])
         with pytest.raises(InferenceServerException, match="current version is 2"):

@@ -11,6 +11,8 @@ import gc
 import os
 import threading
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -75,7 +77,11 @@ def assert_matches(b: wb.Bundle, model, feeds, tol=FP32_TOL):
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
-        np.testing.assert_allclose(got[k].astype(np.float64), ref[k].astype(np.float64), err_msg=k, **tol)
+        # atol scaled to the output's magnitude: elements near 0 after cancellation carry the
+        # rounding error of the large terms that cancelled, not a relative error of their own size.
+        ref64 = ref[k].astype(np.float64)
+        scale = float(np.abs(ref64).max()) if ref64.size else 0.0
+        np.testing.assert_allclose(got[k].astype(np.float64), ref64, err_msg=k, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
 
 
 _BUNDLES: dict = {}
@@ -118,7 +124,7 @@ def mlp(load):
 def test_exact_after_init_full_and_partial_updates(name, load):
     tol = FP16_TOL if name == "mlp_fp16" else FP32_TOL
     model = MODELS[name]()
-    rng = np.random.default_rng(hash(name) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # fixed per name; hash() changes per process
     feeds = feeds_for(name, rng)
     b = load(bundle_bytes(name))
 

@@ -239,16 +239,23 @@ def test_commit_writes_a_loadable_version_folder_with_the_current_weights(servic
     assert sorted(os.listdir(service.model_dir)) == ["1", "2"]
 
 
-def test_sweep_partial_removes_only_commits_of_dead_writers(tmp_path):
+def test_sweep_partial_removes_only_commits_nobody_is_writing(tmp_path):
+    import fcntl
+
     from weightbundle.repository import sweep_partial
 
-    live = tmp_path / f".commit-{os.getpid()}-abc"
-    dead = tmp_path / ".commit-999999999-def"  # no such pid
+    live = tmp_path / ".commit-999999999-abc"        # a writer holds its lock, whatever the pid says
+    dead = tmp_path / f".commit-{os.getpid()}-def"   # pid alive, but nobody holds the lock: writer died
     legacy = tmp_path / ".commit-nopid"
     for d in (live, dead, legacy):
         d.mkdir()
     (tmp_path / "1").mkdir()
-    assert sorted(sweep_partial(str(tmp_path))) == sorted([dead.name, legacy.name])
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert sorted(sweep_partial(str(tmp_path))) == sorted([dead.name, legacy.name])
+    finally:
+        os.close(fd)
     assert live.exists() and (tmp_path / "1").exists()
 
 

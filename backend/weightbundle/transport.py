@@ -223,7 +223,9 @@ def read_allowed_safetensors(path: Any, allowed_dirs: Sequence[str], only: Seque
             _pread_exact(fd, memoryview(arr.reshape(-1).view(np.uint8)), start + int(e["data_offsets"][0]))
             out[name] = arr
         after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+        # Size and mtime, not ctime: renaming a new checkpoint over this one unlinks it, which
+        # changes its ctime, yet what we read stays whole and valid.
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise ControlError(f"weights file {path!r} changed while it was read; write each checkpoint to a new file "
                                "and rename it into place")
         return out

@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from . import format as fmt
+from . import packing
 from .convert import UPDATED_SUFFIX, VALID_OUTPUT, init_graph, is_placeholder, update_graph
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError, UpdateError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
@@ -69,6 +70,7 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     history: int = 1  # previous versions kept for rollback
     staging: bool = True  # keep one pre-allocated staging blob (one model size of tmpfs) for fast updates
+    share_packed: bool = True  # prepack: one packed copy per version in the store, mapped by every instance
     store_dir: str | None = None  # shared store directory; None: a private one
 
 
@@ -136,6 +138,7 @@ class Bundle:
         self.inputs = _graph_specs([i for i in g.input if i.name not in consts])
         self.outputs = _graph_specs(list(g.output))
         self._unloaded = False
+        self._log: Any = lambda message: None  # the serving layer points this at Triton's log
 
     # -- loading ---------------------------------------------------------------
     @classmethod
@@ -552,13 +555,61 @@ class Bundle:
                 # Same optimisation level as the final session, so both give the same numbers.
                 self._infer = (v.number, self._new_session(v, prepack=False, level=opts.optimization))
                 self._builder.request(v)
+            elif opts.prepack:
+                self._infer = (v.number, self._packed_session(v))
             else:
-                self._infer = (v.number, self._new_session(v, opts.prepack, opts.optimization))
+                self._infer = (v.number, self._new_session(v, False, opts.optimization))
         return self._infer
+
+    def _packed_session(self, v: Version) -> ort.InferenceSession:
+        """Version ``v``'s pre-packed session: from the store's shared packed copy (built here
+        if no instance has yet), or a private one where sharing is off or unsupported."""
+        opts = self.options
+        if opts.share_packed and tuple(opts.providers) == ("CPUExecutionProvider",):
+            probe = _probe_feeds(self.inputs)
+            expected: list[Any] = []
+            try:
+                path = packing.ensure(self._store.packed_path, v.number, lambda m, d: expected.extend(self._write_packed(v, m, d, probe)),
+                                      lambda m: self._verify_packed(m, probe, expected))
+                return self._load_packed(path)
+            except _Superseded:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. an ORT without saved pre-packing: a private copy still serves
+                self._log(f"shared pre-packed weights unavailable for version {v.number}, using a private copy: {e}")
+        return self._new_session(v, prepack=True, level=opts.optimization)
+
+    def _load_packed(self, model_path: str) -> ort.InferenceSession:
+        so = self._session_options(prepack=True, level="none")
+        return ort.InferenceSession(model_path, so, providers=list(self.options.providers))
+
+    def _write_packed(self, v: Version, model_path: str, data_name: str, probe: dict[str, np.ndarray] | None) -> list[Any]:
+        """Optimize and pre-pack version ``v`` once into ``model_path`` (+ data file); returns
+        the builder session's outputs on ``probe`` for ``_verify_packed``."""
+        so = self._session_options(prepack=True, level=self.options.optimization)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
+        so.optimized_model_filepath = model_path
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        try:
+            builder = ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception:
+            if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
+                raise _Superseded(v.number) from None
+            raise
+        return builder.run(None, probe) if probe is not None else []
+
+    def _verify_packed(self, model_path: str, probe: dict[str, np.ndarray] | None, expected: list[Any]) -> None:
+        """The packed model must give the builder's exact bytes before anyone may load it."""
+        sess = self._load_packed(model_path)
+        if probe is not None:
+            got = sess.run(None, probe)
+            if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(expected, got)):
+                raise BundleError("the saved pre-packed model does not reproduce the builder's outputs")
 
     def _swap_in(self, v: Version) -> None:
         """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
-        sess = self._new_session(v, prepack=True, level=self.options.optimization)
+        sess = self._packed_session(v)
         with self._lock:
             if self._infer is not None and self._infer[0] == v.number:
                 self._infer = (v.number, sess)
@@ -567,6 +618,23 @@ class Bundle:
     def fully_optimised(self) -> bool:
         """True when the current version is served by its final (pre-packed) session."""
         return not (self.options.prepack and self.options.hybrid) or self._builder.idle()
+
+
+def _probe_feeds(specs: list[TensorSpec]) -> dict[str, np.ndarray] | None:
+    """A small fixed input for the graph (dynamic dims -> 1), or None when one cannot be made."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for s in specs:
+        if s.shape is None or s.dtype == np.dtype(object):
+            return None
+        shape = tuple(1 if d is None else d for d in s.shape)
+        if s.dtype.kind == "f":
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype.kind in "iub":
+            feeds[s.name] = np.zeros(shape, s.dtype)  # index 0 is valid for any Gather/embedding
+        else:
+            return None
+    return feeds
 
 
 def _check_finite(values: Mapping[str, np.ndarray]) -> None:

@@ -63,6 +63,7 @@ class ServingSettings:
     prepack: bool = True
     hybrid: bool = True
     staging: bool = True
+    share_packed: bool = True
     optimization: str = "all"
     intra_op_threads: int = 0
     reject_nonfinite: bool = False
@@ -72,7 +73,7 @@ class ServingSettings:
 
     _PARAMS = {
         "bundle_filename": _str, "allow_updates": parse_bool, "update_secret_env": _str, "update_secret_file": _str,
-        "update_auth": _str, "history": _int, "prepack": parse_bool, "hybrid": parse_bool, "staging": parse_bool, "optimization": _str, "intra_op_threads": _int,
+        "update_auth": _str, "history": _int, "prepack": parse_bool, "hybrid": parse_bool, "staging": parse_bool, "share_packed": parse_bool, "optimization": _str, "intra_op_threads": _int,
         "reject_nonfinite": parse_bool, "store_root": _str, "file_update_dirs": _paths,
     }
 
@@ -91,7 +92,8 @@ class ServingSettings:
         return s
 
     def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
-        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, staging=self.staging, optimization=self.optimization, intra_op_threads=self.intra_op_threads,
+        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, staging=self.staging, share_packed=self.share_packed,
+                              optimization=self.optimization, intra_op_threads=self.intra_op_threads,
                               history=self.history, store_dir=store_dir)
 
 
@@ -128,6 +130,7 @@ class Service:
         self.model_name = model_name
         self.on_event = on_event or (lambda e: None)
         self.log = log or (lambda msg: None)  # model.py passes Triton's logger
+        bundle._log = self.log
         self.weight_names = {u.name for u in bundle.update_inputs}
         self.input_names = {i.name for i in bundle.inputs}
         reserved = {CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT}

@@ -26,6 +26,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import packing
 from .errors import BundleError, UpdateError, VersionConflictError
 from .format import VariableSpec
 
@@ -66,6 +67,8 @@ class WeightStore:
         self._cache: tuple[int, Version] | None = None
         self._instance_fd = -1
         self._instance_name = ""
+        # Packed models (packing.py) live on a disk-backed twin folder of the same name.
+        self.packed_path = os.path.join(packing.packed_root(), os.path.basename(os.path.normpath(path)))
 
     @classmethod
     def private(cls, specs: Sequence[VariableSpec], history: int = 1, root: str | None = None) -> "WeightStore":
@@ -292,6 +295,21 @@ class WeightStore:
                 _unlink(os.path.join(self.path, f))
             elif f.startswith(CLAIMED) and not pid_alive(int(f[len(CLAIMED):].split("-", 1)[0])):
                 _unlink(os.path.join(self.path, f))  # claimed by a process that died mid-update
+        self._gc_packed(head)
+
+    def _gc_packed(self, head: int) -> None:
+        """Only the current version is served packed: drop the others' files (sessions still
+        mapping one keep its pages until they close), and what dead builders left."""
+        d = self.packed_path
+        for f in os.listdir(d) if os.path.isdir(d) else []:
+            stem = f[len(packing.PREFIX):].split(".")[0] if f.startswith(packing.PREFIX) else ""
+            lock_n = f[len(packing.BUILDING) + 1 : -len(".lock")] if f.startswith(packing.BUILDING) and f.endswith(".lock") else ""
+            if stem.isdigit() and int(stem) != head:
+                _unlink(os.path.join(d, f))
+            elif lock_n.isdigit() and int(lock_n) < head:
+                _unlink(os.path.join(d, f))
+            elif packing.is_building_leftover(f) and not pid_alive(int(f[len(packing.BUILDING):].split("-", 1)[0])):
+                _unlink(os.path.join(d, f))
 
     # -- sharing between processes ------------------------------------------------
     # Each attached process holds an flock on instances/<pid>; a lock that can be
@@ -334,6 +352,7 @@ class WeightStore:
             last = self.live_instances() == 0
             if last:
                 shutil.rmtree(self.path, ignore_errors=True)
+                shutil.rmtree(self.packed_path, ignore_errors=True)
         self.close()
         return last
 
@@ -348,6 +367,7 @@ class WeightStore:
     def destroy(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.packed_path, ignore_errors=True)
 
 
 def _unlink(path: str) -> None:
@@ -363,14 +383,15 @@ def sweep_stale(root: str, prefix: str) -> list[str]:
     A SIGKILLed server cannot clean up; the next start calls this so nothing leaks.
     """
     removed = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        if not name.startswith(prefix):
-            continue
-        pid_s = name[len(prefix):].split("-", 1)[0]
-        if not pid_s.isdigit() or pid_alive(int(pid_s)):
-            continue
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        removed.append(name)
+    for base in dict.fromkeys((root, packing.packed_root())):  # the stores, and their packed twins
+        for name in os.listdir(base) if os.path.isdir(base) else []:
+            if not name.startswith(prefix):
+                continue
+            pid_s = name[len(prefix):].split("-", 1)[0]
+            if not pid_s.isdigit() or pid_alive(int(pid_s)):
+                continue
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(name)
     return removed
 
 

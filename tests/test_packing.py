@@ -1,0 +1,88 @@
+"""One shared pre-packed copy per weight version (packing.py), in-process with two "instances"."""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+
+import models
+import weightbundle as wb
+from weightbundle import packing
+
+MODEL = models.mlp(sizes=(16, 256, 256, 8))
+X = np.random.default_rng(7).standard_normal((4, 16)).astype(np.float32)
+
+
+@pytest.fixture
+def pair(tmp_path, monkeypatch):
+    """Two bundles on one store, as two Triton instances of a model would be."""
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(tmp_path / "disk"))
+    store = f"/dev/shm/weightbundle-test-{uuid.uuid4().hex[:8]}"
+    data = wb.build_bundle(wb.convert(MODEL))
+    bundles = [wb.Bundle.load_from_mem(data, wb.RuntimeOptions(store_dir=store, intra_op_threads=1)) for _ in range(2)]
+    for b in bundles:
+        b.store.register()
+    bundles[0].init()
+    yield bundles
+    stores = [b.store for b in bundles]
+    for b in bundles:
+        b.unload()
+    for s in stores:
+        s.release()
+    shutil.rmtree(store, ignore_errors=True)
+
+
+def packed(b: wb.Bundle) -> np.ndarray:
+    b.infer({"x": X})
+    assert b._builder.wait_idle(60)
+    out, _ = b.infer({"x": X})
+    assert b.fully_optimised
+    return out["y"]
+
+
+def test_instances_share_one_packed_copy_and_answer_the_same_bytes(pair):
+    a, b = pair
+    ya, yb = packed(a), packed(b)
+    assert np.array_equal(ya, yb)  # one packing, one set of bytes, whichever instance answers
+    np.testing.assert_allclose(ya, models.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
+    files = sorted(os.listdir(a.store.packed_path))
+    assert [f for f in files if f.startswith(packing.PREFIX)] == ["packed-v0.data", "packed-v0.onnx"]
+    assert a.store.packed_path != a.store.path  # disk-backed twin, not the tmpfs store
+
+
+def test_a_new_version_replaces_the_packed_files_and_release_removes_them(pair):
+    a, b = pair
+    packed(a)
+    w = {"fc1.weight": np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)}
+    v = a.update(w)
+    ya, yb = packed(a), packed(b)
+    assert np.array_equal(ya, yb)
+    np.testing.assert_allclose(ya, models.ort_run(models.with_weights(MODEL, w), {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
+    names = [f for f in os.listdir(a.store.packed_path) if f.startswith(packing.PREFIX)]
+    assert sorted(names) == [f"packed-v{v}.data", f"packed-v{v}.onnx"]  # the old version's files are gone
+
+
+def test_a_dead_builders_leftovers_are_swept(pair):
+    a, _ = pair
+    packed(a)
+    d = a.store.packed_path
+    dead = os.path.join(d, f"{packing.BUILDING}999999999-abcd.onnx")
+    open(dead, "wb").close()
+    a.update({"fc2.bias": np.zeros(8, np.float32)})
+    assert not os.path.exists(dead)
+
+
+def test_unsupported_sharing_falls_back_to_a_private_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(tmp_path / "nope" / "file"))
+    (tmp_path / "nope").mkdir()
+    (tmp_path / "nope" / "file").write_bytes(b"")  # not a folder: building there fails
+    logs = []
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(MODEL))) as b:
+        b._log = logs.append
+        b.init()
+        y = packed(b)
+    np.testing.assert_allclose(y, models.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(y).max())
+    assert any("private copy" in m for m in logs)

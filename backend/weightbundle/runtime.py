@@ -117,6 +117,7 @@ class Bundle:
             raise ValueError(f"optimization must be one of {sorted(_LEVELS)}")
         self._owner = _owner  # keeps an mmap alive as long as views into it exist
         self._layout = fmt.decode(buffer)
+        self._drop_weight_pages()  # the CRC check touched every page; the weights are read from the store
         self._graphs = {gid: self._parse_graph(gid, mv) for gid, mv in self._layout.graphs.items()}
         self.variables: list[VariableSpec] = self._layout.variables
         self._specs = {v.name: v for v in self.variables}
@@ -303,10 +304,7 @@ class Bundle:
         del sess
         version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init").number
         del outs
-        if isinstance(self._owner, mmap.mmap):  # initial weights are in the store now: unmap their pages
-            w = self._layout.toc["weights"]
-            start = w["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
-            self._owner.madvise(mmap.MADV_DONTNEED, start, w["offset"] + w["length"] - start)
+        self._drop_weight_pages()  # initial weights are in the store now
         if self.options.staging:
             self._prepare_staging_soon()
         else:
@@ -335,6 +333,15 @@ class Bundle:
         meta = {k: val for k, val in self._layout.toc.items() if k not in ("graphs", "variables", "weights", "extra")}
         extra = {k: bytes(mv) for k, mv in self._layout.extra.items()}
         return fmt.write(f, graphs, self.variables, {s.name: self._store.array(v, s.name) for s in self.variables}, meta, extra)
+
+    def _drop_weight_pages(self) -> None:
+        """Unmap the file's initial-weight pages from this process, so that every instance of
+        a model does not keep the bundle's weights resident (they stay in the page cache,
+        evictable, until init or export reads them again)."""
+        w = self._layout.toc.get("weights") if self._layout else None
+        if w and isinstance(self._owner, mmap.mmap):
+            start = w["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
+            self._owner.madvise(mmap.MADV_DONTNEED, start, w["offset"] + w["length"] - start)
 
     def _weight_section(self) -> np.ndarray:
         w = self._layout.toc["weights"]
@@ -571,7 +578,9 @@ class Bundle:
             try:
                 path = packing.ensure(self._store.packed_path, v.number, lambda m, d: expected.extend(self._write_packed(v, m, d, probe)),
                                       lambda m: self._verify_packed(m, probe, expected))
-                return self._load_packed(path)
+                sess = self._load_packed(path)
+                _release_free_memory()  # ORT packs once more at load to check the file, then frees that copy
+                return sess
             except _Superseded:
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. an ORT without saved pre-packing: a private copy still serves

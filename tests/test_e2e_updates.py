@@ -1,6 +1,7 @@
 """Updates under real serving: several instances, soak, restarts, commit, SIGKILL, metrics."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import random
 import signal
@@ -245,3 +246,33 @@ def test_updates_disabled_unless_enabled_and_metrics_move(tmp_path):
     assert metric("weightbundle_update_duration_seconds_count", model="m", op="update") == 2
     assert metric("weightbundle_update_duration_seconds_sum", model="m", op="update") > 0
     assert metric("weightbundle_update_duration_seconds_bucket", model="m", op="update", le="+Inf") == 2
+
+
+def test_one_version_answers_the_same_bytes_on_every_instance(tmp_path):
+    """hybrid=false: every answer comes from the version's one shared packed session."""
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", MODEL, instances=3, hybrid="false")
+    with running(repo) as srv:
+        url = srv.http_url
+
+        def answers(n: int) -> list[tuple[int, bytes]]:
+            c = httpclient.InferenceServerClient(url)
+            try:
+                out = []
+                for _ in range(n):
+                    r = c.infer("m", [tensor(httpclient, "x", X)])
+                    out.append((version(r), r.as_numpy("y").tobytes()))
+                return out
+            finally:
+                c.close()
+
+        c = httpclient.InferenceServerClient(url)
+        for step in range(2):
+            if step:
+                new = {"fc1.weight": np.random.default_rng(21).standard_normal((64, 64)).astype(np.float32)}
+                push(c, new)
+            with cf.ThreadPoolExecutor(6) as ex:
+                got = [a for f in [ex.submit(answers, 15) for _ in range(6)] for a in f.result()]
+            assert len({v for v, _ in got}) == 1
+            assert len({y for _, y in got}) == 1, "instances answered one version with different bytes"
+        c.close()

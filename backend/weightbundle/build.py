@@ -8,7 +8,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from . import __version__
-from .convert import RefreshableGraphs, compile_inference, init_graph
+from .convert import RefreshableGraphs, compile_inference, init_graph, is_placeholder
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, encode
 
 
@@ -21,7 +21,8 @@ def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize:
     """
     import onnxruntime as ort
 
-    infer = compile_inference(graphs.infer, graphs.variables, optimize) if optimize else graphs.infer
+    read = {t.name for t in graphs.infer.graph.initializer if is_placeholder(t)}  # kept sources are no placeholders
+    infer = compile_inference(graphs.infer, [v for v in graphs.variables if v.name in read], optimize) if optimize else graphs.infer
     out: dict[int, bytes] = {GRAPH_INFERENCE: infer.SerializeToString(), GRAPH_UPDATE: graphs.update.SerializeToString()}
     initial = None
     if include_init:  # the data moves to the aligned weight section; the graph keeps references
@@ -31,6 +32,9 @@ def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize:
     meta = {
         "producer": f"weightbundle {__version__}",
         "compiled": {"onnxruntime": ort.__version__, "level": optimize or "none", "provider": "CPUExecutionProvider"},
+        # format 1.1: update inputs (sources) and the derivations hoisted out of inference
+        "sources": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in graphs.sources],
+        "derived": dict(graphs.derived),
     }
     return encode(out, graphs.variables, initial, meta, extra={"inference_source": graphs.infer.SerializeToString()} if optimize else None)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -52,16 +52,26 @@ _FLOATS = {TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE}
 
 @dataclass
 class RefreshableGraphs:
-    """The three graphs of a bundle plus the variable table they share.
+    """The three graphs of a bundle plus the tables they share.
 
     Unpacks like the CANN result: ``infer, init, update = convert(model)``.
-    ``update`` takes one input per variable, in ``variables`` order.
+    ``update`` takes one input per *source*, in ``sources`` order; ``variables`` are the
+    store entries (what inference reads, plus kept sources); ``derived`` maps each
+    derived variable to the sources it is computed from.  Without hoisting, sources
+    and variables are the same list.
     """
 
     infer: onnx.ModelProto
     init: onnx.ModelProto
     update: onnx.ModelProto
     variables: list[VariableSpec]
+    sources: list[VariableSpec] = field(default_factory=list)
+    derived: dict[str, list[str]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # checkpoint recovery: what matched how
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            self.sources = list(self.variables)
 
     def __iter__(self) -> Iterator[onnx.ModelProto]:
         return iter((self.infer, self.init, self.update))
@@ -141,41 +151,179 @@ def is_placeholder(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL and any(e.key == "location" and e.value == VARIABLE_LOCATION for e in t.external_data)
 
 
-def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] | None = None) -> RefreshableGraphs:
+def split_identity_aliases(model: onnx.ModelProto, weights: set[str] | None = None) -> list[str]:
+    """Deduplicated parameters become separate initializers (in place); returns their names.
+
+    The TorchScript exporter merges parameters that were equal at export time into one
+    initializer plus ``Identity(kept) -> other_name`` nodes.  Each alias gets its own
+    copy, so pushing one parameter never changes another.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    made, keep_nodes = [], []
+    for node in g.node:
+        src = node.input[0] if node.op_type == "Identity" and node.input else None
+        if src in inits and (weights is None or src in weights) and node.output[0] not in outputs and node.output[0] not in inits \
+                and inits[src].data_type in _FLOATS:
+            t = TensorProto()
+            t.CopyFrom(inits[src])
+            t.name = node.output[0]
+            g.initializer.append(t)
+            inits[t.name] = t
+            made.append(t.name)
+        else:
+            keep_nodes.append(node)
+    if made:
+        del g.node[:]
+        g.node.extend(keep_nodes)
+    return made
+
+
+def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] | None = None, *,
+            checkpoint: Mapping[str, Any] | str | os.PathLike | None = None, tied: Sequence[Sequence[str]] | None = None,
+            hoist: bool = True) -> RefreshableGraphs:
     """Split ``model`` into inference, init and update graphs sharing variables.
 
+    ``checkpoint`` (name -> array, torch tensors, or a safetensors path) names the tensors
+    the model was exported from: each initializer is matched to them by value, so
+    anonymous or transposed exports get the trainer's names and layouts as update
+    inputs (see ``checkpoint.recover``).  ``tied`` lists groups of checkpoint names that
+    are one tensor in the trainer (tied weights).  ``hoist`` moves weight preprocessing
+    (Transpose, Slice, Cast, ...) from inference into the update graph.
+
     >>> graphs = convert("mlp.onnx")                      # doctest: +SKIP
-    >>> [v.name for v in graphs.variables]                # update-graph input order
+    >>> [v.name for v in graphs.sources]                  # update-graph input order
     """
+    from . import derive
+
     m = _load(model)
-    names = _select(m, weights)
+    report: dict[str, Any] = {}
+    if checkpoint is not None:
+        if weights is not None:
+            raise ConvertError("pass either weights= or checkpoint=, not both: with a checkpoint, its tensors are the weights")
+        from .checkpoint import recover
+
+        names, report = recover(m, checkpoint, tied=tied)
+    else:
+        if hoist:
+            split_identity_aliases(m, None if weights is None else set(weights))
+        names = _select(m, weights)
+    plan = derive.hoist(m, names, enabled=hoist)
     inits = {t.name: t for t in m.graph.initializer}
+    source_values = {n: numpy_helper.to_array(inits[n]) for n in names}
+    sources = [VariableSpec(n, _ONNX_TO_NAME[inits[n].data_type], tuple(int(d) for d in inits[n].dims)) for n in names]
+    derived_values = derive.evaluate(m, plan, source_values)
     specs: list[VariableSpec] = []
     initial: list[TensorProto] = []
-    for n in names:
-        t = inits[n]
+    for n in plan.entries:
+        if n in source_values:
+            t = inits[n]
+        else:
+            a = derived_values[n]
+            if a.dtype.name not in DTYPES:
+                raise ConvertError(f"derived weight {n!r} has dtype {a.dtype}, which weightbundle cannot store")
+            t = numpy_helper.from_array(np.ascontiguousarray(a), n)
         specs.append(VariableSpec(n, _ONNX_TO_NAME[t.data_type], tuple(int(d) for d in t.dims)))
         initial.append(t)
 
-    # Inference graph: variable initializers become placeholders; old-style models that
-    # also list initializers as graph inputs lose that input so a variable is never fed.
+    # Inference graph: hoisted nodes and sources leave; what inference reads becomes
+    # placeholders.  Old-style models that also list initializers as graph inputs lose
+    # that input so a variable is never fed.
     infer = onnx.ModelProto()
     infer.CopyFrom(m)
-    chosen = set(names)
-    kept = [t for t in infer.graph.initializer if t.name not in chosen]
+    read = set(plan.variables)
+    hoisted = {id(n) for n in plan.nodes}
+    gone = set(names) | read
+    kept_nodes = [n for n, orig in zip(infer.graph.node, m.graph.node) if id(orig) not in hoisted]
+    del infer.graph.node[:]
+    infer.graph.node.extend(kept_nodes)
+    kept = [t for t in infer.graph.initializer if t.name not in gone]
     del infer.graph.initializer[:]
-    infer.graph.initializer.extend(kept + [make_placeholder(s) for s in specs])
-    inputs = [i for i in infer.graph.input if i.name not in chosen]
+    infer.graph.initializer.extend(kept + [make_placeholder(s) for s in specs if s.name in read])
+    inputs = [i for i in infer.graph.input if i.name not in gone]
     del infer.graph.input[:]
     infer.graph.input.extend(inputs)
     consts = {t.name for t in infer.graph.initializer}
     try:  # every name that ends up in config.pbtxt or in a request must be one Triton can carry
         validate_names([i.name for i in inputs if i.name not in consts] + [o.name for o in infer.graph.output], "inference input/output")
-        validate_names(names, "weight")
+        validate_names([sp.name for sp in sources], "weight")  # update inputs: what config.pbtxt and requests carry
     except BundleError as e:
         raise ConvertError(str(e)) from None
+    if plan.nodes or len(specs) != len(sources) or any(a.name != b.name for a, b in zip(specs, sources)):
+        update = hoisted_update_graph(m, plan, sources, specs)
+    else:
+        update = update_graph(specs)
+    return RefreshableGraphs(infer, _init_graph(specs, initial), update, specs, sources, plan.derived, report)
 
-    return RefreshableGraphs(infer, _init_graph(specs, initial), update_graph(specs), specs)
+
+def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[VariableSpec], entries: Sequence[VariableSpec]) -> onnx.ModelProto:
+    """Update graph whose inputs are sources and whose outputs are store entries.
+
+    Each source is checked as in ``update_graph`` (empty = keep).  A source entry is
+    its checked value; a derived entry is computed, inside an ``If``, only when every
+    source it depends on is non-empty (the runtime feeds the current value of kept
+    sources that a partial push did not send), else it is empty (keep).
+    """
+    from .derive import constant_inputs, derivation
+
+    nodes, inputs, outputs, valid = [], [], [], []
+    value = {s.name: f"update/{s.name}/value" for s in sources}
+    for s in sources:
+        inputs.append(helper.make_tensor_value_info(s.name, _NAME_TO_ONNX[s.dtype], None))
+        block, ok1 = source_block(s, value[s.name])
+        nodes += block
+        valid.append(ok1)
+    inits = {t.name: t for t in model.graph.initializer}
+    consts: dict[str, TensorProto] = {}
+    src_names = {s.name for s in sources}
+    for e in entries:
+        T = _NAME_TO_ONNX[e.dtype]
+        out = e.name + UPDATED_SUFFIX
+        if e.name in src_names:
+            nodes.append(helper.make_node("Identity", [value[e.name]], [out], name=f"update/{e.name}/assign"))
+        else:
+            p = f"derive/{e.name}/"
+            deps = plan.deps[e.name]
+            body = derivation(plan, e.name, value, p)
+            for name in constant_inputs(plan, body, set(value.values())):
+                if name in inits:
+                    consts[name] = inits[name]
+                else:
+                    raise ConvertError(f"cannot hoist {e.name!r}: {name!r} is neither a source nor a constant")
+            body.append(helper.make_node("Identity", [p + e.name], [p + "out"]))
+            conds = []
+            for d in deps:
+                nodes += [helper.make_node("Size", [value[d]], [p + d + "/size"]),
+                          helper.make_node("Constant", [], [p + d + "/zero"], value=numpy_helper.from_array(np.array(0, np.int64), "z")),
+                          helper.make_node("Greater", [p + d + "/size", p + d + "/zero"], [p + d + "/has"])]
+                conds.append(p + d + "/has")
+            cond = conds[0]
+            for k, c2 in enumerate(conds[1:]):
+                nodes.append(helper.make_node("And", [cond, c2], [p + f"all{k}"]))
+                cond = p + f"all{k}"
+            then = helper.make_graph(body, p + "compute", [], [helper.make_tensor_value_info(p + "out", T, None)])
+            empty = numpy_helper.from_array(np.zeros((0,), DTYPES[e.dtype]), p + "empty")
+            keep = helper.make_graph([helper.make_node("Constant", [], [p + "keep_v"], value=empty)], p + "keep", [],
+                                     [helper.make_tensor_value_info(p + "keep_v", T, [0])])
+            nodes.append(helper.make_node("If", [cond], [out], then_branch=then, else_branch=keep, name=p + "if"))
+        outputs.append(helper.make_tensor_value_info(out, T, None))
+    nodes.append(helper.make_node("Concat", valid, [VALID_OUTPUT], axis=0))
+    outputs.append(helper.make_tensor_value_info(VALID_OUTPUT, TensorProto.BOOL, [len(sources)]))
+    g = helper.make_graph(nodes, "weightbundle_update", inputs, outputs, list(consts.values()))
+    opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] + [UPDATE_OPSET])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="weightbundle")
+
+
+def retype_update_graph(update: onnx.ModelProto, input_dtypes: Mapping[str, str]) -> onnx.ModelProto:
+    """The same update graph with some inputs declared in another dtype (its Cast nodes convert)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(update)
+    for i in m.graph.input:
+        if i.name in input_dtypes:
+            dt = input_dtypes[i.name]
+            i.type.tensor_type.elem_type = TensorProto.BFLOAT16 if dt == "bfloat16" else _NAME_TO_ONNX[dt]
+    return m
 
 
 def _init_graph(specs: Sequence[VariableSpec], initial: Sequence[TensorProto]) -> onnx.ModelProto:
@@ -203,6 +351,51 @@ def init_graph(specs: Sequence[VariableSpec]) -> onnx.ModelProto:
     return _init_graph(specs, consts)
 
 
+def source_block(s: VariableSpec, out: str) -> tuple[list[onnx.NodeProto], str]:
+    """Update-graph nodes for one input ``s``: ``out`` is empty (keep) or the checked, cast value.
+
+    Returns the nodes and the name of its bool[1] validity flag.
+    """
+    BOOL = TensorProto.BOOL
+    c = lambda name, arr: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(arr), name))  # noqa: E731
+    n, T = s.name, _NAME_TO_ONNX[s.dtype]
+    p = f"update/{n}/"
+    ok = p + "ok"
+    empty_T = numpy_helper.from_array(np.zeros((0,), DTYPES[s.dtype]), p + "empty")
+    keep = helper.make_graph(
+        [helper.make_node("Constant", [], [p + "keep_v"], value=empty_T), c(p + "keep_ok", np.array(True))],
+        p + "keep", [], [helper.make_tensor_value_info(p + "keep_v", T, [0]), helper.make_tensor_value_info(p + "keep_ok", BOOL, [])])
+    # Shape check: compare Shape(x)++[1] with shape++[1] only when ranks agree
+    # (the appended 1 keeps Equal well-defined for rank-0 variables).
+    same_shape = helper.make_graph(
+        [c(p + "one", np.array([1], np.int64)), c(p + "want", np.array(list(s.shape) + [1], np.int64)),
+         helper.make_node("Shape", [n], [p + "sh"]), helper.make_node("Concat", [p + "sh", p + "one"], [p + "sh1"], axis=0),
+         helper.make_node("Equal", [p + "sh1", p + "want"], [p + "eq"]), helper.make_node("Cast", [p + "eq"], [p + "eqi"], to=TensorProto.INT32),
+         helper.make_node("ReduceMin", [p + "eqi"], [p + "min"], keepdims=0), c(p + "i1", np.array(1, np.int32)),
+         helper.make_node("Equal", [p + "min", p + "i1"], [p + "shape_ok"])],
+        p + "same_shape", [], [helper.make_tensor_value_info(p + "shape_ok", BOOL, [])])
+    wrong_rank = helper.make_graph([c(p + "false", np.array(False))], p + "wrong_rank", [], [helper.make_tensor_value_info(p + "false", BOOL, [])])
+    assign = helper.make_graph(
+        [helper.make_node("Cast", [n], [p + "cast"], to=T), c(p + "shape", np.array(s.shape, np.int64)),
+         helper.make_node("Reshape", [p + "cast", p + "shape"], [p + "assign_v"])],
+        p + "assign", [], [helper.make_tensor_value_info(p + "assign_v", T, list(s.shape))])
+    reject = helper.make_graph([helper.make_node("Constant", [], [p + "reject_v"], value=empty_T)], p + "reject", [],
+                               [helper.make_tensor_value_info(p + "reject_v", T, [0])])
+    check = helper.make_graph(
+        [helper.make_node("Shape", [n], [p + "shape_of"]), helper.make_node("Size", [p + "shape_of"], [p + "rank"]),
+         c(p + "want_rank", np.array(len(s.shape), np.int64)), helper.make_node("Equal", [p + "rank", p + "want_rank"], [p + "rank_ok"]),
+         helper.make_node("If", [p + "rank_ok"], [p + "chk_ok"], then_branch=same_shape, else_branch=wrong_rank),
+         helper.make_node("If", [p + "chk_ok"], [p + "chk_v"], then_branch=assign, else_branch=reject)],
+        p + "check", [], [helper.make_tensor_value_info(p + "chk_v", T, None), helper.make_tensor_value_info(p + "chk_ok", BOOL, [])])
+    nodes = [
+        helper.make_node("Size", [n], [p + "size"]), c(p + "zero", np.array(0, np.int64)),
+        helper.make_node("Equal", [p + "size", p + "zero"], [p + "is_empty"]),
+        helper.make_node("If", [p + "is_empty"], [out, ok], then_branch=keep, else_branch=check, name=p + "if_empty"),
+        c(p + "axes", np.array([0], np.int64)), helper.make_node("Unsqueeze", [ok, p + "axes"], [p + "ok1"]),
+    ]
+    return nodes, p + "ok1"
+
+
 def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | None = None) -> onnx.ModelProto:
     """One input per variable (any rank, so an empty tensor is legal).
 
@@ -211,53 +404,18 @@ def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | N
     the variable's: a mismatch yields False in ``__valid__`` and no value.  ``input_dtypes``
     retypes inputs (the Cast node does the conversion) for clients sending another float type.
     """
-    BOOL = TensorProto.BOOL
-    c = lambda name, arr: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(arr), name))  # noqa: E731
     nodes, inputs, outputs, valid = [], [], [], []
     for s in specs:
-        n, T = s.name, _NAME_TO_ONNX[s.dtype]
-        p = f"update/{n}/"
-        in_T = _NAME_TO_ONNX[(input_dtypes or {}).get(n, s.dtype)]
+        in_T = _NAME_TO_ONNX[(input_dtypes or {}).get(s.name, s.dtype)]
         # Unknown rank, as in CANN, so an empty "keep" tensor of any shape is legal. ONNX Runtime
         # accepts this; onnx.checker, which wants a shape on top-level inputs, does not.
-        inputs.append(helper.make_tensor_value_info(n, in_T, None))
-        out, ok = n + UPDATED_SUFFIX, p + "ok"
-        empty_T = numpy_helper.from_array(np.zeros((0,), DTYPES[s.dtype]), p + "empty")
-        keep = helper.make_graph(
-            [helper.make_node("Constant", [], [p + "keep_v"], value=empty_T), c(p + "keep_ok", np.array(True))],
-            p + "keep", [], [helper.make_tensor_value_info(p + "keep_v", T, [0]), helper.make_tensor_value_info(p + "keep_ok", BOOL, [])])
-        # Shape check: compare Shape(x)++[1] with shape++[1] only when ranks agree
-        # (the appended 1 keeps Equal well-defined for rank-0 variables).
-        same_shape = helper.make_graph(
-            [c(p + "one", np.array([1], np.int64)), c(p + "want", np.array(list(s.shape) + [1], np.int64)),
-             helper.make_node("Shape", [n], [p + "sh"]), helper.make_node("Concat", [p + "sh", p + "one"], [p + "sh1"], axis=0),
-             helper.make_node("Equal", [p + "sh1", p + "want"], [p + "eq"]), helper.make_node("Cast", [p + "eq"], [p + "eqi"], to=TensorProto.INT32),
-             helper.make_node("ReduceMin", [p + "eqi"], [p + "min"], keepdims=0), c(p + "i1", np.array(1, np.int32)),
-             helper.make_node("Equal", [p + "min", p + "i1"], [p + "shape_ok"])],
-            p + "same_shape", [], [helper.make_tensor_value_info(p + "shape_ok", BOOL, [])])
-        wrong_rank = helper.make_graph([c(p + "false", np.array(False))], p + "wrong_rank", [], [helper.make_tensor_value_info(p + "false", BOOL, [])])
-        assign = helper.make_graph(
-            [helper.make_node("Cast", [n], [p + "cast"], to=T), c(p + "shape", np.array(s.shape, np.int64)),
-             helper.make_node("Reshape", [p + "cast", p + "shape"], [p + "assign_v"])],
-            p + "assign", [], [helper.make_tensor_value_info(p + "assign_v", T, list(s.shape))])
-        reject = helper.make_graph([helper.make_node("Constant", [], [p + "reject_v"], value=empty_T)], p + "reject", [],
-                                   [helper.make_tensor_value_info(p + "reject_v", T, [0])])
-        check = helper.make_graph(
-            [helper.make_node("Shape", [n], [p + "shape_of"]), helper.make_node("Size", [p + "shape_of"], [p + "rank"]),
-             c(p + "want_rank", np.array(len(s.shape), np.int64)), helper.make_node("Equal", [p + "rank", p + "want_rank"], [p + "rank_ok"]),
-             helper.make_node("If", [p + "rank_ok"], [p + "chk_ok"], then_branch=same_shape, else_branch=wrong_rank),
-             helper.make_node("If", [p + "chk_ok"], [p + "chk_v"], then_branch=assign, else_branch=reject)],
-            p + "check", [], [helper.make_tensor_value_info(p + "chk_v", T, None), helper.make_tensor_value_info(p + "chk_ok", BOOL, [])])
-        nodes += [
-            helper.make_node("Size", [n], [p + "size"]), c(p + "zero", np.array(0, np.int64)),
-            helper.make_node("Equal", [p + "size", p + "zero"], [p + "is_empty"]),
-            helper.make_node("If", [p + "is_empty"], [out, ok], then_branch=keep, else_branch=check, name=p + "if_empty"),
-            c(p + "axes", np.array([0], np.int64)), helper.make_node("Unsqueeze", [ok, p + "axes"], [p + "ok1"]),
-        ]
-        outputs.append(helper.make_tensor_value_info(out, T, None))
-        valid.append(p + "ok1")
+        inputs.append(helper.make_tensor_value_info(s.name, in_T, None))
+        block, ok1 = source_block(s, s.name + UPDATED_SUFFIX)
+        nodes += block
+        outputs.append(helper.make_tensor_value_info(s.name + UPDATED_SUFFIX, _NAME_TO_ONNX[s.dtype], None))
+        valid.append(ok1)
     nodes.append(helper.make_node("Concat", valid, [VALID_OUTPUT], axis=0))
-    outputs.append(helper.make_tensor_value_info(VALID_OUTPUT, BOOL, [len(specs)]))
+    outputs.append(helper.make_tensor_value_info(VALID_OUTPUT, TensorProto.BOOL, [len(specs)]))
     g = helper.make_graph(nodes, "weightbundle_update", inputs, outputs)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle")
 

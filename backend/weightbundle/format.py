@@ -23,7 +23,7 @@ from .errors import ChecksumError, FormatError
 
 MAGIC = b"\x89WBNDL\r\n"  # non-ASCII first byte + CRLF catch text-mode mangling, as PNG does
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1.1: optional TOC 'sources' and 'derived' (weight preprocessing hoisted into the update graph)
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sHHIQQIQ")  # magic, major, minor, flags, toc_off, toc_len, toc_crc, file_len
 TENSOR_ALIGN = 64  # cache line / AVX-512: numpy views of an mmap are SIMD-friendly
@@ -81,6 +81,8 @@ class Layout:
     variables: list[VariableSpec]
     initial: dict[str, np.ndarray] | None  # read-only views; None when built without init
     extra: dict[str, memoryview] = field(default_factory=dict)
+    sources: list[VariableSpec] = field(default_factory=list)  # update-graph inputs; = variables in 1.0 bundles
+    derived: dict[str, list[str]] = field(default_factory=dict)  # derived variable -> its sources
 
 
 def encode(
@@ -289,4 +291,40 @@ def _decode_toc(buf: memoryview, toc: dict[str, Any], toc_end: int, verify_weigh
         _check_zero(buf, cursor, start, "padding")
         cursor = end
     _require(cursor == n, f"{n - cursor} unexpected bytes after the last section")
-    return Layout(toc=toc, graphs=graphs, variables=variables, initial=initial, extra=extra)
+    sources, derived = _decode_sources(toc, variables)
+    return Layout(toc=toc, graphs=graphs, variables=variables, initial=initial, extra=extra, sources=sources, derived=derived)
+
+
+def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple[list[VariableSpec], dict[str, list[str]]]:
+    """Format 1.1: the update inputs (sources) and what each derived variable is computed from.
+
+    Absent (1.0 bundles): every variable is its own source.  A variable that is not derived
+    must be a source with the same dtype and shape (the update graph passes it through).
+    """
+    rows = toc.get("sources")
+    if rows is None:
+        _require(not toc.get("derived"), "TOC has 'derived' but no 'sources'")
+        return list(variables), {}
+    _require(isinstance(rows, list) and rows, "TOC 'sources' must be a non-empty list")
+    sources: list[VariableSpec] = []
+    seen: set[str] = set()
+    for row in rows:
+        name, dtype, shape = row["name"], row["dtype"], row["shape"]
+        _require(isinstance(name, str) and name and name not in seen, f"source name {name!r} is empty, not a string or duplicated")
+        _require(dtype in DTYPES, f"source {name!r} has unsupported dtype {dtype!r}")
+        _require(isinstance(shape, list), f"source {name!r} shape must be a list")
+        sources.append(VariableSpec(name, dtype, tuple(_int(d, f"source {name!r} dim") for d in shape)))
+        seen.add(name)
+    derived_raw = toc.get("derived") or {}
+    _require(isinstance(derived_raw, dict), "TOC 'derived' must be an object")
+    by_name = {s.name: s for s in sources}
+    table = {v.name for v in variables}
+    derived: dict[str, list[str]] = {}
+    for name, deps in derived_raw.items():
+        _require(name in table and name not in by_name, f"derived variable {name!r} is not in the variable table, or is also a source")
+        _require(isinstance(deps, list) and deps and all(d in by_name for d in deps), f"derived variable {name!r}: its sources {deps!r} are not all sources")
+        derived[name] = list(deps)
+    for v in variables:
+        if v.name not in derived:
+            _require(v.name in by_name and by_name[v.name] == v, f"variable {v.name!r} is neither derived nor a source of the same dtype and shape")
+    return sources, derived

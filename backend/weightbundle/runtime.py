@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from . import format as fmt
 from . import packing
-from .convert import UPDATED_SUFFIX, VALID_OUTPUT, init_graph, is_placeholder, update_graph
+from .convert import UPDATED_SUFFIX, VALID_OUTPUT, init_graph, is_placeholder, retype_update_graph
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError, UpdateError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
 from .store import STAGING, Version, WeightStore
@@ -119,8 +119,12 @@ class Bundle:
         self._layout = fmt.decode(buffer)
         self._drop_weight_pages()  # the CRC check touched every page; the weights are read from the store
         self._graphs = {gid: self._parse_graph(gid, mv) for gid, mv in self._layout.graphs.items()}
-        self.variables: list[VariableSpec] = self._layout.variables
+        self.variables: list[VariableSpec] = self._layout.variables  # store entries: what inference reads + kept sources
         self._specs = {v.name: v for v in self.variables}
+        self.sources: list[VariableSpec] = self._layout.sources  # update-graph inputs (= variables in 1.0 bundles)
+        self._source_specs = {s.name: s for s in self.sources}
+        self.derived: dict[str, list[str]] = self._layout.derived
+        self._deps = {v.name: self.derived.get(v.name, [v.name]) for v in self.variables}
         self._check_graphs_match_table()
         self._infer_graph = self._graphs[GRAPH_INFERENCE]  # or the stored source graph, see _new_session
         self._store = (WeightStore(self.options.store_dir, self.variables, self.options.history) if self.options.store_dir
@@ -175,11 +179,13 @@ class Bundle:
         table = [(v.name, v.dtype, v.shape) for v in self.variables]
         onnx_dt = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t).name  # noqa: E731
         ph = [(t.name, onnx_dt(t.data_type), tuple(t.dims)) for t in self._graphs[GRAPH_INFERENCE].graph.initializer if is_placeholder(t)]
-        if sorted(ph) != sorted(table):
+        # Every placeholder is a table entry; an entry inference does not read is a kept source.
+        kept = set(table) - set(ph)
+        if set(ph) - set(table) or any(n not in self._source_specs for n, _, _ in kept):
             raise FormatError(f"inference graph variables {sorted(p[0] for p in ph)} disagree with the variable table {sorted(t[0] for t in table)}")
         upd = [i.name for i in self._graphs[GRAPH_UPDATE].graph.input]
-        if upd != [v.name for v in self.variables]:
-            raise FormatError(f"update graph inputs {upd} disagree with the variable table {[v.name for v in self.variables]}")
+        if upd != [s.name for s in self.sources]:
+            raise FormatError(f"update graph inputs {upd} disagree with the source table {[s.name for s in self.sources]}")
         if GRAPH_INIT in self._graphs:
             outs = [o.name for o in self._graphs[GRAPH_INIT].graph.output]
             if outs != [v.name for v in self.variables]:
@@ -203,9 +209,11 @@ class Bundle:
     def update_inputs(self) -> list[TensorSpec]:
         """The update graph's inputs in order: name, dtype, shape (CANN: the update model's input descs).
 
-        An update names these tensors; an absent or empty one keeps what it feeds.
+        These are the *sources* (a trainer's state_dict names and layouts); the variables
+        inference reads may be derived from them.  An update names these tensors; an
+        absent or empty one keeps what it feeds.
         """
-        return [TensorSpec(v.name, v.np_dtype, tuple(v.shape)) for v in self.variables]
+        return [TensorSpec(s.name, s.np_dtype, tuple(s.shape)) for s in self.sources]
 
     @property
     def has_init(self) -> bool:
@@ -355,10 +363,10 @@ class Bundle:
         need a retyped update graph.
         """
         self._alive()
-        specs = self._specs
+        specs = self._source_specs
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
-            raise UpdateError(f"unknown weight(s) {unknown}; this bundle's weights are {list(specs)[:20]}")
+            raise UpdateError(f"unknown weight(s) {unknown}; this bundle's update inputs are {list(specs)[:20]}")
         feed, retype = {}, {}
         for name, spec in specs.items():
             a = inputs.get(name)
@@ -369,8 +377,10 @@ class Bundle:
                 raise UpdateError(f"weight {name!r} must be a numpy array, got {type(a).__name__}")
             want = spec.np_dtype
             if a.dtype != want:
-                castable = (a.dtype.kind == want.kind == "f") or (a.dtype.kind in "iu" and want.kind in "iu" and np.can_cast(a.dtype, want))
-                if not castable or a.dtype.name not in fmt.DTYPES:
+                bf16 = a.dtype.name == "bfloat16"  # ml_dtypes: safetensors BF16, cast inside the update graph
+                castable = (a.dtype.kind == want.kind == "f") or (bf16 and want.kind == "f") \
+                    or (a.dtype.kind in "iu" and want.kind in "iu" and np.can_cast(a.dtype, want))
+                if not castable or (a.dtype.name not in fmt.DTYPES and not bf16):
                     raise UpdateError(f"weight {name!r}: dtype {a.dtype} cannot be cast to the variable's dtype {want}")
                 retype[name] = a.dtype.name
             if a.size == 0 and 0 in a.shape:
@@ -381,14 +391,43 @@ class Bundle:
             feed[name] = a
         return feed, retype
 
+    def changed_by(self, pushed: set[str]) -> list[str]:
+        """Store entries an update of ``pushed`` sources recomputes (every entry derived from one)."""
+        return [v.name for v in self.variables if pushed.intersection(self._deps[v.name])]
+
     def update(self, inputs: Mapping[str, np.ndarray], expected_version: int | None = None,
                reject_nonfinite: bool = False) -> int:
         """Apply an update through the update graph, all-or-nothing. Returns the new version."""
         self._alive()
         feed, retype = self.check_update(inputs)
+        if reject_nonfinite:  # name the source sent; values that overflow in the cast are caught after it (_check_finite)
+            for name, a in feed.items():
+                if a.size and a.dtype.kind in "fV" and not np.isfinite(a.astype(np.float32) if a.dtype.kind == "V" else a).all():
+                    raise UpdateError(f"weight {name!r} contains NaN or Inf")
+                if a.size and a.dtype.name == "bfloat16" and not np.isfinite(a.astype(np.float32)).all():
+                    raise UpdateError(f"weight {name!r} contains NaN or Inf")
+        # Zero-size sources count as set when named, so a first full update can include them.
+        pushed = {n for n, a in feed.items() if a.size or (self._source_specs[n].nbytes == 0 and n in inputs)}
+        changed = self.changed_by(pushed)
+        # A derived entry needs all its sources: those not pushed are kept sources, read from the
+        # current version.  Then reading and publishing must be one step (under the store lock).
+        fill = sorted({d for e in changed for d in self._deps[e] if d not in pushed}, key=[s.name for s in self.sources].index)
+        if fill:
+            with self._store.locked():
+                cur = self._store.current()
+                if cur is None:
+                    raise UpdateError(f"no current value for {fill[:5]}: the first update must set every weight")
+                for d in fill:
+                    if d not in cur.entries:
+                        raise UpdateError(f"source {d!r} is needed to recompute {[e for e in changed if d in self._deps[e]][:5]} but has no stored value")
+                    feed[d] = np.asarray(self._store.array(cur, d))
+                    retype.pop(d, None)
+                return self._apply(feed, retype, changed, cur.number if expected_version is None else expected_version, reject_nonfinite)
+        return self._apply(feed, retype, changed, expected_version, reject_nonfinite)
+
+    def _apply(self, feed: dict[str, np.ndarray], retype: dict[str, str], changed: list[str], expected_version: int | None,
+               reject_nonfinite: bool = False) -> int:
         sess = self._update_session(retype)
-        # Zero-size variables count as set when named, so a first full update can include them.
-        changed = [v.name for v in self.variables if feed[v.name].size or (v.nbytes == 0 and v.name in inputs)]
         staged = None
         if self.options.staging and sum(self._specs[n].nbytes for n in changed) >= STAGING_MIN_BYTES:
             staged = self._store.claim_staging()
@@ -410,13 +449,27 @@ class Bundle:
             _release_free_memory()
         return version
 
+    @staticmethod
+    def _bind_inputs(io: Any, feed: Mapping[str, np.ndarray]) -> None:
+        for name, a in feed.items():
+            if a.dtype.name == "bfloat16":  # numpy has no bfloat16: hand ORT the raw 16-bit words, typed
+                v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.require(a, requirements="C").view(np.uint16), onnx.TensorProto.BFLOAT16)
+                io.bind_ortvalue_input(name, v)
+            else:
+                io.bind_cpu_input(name, np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
+
     def _run_update(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str]) -> dict[str, np.ndarray]:
         """Plain path: the update graph's outputs come back as arrays."""
+        io = sess.io_binding()
+        self._bind_inputs(io, feed)
+        names = [o.name for o in sess.get_outputs()]
+        for n in names:
+            io.bind_output(n, "cpu")
         try:
-            outs = sess.run(None, feed)
+            sess.run_with_iobinding(io)
         except Exception as e:
             raise UpdateError(f"update graph rejected the update: {e}") from None
-        names = [o.name for o in sess.get_outputs()]
+        outs = [o.numpy() for o in io.get_outputs()]
         self._check_valid(outs[names.index(VALID_OUTPUT)])
         return {n: outs[names.index(n + UPDATED_SUFFIX)].reshape(self._specs[n].shape) for n in changed}
 
@@ -431,8 +484,7 @@ class Bundle:
             mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
         try:
             io = sess.io_binding()
-            for name, a in feed.items():
-                io.bind_cpu_input(name, np.ascontiguousarray(a))
+            self._bind_inputs(io, feed)
             views = {}
             for v in self.variables:
                 out = v.name + UPDATED_SUFFIX
@@ -459,7 +511,7 @@ class Bundle:
 
     def _check_valid(self, valid: np.ndarray) -> None:
         if not valid.all():
-            bad = [v.name for v, ok in zip(self.variables, valid) if not ok]
+            bad = [v.name for v, ok in zip(self.sources, valid) if not ok]
             raise UpdateError(f"update graph rejected the shape of {bad}")
 
     def _prepare_staging_soon(self) -> None:
@@ -484,7 +536,7 @@ class Bundle:
         if sess is None:
             proto = self._graphs[GRAPH_UPDATE]
             if retype:  # same graph, inputs declared with the client's dtype; its Cast nodes convert
-                proto = update_graph(self.variables, retype)
+                proto = retype_update_graph(proto, retype)
             sess = ort.InferenceSession(proto.SerializeToString(), self._session_options(prepack=False, level="basic", housekeeping=True),
                                         providers=["CPUExecutionProvider"])
             self._update_sessions[key] = sess

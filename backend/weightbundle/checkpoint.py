@@ -443,3 +443,28 @@ def _derivation(m: Match, out: str, target: np.ndarray, ck: Mapping[str, np.ndar
             nodes += [helper.make_node("Mul", [mean, p + "scale"], [p + "shift"]), helper.make_node("Sub", [beta, p + "shift"], [out])]
         return nodes, consts
     raise ConvertError(f"unknown transform {m.op!r}")
+
+
+def to_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state_dict (torch tensors or arrays) as numpy arrays; BF16 as ``ml_dtypes.bfloat16``."""
+    return load_checkpoint(tensors)[0] if not isinstance(tensors, (str, os.PathLike)) else load_checkpoint(tensors)[0]
+
+
+def select_update(inputs: Sequence[str], names: Sequence[str], *, strict: bool = True, require_all: bool = False) -> tuple[list[str], list[str]]:
+    """``load_state_dict`` semantics for a push: (names to send, names ignored).
+
+    Names that are not update inputs are an error unless ``strict=False`` (then they are
+    ignored and reported); with ``require_all`` every update input must be present.
+    """
+    from .errors import UpdateError
+
+    known = set(inputs)
+    unknown = [n for n in names if n not in known]
+    if unknown and strict:
+        raise UpdateError(f"{len(unknown)} tensor(s) are not update inputs of this model: {unknown[:10]}"
+                          f"{'...' if len(unknown) > 10 else ''} (pass strict=False / --no-strict to ignore them)")
+    if require_all:
+        missing = [n for n in inputs if n not in set(names)]
+        if missing:
+            raise UpdateError(f"require_all: {len(missing)} update input(s) missing: {missing[:10]}{'...' if len(missing) > 10 else ''}")
+    return [n for n in names if n in known], unknown

@@ -316,14 +316,39 @@ def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[Va
 
 
 def retype_update_graph(update: onnx.ModelProto, input_dtypes: Mapping[str, str]) -> onnx.ModelProto:
-    """The same update graph with some inputs declared in another dtype (its Cast nodes convert)."""
+    """The same update graph with some inputs declared in another dtype (its Cast nodes convert).
+
+    ONNX Runtime's CPU kernels for Size/Shape/Reshape lack bfloat16, so a bfloat16 input is
+    first cast to the source's dtype by one added Cast node (still inside the graph).
+    """
     m = onnx.ModelProto()
     m.CopyFrom(update)
+    bf16: dict[str, str] = {}
     for i in m.graph.input:
         if i.name in input_dtypes:
             dt = input_dtypes[i.name]
-            i.type.tensor_type.elem_type = TensorProto.BFLOAT16 if dt == "bfloat16" else _NAME_TO_ONNX[dt]
+            if dt == "bfloat16":
+                bf16[i.name] = i.name + "/from_bfloat16"
+                to = i.type.tensor_type.elem_type
+                m.graph.node.insert(0, helper.make_node("Cast", [i.name], [bf16[i.name]], to=to, name=i.name + "/cast_bfloat16"))
+                i.type.tensor_type.elem_type = TensorProto.BFLOAT16
+            else:
+                i.type.tensor_type.elem_type = _NAME_TO_ONNX[dt]
+    if bf16:
+        _rename_inputs(m.graph, bf16, skip_first=len(bf16))
     return m
+
+
+def _rename_inputs(g: onnx.GraphProto, names: Mapping[str, str], skip_first: int = 0) -> None:
+    """Rename node inputs (subgraphs included) from ``names``; the first ``skip_first`` nodes are left alone."""
+    for k, node in enumerate(g.node):
+        if k >= skip_first:
+            for j, x in enumerate(node.input):
+                if x in names:
+                    node.input[j] = names[x]
+        for a in node.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _rename_inputs(sg, names)
 
 
 def _init_graph(specs: Sequence[VariableSpec], initial: Sequence[TensorProto]) -> onnx.ModelProto:

@@ -125,6 +125,8 @@ class Bundle:
         self._source_specs = {s.name: s for s in self.sources}
         self.derived: dict[str, list[str]] = self._layout.derived
         self._deps = {v.name: self.derived.get(v.name, [v.name]) for v in self.variables}
+        # entries inference reads (placeholders); the rest of the table are kept sources
+        self.variables_read = [t.name for t in self._graphs[GRAPH_INFERENCE].graph.initializer if is_placeholder(t)]
         self._check_graphs_match_table()
         self._infer_graph = self._graphs[GRAPH_INFERENCE]  # or the stored source graph, see _new_session
         self._store = (WeightStore(self.options.store_dir, self.variables, self.options.history) if self.options.store_dir
@@ -390,6 +392,21 @@ class Bundle:
                 raise UpdateError(f"weight {name!r}: shape {a.shape} does not match the variable's shape {spec.shape} (send an empty tensor to keep it)")
             feed[name] = a
         return feed, retype
+
+    def load_state_dict(self, tensors: Mapping[str, Any], strict: bool = True, require_all: bool = False,
+                        expected_version: int | None = None, reject_nonfinite: bool = False) -> dict[str, Any]:
+        """Push a whole checkpoint, like torch's ``load_state_dict``: name -> array (or torch tensor).
+
+        Entries that are not update inputs are an error unless ``strict=False``; then they
+        are listed under ``ignored``.  ``require_all`` fails when an update input is missing.
+        Returns ``{"version", "updated", "ignored", "recomputed"}``.
+        """
+        from .checkpoint import select_update, to_numpy
+
+        arrays = to_numpy(tensors)
+        send, ignored = select_update([s.name for s in self.sources], list(arrays), strict=strict, require_all=require_all)
+        version = self.update({n: arrays[n] for n in send}, expected_version=expected_version, reject_nonfinite=reject_nonfinite)
+        return {"version": version, "updated": send, "ignored": ignored, "recomputed": self.changed_by(set(send))}
 
     def changed_by(self, pushed: set[str]) -> list[str]:
         """Store entries an update of ``pushed`` sources recomputes (every entry derived from one)."""

@@ -14,12 +14,19 @@ def _cmd_build(a: argparse.Namespace) -> int:
     from .build import build_bundle, save_bundle
     from .convert import convert
 
-    graphs = convert(a.model, weights=a.weights or None)
+    tied = [t.split(",") for t in a.tie] if a.tie else None
+    graphs = convert(a.model, weights=a.weights or None, checkpoint=a.checkpoint, tied=tied, hoist=not a.no_hoist)
     data = build_bundle(graphs, include_init=not a.no_init, optimize=None if a.optimize == "none" else a.optimize)
     save_bundle(a.output, data)
     total = sum(v.nbytes for v in graphs.variables)
-    print(f"wrote {a.output}: {len(data)} bytes, {len(graphs.variables)} variables ({total} bytes of weights), "
-          f"graphs {'0,1,2' if not a.no_init else '0,2'}")
+    print(f"wrote {a.output}: {len(data)} bytes, {len(graphs.sources)} update inputs, {len(graphs.variables)} variables "
+          f"({len(graphs.derived)} derived; {total} bytes of weights), graphs {'0,1,2' if not a.no_init else '0,2'}")
+    r = graphs.report
+    if r:
+        moved = sum(1 for how in r["matched"].values() if not how.startswith("identity("))
+        print(f"checkpoint: {len(r['matched'])} initializers matched ({moved} by a transform), "
+              f"{len(r['constants'])} left constant {r['constants'][:5]}, unused {r['unused'][:8]}"
+              + (f", tied {r['tied']}" if r["tied"] else "") + (f", restored dropped {r['restored']}" if r["restored"] else ""))
     return 0
 
 
@@ -41,6 +48,8 @@ def describe(path: str) -> dict:
                        **({"crc32": f"{r['crc32']:08x}"} if "crc32" in r else {})} for i, r in enumerate(toc["variables"])],
         "weights_bytes": sum(r["nbytes"] for r in toc["variables"]),
         "has_initial_weights": toc.get("weights") is not None,
+        "update_inputs": [{"index": i, "name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for i, s in enumerate(layout.sources)],
+        "derived": layout.derived,
     }
 
 
@@ -54,10 +63,14 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     print("graphs:")
     for g in d["graphs"]:
         print(f"  id {g['id']}  {g['kind']:<9}  {g['bytes']:>10} bytes  crc32 {g['crc32']}")
-    print(f"variables ({len(d['variables'])}, {d['weights_bytes']} bytes; update-graph input order):")
+    print(f"update inputs ({len(d['update_inputs'])}; update-graph input order, the trainer's names and layouts):")
+    for s in d["update_inputs"]:
+        print(f"  {s['index']:>3}  {s['name']:<32} {s['dtype']:<8} {str(tuple(s['shape']))}")
+    print(f"variables ({len(d['variables'])}, {d['weights_bytes']} bytes; store entries):")
     for v in d["variables"]:
         crc = f"  crc32 {v['crc32']}" if "crc32" in v else ""
-        print(f"  {v['index']:>3}  {v['name']:<32} {v['dtype']:<8} {str(tuple(v['shape'])):<20} {v['bytes']:>12} bytes{crc}")
+        src = f"  <- {', '.join(d['derived'][v['name']])}" if v["name"] in d["derived"] else ""
+        print(f"  {v['index']:>3}  {v['name']:<32} {v['dtype']:<8} {str(tuple(v['shape'])):<20} {v['bytes']:>12} bytes{crc}{src}")
     if not d["has_initial_weights"]:
         print("no init graph: the first update must set every variable")
     return 0
@@ -92,7 +105,7 @@ def _cmd_push(a: argparse.Namespace) -> int:
     try:
         with WeightClient(a.url, a.model, protocol=a.protocol, secret=secret) as c:
             r = c.push_file(a.weights, via=a.via, only=a.only, expected_version=a.expected_version,
-                            progress=None if a.quiet else progress_bar())
+                            progress=None if a.quiet else progress_bar(), strict=a.strict, require_all=a.require_all)
     except CommandError as e:
         print(f"weightbundle push: refused: {e}", file=sys.stderr)
         return 1
@@ -110,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--weights", nargs="+", metavar="NAME", help="initializers to make refreshable (default: float initializers used as data)")
     b.add_argument("--no-init", action="store_true", help="leave out the init graph and initial weights (smaller file)")
     b.add_argument("--optimize", default="extended", choices=["none", "basic", "extended"], help="ORT optimisation applied once at build time")
+    b.add_argument("--checkpoint", metavar="CKPT.safetensors",
+                   help="the tensors the model was exported from: initializers are matched to them by value, so pushes use their names and layouts")
+    b.add_argument("--tie", action="append", metavar="A,B", help="checkpoint names that are one tensor in the trainer (tied weights)")
+    b.add_argument("--no-hoist", action="store_true", help="keep weight preprocessing (Transpose, Slice, ...) in the inference graph")
     b.set_defaults(fn=_cmd_build)
 
     i = sub.add_parser("inspect", help="list graphs, variables and checksums of a bundle")
@@ -143,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="transport (auto: shm for a server on this host, else request)")
     u.add_argument("--only", nargs="+", metavar="NAME", help="push only these tensors; the others are kept")
     u.add_argument("--expected-version", type=int, help="compare-and-swap: refuse unless this is the current version")
+    u.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="ignore (and list) tensors that are not update inputs of the model, like load_state_dict(strict=False)")
+    u.add_argument("--require-all", action="store_true", help="refuse unless the file has every update input of the model")
     u.add_argument("--protocol", choices=["http", "grpc"], default="http")
     u.add_argument("--secret-env", default="WEIGHTBUNDLE_SECRET", help="environment variable holding the update secret")
     u.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -40,6 +40,11 @@ class PushResult:
     seconds: float
     via: str
     result: dict[str, Any]
+    ignored: list[str] = field(default_factory=list)  # tensors given that are not update inputs (strict=False)
+
+    @property
+    def updated(self) -> list[str]:
+        return list(self.result.get("updated", []))
 
     @property
     def rate(self) -> float:
@@ -47,8 +52,13 @@ class PushResult:
 
     def summary(self) -> str:
         mib = self.bytes / 2**20
-        return (f"weights version {self.version}: pushed {mib:.1f} MiB via {self.via} in {self.seconds * 1000:.0f} ms "
+        line = (f"weights version {self.version}: pushed {mib:.1f} MiB via {self.via} in {self.seconds * 1000:.0f} ms "
                 f"({self.rate / 2**30:.2f} GiB/s)")
+        upd = self.updated
+        line += f"\nupdated {len(upd)}: {', '.join(upd[:12])}{' ...' if len(upd) > 12 else ''}"
+        if self.ignored:
+            line += f"\nignored {len(self.ignored)} (not update inputs): {', '.join(self.ignored[:12])}{' ...' if len(self.ignored) > 12 else ''}"
+        return line
 
 
 class CommandError(RuntimeError):
@@ -152,18 +162,28 @@ class WeightClient:
     def commit(self, expected_version: int | None = None) -> dict[str, Any]:
         return self._send([self._control("commit", expected_version=expected_version)])
 
-    def update(self, weights: Mapping[str, np.ndarray], *, via: str = "auto", expected_version: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> PushResult:
-        """Push ``weights`` (name -> array); weights not named are kept. All-or-nothing."""
+    def update(self, weights: Mapping[str, Any], *, via: str = "auto", expected_version: int | None = None,
+               progress: Callable[[int, int], None] | None = None, strict: bool = True, require_all: bool = False) -> PushResult:
+        """Push ``weights`` (name -> array or torch tensor, e.g. a whole ``state_dict``); weights not named are kept.
+
+        All-or-nothing.  Like ``load_state_dict``: names that are not update inputs are an
+        error unless ``strict=False`` (then listed in ``PushResult.ignored``); ``require_all``
+        refuses a push that misses an update input.  Other float dtypes (FP16, BF16) are cast
+        to the input's declared dtype here, since Triton checks dtypes against the config.
+        """
+        from .checkpoint import select_update, to_numpy
+
         if via not in VIAS or via == "file":
             raise ValueError("update() sends tensors: via must be 'auto', 'request' or 'shm' (use push_file for 'file')")
         via = ("shm" if _local(self.url) else "request") if via == "auto" else via
         sig = self.signature()
-        unknown = sorted(set(weights) - set(sig["weights"]))
-        if unknown:
-            raise CommandError(f"model {self.model!r} has no weight(s) {unknown}")
+        weights = to_numpy(weights)
+        try:
+            send, ignored = select_update(list(sig["weights"]), list(weights), strict=strict, require_all=require_all)
+        except Exception as e:  # UpdateError: refused here, before anything is sent
+            raise CommandError(f"model {self.model!r}: {e}") from None
         batch = (1,) if sig["batching"] else ()
-        arrays = {n: np.ascontiguousarray(a).reshape(batch + np.shape(a)) for n, a in weights.items()}
+        arrays = {n: _as_declared(weights[n], sig["weights"][n][0]).reshape(batch + np.shape(weights[n])) for n in send}
         total = sum(a.nbytes for a in arrays.values())
         t0 = time.perf_counter()
         if via == "shm":
@@ -173,7 +193,7 @@ class WeightClient:
             result = self._send(inputs)
             if progress:
                 progress(total, total)
-        return PushResult(result["version"], total, time.perf_counter() - t0, via, result)
+        return PushResult(result["version"], total, time.perf_counter() - t0, via, result, ignored)
 
     def _region_for(self, size: int) -> tuple[str, Any]:
         """A registered system-shm region of at least ``size`` bytes, reused across pushes.
@@ -246,26 +266,58 @@ class WeightClient:
             raise
 
     def push_file(self, path: str, *, via: str = "auto", only: Sequence[str] | None = None, expected_version: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> PushResult:
-        """Push a safetensors file. ``via='file'`` sends only the path (server reads it)."""
-        from safetensors import safe_open
+                  progress: Callable[[int, int], None] | None = None, strict: bool = True, require_all: bool = False) -> PushResult:
+        """Push a safetensors file (e.g. a trainer's checkpoint). ``via='file'`` sends only the path (server reads it).
 
-        if via == "file":
-            path = os.path.abspath(path)
-            size = _safetensors_bytes(path, only)
-            t0 = time.perf_counter()
-            result = self._send([self._control("update", expected_version=expected_version,
-                                               source={"file": path, **({"only": list(only)} if only else {})})])
-            if progress:
-                progress(size, size)
-            return PushResult(result["version"], size, time.perf_counter() - t0, "file", result)
-        with safe_open(path, framework="np") as f:
-            names = list(only) if only else list(f.keys())
-            missing = sorted(set(names) - set(f.keys()))
+        ``strict``/``require_all`` as in ``update``; with ``strict=False`` the tensors that are
+        not update inputs are left out (``only``) and listed in ``PushResult.ignored``.
+        """
+        from .checkpoint import select_update
+
+        names = _safetensors_names(path)
+        if only:
+            missing = sorted(set(only) - set(names))
             if missing:
                 raise CommandError(f"{path} has no tensor(s) {missing}")
-            weights = {n: f.get_tensor(n) for n in names}
-        return self.update(weights, via=via, expected_version=expected_version, progress=progress)
+            names = list(only)
+        try:
+            send, ignored = select_update(list(self.signature()["weights"]), names, strict=strict, require_all=require_all)
+        except Exception as e:
+            raise CommandError(f"model {self.model!r}: {e}") from None
+        if via == "file":
+            path = os.path.abspath(path)
+            pick = send if (only or ignored) else None
+            size = _safetensors_bytes(path, pick)
+            t0 = time.perf_counter()
+            result = self._send([self._control("update", expected_version=expected_version,
+                                               source={"file": path, **({"only": list(pick)} if pick else {})})])
+            if progress:
+                progress(size, size)
+            return PushResult(result["version"], size, time.perf_counter() - t0, "file", result, ignored)
+        from .transport import read_safetensors
+
+        weights = read_safetensors(path, send)  # memory-mapped views; BF16 as ml_dtypes.bfloat16
+        r = self.update(weights, via=via, expected_version=expected_version, progress=progress)
+        r.ignored = ignored
+        return r
+
+
+def _as_declared(a: np.ndarray, triton_dtype: str) -> np.ndarray:
+    """Cast to the dtype the model config declares (vectorised; ml_dtypes handles BF16)."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    want = np.dtype(triton_to_np_dtype(triton_dtype))
+    return np.ascontiguousarray(a if a.dtype == want else a.astype(want))
+
+
+def _safetensors_names(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100 * 2**20)))
+        return [k for k in header if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CommandError(f"cannot read safetensors file {path!r}: {e}") from None
 
 
 def _safetensors_bytes(path: str, only: Sequence[str] | None) -> int:

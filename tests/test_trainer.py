@@ -320,7 +320,7 @@ def test_ambiguous_checkpoint_fails_naming_the_candidates():
         wb.convert(m, checkpoint=ck)
     # the same names declared as one tensor (tied) resolve it
     graphs = wb.convert(m, checkpoint=ck, tied=[["ln1.weight", "ln2.weight"]])
-    assert [s.name for s in graphs.sources] == ["ln1.weight", "w"]
+    assert [s.name for s in graphs.sources] == ["ln1.weight", "w", "ln2.weight"] and graphs.aliases == {"ln2.weight": "ln1.weight"}
 
 
 def test_tied_fixture_needs_the_tie_when_names_are_copies():
@@ -408,3 +408,31 @@ def test_bf16_checkpoint_file_and_nan_rejected(bundles, tmp_path):
     y = b.infer({"x": io["x"]})[0]["y"]
     b.load_state_dict(ref)
     np.testing.assert_array_equal(b.infer({"x": io["x"]})[0]["y"], y)
+
+
+@pytest.mark.parametrize("tag", FOLDED)
+def test_tied_names_are_both_update_inputs_of_one_source(tag, bundles):
+    _, after, io = fixture("tied")
+    b = build("tied", tag)
+    bundles.append(b)
+    b.init()
+    assert {s.name for s in b.update_inputs} == {"emb.weight", "lm_head.weight", "fc.weight", "fc.bias"}
+    assert b.aliases == {"lm_head.weight": "emb.weight"}
+    b.load_state_dict(after)  # strict: the whole state_dict, both tied names included
+    assert_torch_close(b.infer({"x": io["x"]})[0]["y"], io["y_after"])
+    c0 = checksums(b)
+    with pytest.raises(wb.UpdateError, match="tied"):
+        b.update({"emb.weight": after["emb.weight"], "lm_head.weight": after["emb.weight"] + 1})
+    assert checksums(b) == c0
+    b.update({"lm_head.weight": after["emb.weight"] * 0 + 0.25})  # either name sets every use of the tensor
+    c1 = checksums(b)
+    assert sorted(n for n in c0 if c0[n] != c1[n]) == sorted(b.changed_by({"emb.weight"})) and len(b.changed_by({"emb.weight"})) == 2
+
+
+def test_tied_state_dict_with_shared_memory_needs_no_tie():
+    """A torch state_dict converted with .numpy() keeps the tie visible: both names share memory."""
+    before, _, _ = fixture("tied")
+    sd = dict(before)
+    sd["lm_head.weight"] = sd["emb.weight"]  # what {k: v.numpy()} of a tied module gives
+    graphs = wb.convert(os.path.join(FIX, "tied.ts.onnx"), checkpoint=sd)
+    assert graphs.aliases == {"lm_head.weight": "emb.weight"}

@@ -33,7 +33,8 @@ def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize:
         "producer": f"weightbundle {__version__}",
         "compiled": {"onnxruntime": ort.__version__, "level": optimize or "none", "provider": "CPUExecutionProvider"},
         # format 1.1: update inputs (sources) and the derivations hoisted out of inference
-        "sources": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in graphs.sources],
+        "sources": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), **({"alias_of": graphs.aliases[s.name]} if s.name in graphs.aliases else {})}
+                    for s in graphs.sources],
         "derived": dict(graphs.derived),
     }
     return encode(out, graphs.variables, initial, meta, extra={"inference_source": graphs.infer.SerializeToString()} if optimize else None)

@@ -48,7 +48,8 @@ def describe(path: str) -> dict:
                        **({"crc32": f"{r['crc32']:08x}"} if "crc32" in r else {})} for i, r in enumerate(toc["variables"])],
         "weights_bytes": sum(r["nbytes"] for r in toc["variables"]),
         "has_initial_weights": toc.get("weights") is not None,
-        "update_inputs": [{"index": i, "name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for i, s in enumerate(layout.sources)],
+        "update_inputs": [{"index": i, "name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+                           **({"alias_of": layout.aliases[s.name]} if s.name in layout.aliases else {})} for i, s in enumerate(layout.sources)],
         "derived": layout.derived,
     }
 
@@ -65,7 +66,8 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         print(f"  id {g['id']}  {g['kind']:<9}  {g['bytes']:>10} bytes  crc32 {g['crc32']}")
     print(f"update inputs ({len(d['update_inputs'])}; update-graph input order, the trainer's names and layouts):")
     for s in d["update_inputs"]:
-        print(f"  {s['index']:>3}  {s['name']:<32} {s['dtype']:<8} {str(tuple(s['shape']))}")
+        tie = f"  (tied: sets {s['alias_of']})" if "alias_of" in s else ""
+        print(f"  {s['index']:>3}  {s['name']:<32} {s['dtype']:<8} {str(tuple(s['shape']))}{tie}")
     print(f"variables ({len(d['variables'])}, {d['weights_bytes']} bytes; store entries):")
     for v in d["variables"]:
         crc = f"  crc32 {v['crc32']}" if "crc32" in v else ""

@@ -68,6 +68,7 @@ class RefreshableGraphs:
     sources: list[VariableSpec] = field(default_factory=list)
     derived: dict[str, list[str]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)  # checkpoint recovery: what matched how
+    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> the source it is one tensor with
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -213,6 +214,11 @@ def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] |
     inits = {t.name: t for t in m.graph.initializer}
     source_values = {n: numpy_helper.to_array(inits[n]) for n in names}
     sources = [VariableSpec(n, _ONNX_TO_NAME[inits[n].data_type], tuple(int(d) for d in inits[n].dims)) for n in names]
+    # Tied names (one tensor in the trainer, e.g. an embedding and its output projection) are
+    # extra update inputs that set the same source, so a whole state_dict pushes as is.
+    aliases = {a: p for a, p in report.get("tied", {}).items() if p in source_values}
+    by_name = {s.name: s for s in sources}
+    sources += [VariableSpec(a, by_name[p].dtype, by_name[p].shape) for a, p in aliases.items()]
     derived_values = derive.evaluate(m, plan, source_values)
     specs: list[VariableSpec] = []
     initial: list[TensorProto] = []
@@ -250,14 +256,15 @@ def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] |
         validate_names([sp.name for sp in sources], "weight")  # update inputs: what config.pbtxt and requests carry
     except BundleError as e:
         raise ConvertError(str(e)) from None
-    if plan.nodes or len(specs) != len(sources) or any(a.name != b.name for a, b in zip(specs, sources)):
-        update = hoisted_update_graph(m, plan, sources, specs)
+    if plan.nodes or aliases or len(specs) != len(sources) or any(a.name != b.name for a, b in zip(specs, sources)):
+        update = hoisted_update_graph(m, plan, sources, specs, aliases)
     else:
         update = update_graph(specs)
-    return RefreshableGraphs(infer, _init_graph(specs, initial), update, specs, sources, plan.derived, report)
+    return RefreshableGraphs(infer, _init_graph(specs, initial), update, specs, sources, plan.derived, report, aliases)
 
 
-def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[VariableSpec], entries: Sequence[VariableSpec]) -> onnx.ModelProto:
+def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[VariableSpec], entries: Sequence[VariableSpec],
+                         aliases: Mapping[str, str] | None = None) -> onnx.ModelProto:
     """Update graph whose inputs are sources and whose outputs are store entries.
 
     Each source is checked as in ``update_graph`` (empty = keep).  A source entry is
@@ -268,12 +275,29 @@ def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[Va
     from .derive import constant_inputs, derivation
 
     nodes, inputs, outputs, valid = [], [], [], []
-    value = {s.name: f"update/{s.name}/value" for s in sources}
+    aliases = dict(aliases or {})
+    own = {s.name: f"update/{s.name}/value" + ("_own" if s.name in aliases.values() else "") for s in sources}
     for s in sources:
         inputs.append(helper.make_tensor_value_info(s.name, _NAME_TO_ONNX[s.dtype], None))
-        block, ok1 = source_block(s, value[s.name])
+        block, ok1 = source_block(s, own[s.name])
         nodes += block
         valid.append(ok1)
+    value = {s.name: own[s.name] for s in sources if s.name not in aliases}
+    for s in sources:  # a tied source takes its own input if sent, else its alias's (the runtime checks both agree)
+        if s.name not in aliases.values():
+            continue
+        cur = own[s.name]
+        for k, a in enumerate(n for n, p in aliases.items() if p == s.name):
+            p = f"update/{s.name}/tie{k}/"
+            T = _NAME_TO_ONNX[s.dtype]
+            take = helper.make_graph([helper.make_node("Identity", [cur], [p + "own"])], p + "own_g", [], [helper.make_tensor_value_info(p + "own", T, None)])
+            alt = helper.make_graph([helper.make_node("Identity", [own[a]], [p + "alias"])], p + "alias_g", [], [helper.make_tensor_value_info(p + "alias", T, None)])
+            nodes += [helper.make_node("Size", [cur], [p + "size"]),
+                      helper.make_node("Constant", [], [p + "zero"], value=numpy_helper.from_array(np.array(0, np.int64), "z")),
+                      helper.make_node("Greater", [p + "size", p + "zero"], [p + "has"]),
+                      helper.make_node("If", [p + "has"], [p + "merged"], then_branch=take, else_branch=alt)]
+            cur = p + "merged"
+        value[s.name] = cur
     inits = {t.name: t for t in model.graph.initializer}
     consts: dict[str, TensorProto] = {}
     src_names = {s.name for s in sources}

@@ -83,6 +83,7 @@ class Layout:
     extra: dict[str, memoryview] = field(default_factory=dict)
     sources: list[VariableSpec] = field(default_factory=list)  # update-graph inputs; = variables in 1.0 bundles
     derived: dict[str, list[str]] = field(default_factory=dict)  # derived variable -> its sources
+    aliases: dict[str, str] = field(default_factory=dict)  # tied update input -> the source it sets
 
 
 def encode(
@@ -291,11 +292,11 @@ def _decode_toc(buf: memoryview, toc: dict[str, Any], toc_end: int, verify_weigh
         _check_zero(buf, cursor, start, "padding")
         cursor = end
     _require(cursor == n, f"{n - cursor} unexpected bytes after the last section")
-    sources, derived = _decode_sources(toc, variables)
-    return Layout(toc=toc, graphs=graphs, variables=variables, initial=initial, extra=extra, sources=sources, derived=derived)
+    sources, derived, aliases = _decode_sources(toc, variables)
+    return Layout(toc=toc, graphs=graphs, variables=variables, initial=initial, extra=extra, sources=sources, derived=derived, aliases=aliases)
 
 
-def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple[list[VariableSpec], dict[str, list[str]]]:
+def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple[list[VariableSpec], dict[str, list[str]], dict[str, str]]:
     """Format 1.1: the update inputs (sources) and what each derived variable is computed from.
 
     Absent (1.0 bundles): every variable is its own source.  A variable that is not derived
@@ -304,9 +305,10 @@ def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple
     rows = toc.get("sources")
     if rows is None:
         _require(not toc.get("derived"), "TOC has 'derived' but no 'sources'")
-        return list(variables), {}
+        return list(variables), {}, {}
     _require(isinstance(rows, list) and rows, "TOC 'sources' must be a non-empty list")
     sources: list[VariableSpec] = []
+    aliases: dict[str, str] = {}
     seen: set[str] = set()
     for row in rows:
         name, dtype, shape = row["name"], row["dtype"], row["shape"]
@@ -315,16 +317,21 @@ def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple
         _require(isinstance(shape, list), f"source {name!r} shape must be a list")
         sources.append(VariableSpec(name, dtype, tuple(_int(d, f"source {name!r} dim") for d in shape)))
         seen.add(name)
+        if "alias_of" in row:
+            aliases[name] = row["alias_of"]
     derived_raw = toc.get("derived") or {}
     _require(isinstance(derived_raw, dict), "TOC 'derived' must be an object")
     by_name = {s.name: s for s in sources}
+    for a, p in aliases.items():
+        _require(p in by_name and p not in aliases and by_name[p].dtype == by_name[a].dtype and by_name[p].shape == by_name[a].shape,
+                 f"source {a!r} is an alias of {p!r}, which is not a source of the same dtype and shape")
     table = {v.name for v in variables}
     derived: dict[str, list[str]] = {}
     for name, deps in derived_raw.items():
         _require(name in table and name not in by_name, f"derived variable {name!r} is not in the variable table, or is also a source")
-        _require(isinstance(deps, list) and deps and all(d in by_name for d in deps), f"derived variable {name!r}: its sources {deps!r} are not all sources")
+        _require(isinstance(deps, list) and deps and all(d in by_name and d not in aliases for d in deps), f"derived variable {name!r}: its sources {deps!r} are not all sources")
         derived[name] = list(deps)
     for v in variables:
         if v.name not in derived:
-            _require(v.name in by_name and by_name[v.name] == v, f"variable {v.name!r} is neither derived nor a source of the same dtype and shape")
-    return sources, derived
+            _require(v.name in by_name and v.name not in aliases and by_name[v.name] == v, f"variable {v.name!r} is neither derived nor a source of the same dtype and shape")
+    return sources, derived, aliases

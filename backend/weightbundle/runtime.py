@@ -124,6 +124,7 @@ class Bundle:
         self.sources: list[VariableSpec] = self._layout.sources  # update-graph inputs (= variables in 1.0 bundles)
         self._source_specs = {s.name: s for s in self.sources}
         self.derived: dict[str, list[str]] = self._layout.derived
+        self.aliases: dict[str, str] = self._layout.aliases  # tied update input -> the source it sets
         self._deps = {v.name: self.derived.get(v.name, [v.name]) for v in self.variables}
         # entries inference reads (placeholders); the rest of the table are kept sources
         self.variables_read = [t.name for t in self._graphs[GRAPH_INFERENCE].graph.initializer if is_placeholder(t)]
@@ -424,7 +425,12 @@ class Bundle:
                 if a.size and a.dtype.name == "bfloat16" and not np.isfinite(a.astype(np.float32)).all():
                     raise UpdateError(f"weight {name!r} contains NaN or Inf")
         # Zero-size sources count as set when named, so a first full update can include them.
-        pushed = {n for n, a in feed.items() if a.size or (self._source_specs[n].nbytes == 0 and n in inputs)}
+        sent = {n for n, a in feed.items() if a.size or (self._source_specs[n].nbytes == 0 and n in inputs)}
+        for a in sorted(sent & set(self.aliases)):  # tied names: one tensor, so both copies must agree
+            p = self.aliases[a]
+            if p in sent and not np.array_equal(np.asarray(feed[a], np.float64), np.asarray(feed[p], np.float64), equal_nan=True):
+                raise UpdateError(f"{a!r} and {p!r} are one tied tensor, but the values sent differ")
+        pushed = {self.aliases.get(n, n) for n in sent}
         changed = self.changed_by(pushed)
         # A derived entry needs all its sources: those not pushed are kept sources, read from the
         # current version.  Then reading and publishing must be one step (under the store lock).

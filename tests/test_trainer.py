@@ -436,3 +436,23 @@ def test_tied_state_dict_with_shared_memory_needs_no_tie():
     sd["lm_head.weight"] = sd["emb.weight"]  # what {k: v.numpy()} of a tied module gives
     graphs = wb.convert(os.path.join(FIX, "tied.ts.onnx"), checkpoint=sd)
     assert graphs.aliases == {"lm_head.weight": "emb.weight"}
+
+
+@pytest.mark.parametrize("tag", ["ts_nofold", "dynamo_noopt"])
+@pytest.mark.parametrize("name", ["convnet", "mlp"])
+def test_unfolded_batchnorm_is_folded_in_the_update_graph(name, tag, bundles):
+    """Exported without folding: Conv/Gemm+BatchNormalization become one op whose weights the
+    update graph recomputes from the pushed conv and BN tensors; inference runs no BatchNorm."""
+    _, after, io = fixture(name)
+    b = build(name, tag, fold_bn=True)
+    bundles.append(b)
+    g = onnx.load_from_string(bytes(b._layout.graphs[fmt.GRAPH_INFERENCE]))
+    assert "BatchNormalization" not in [n.op_type for n in g.graph.node]
+    bn = "bn1" if name == "convnet" else "bn"
+    folded = [v for v, d in b.derived.items() if f"{bn}.running_var" in d]
+    assert len(folded) == 2  # weight and bias
+    b.init()
+    b.load_state_dict({k: v for k, v in after.items() if k != f"{bn}.running_var"}, strict=False)
+    r = b.load_state_dict({f"{bn}.running_var": after[f"{bn}.running_var"]})
+    assert sorted(r["recomputed"]) == sorted(folded + [f"{bn}.running_var"])  # the kept source itself, and the folded pair
+    assert_torch_close(b.infer({"x": io["x"]})[0]["y"], io["y_after"])

@@ -15,7 +15,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
     from .convert import convert
 
     tied = [t.split(",") for t in a.tie] if a.tie else None
-    graphs = convert(a.model, weights=a.weights or None, checkpoint=a.checkpoint, tied=tied, hoist=not a.no_hoist)
+    graphs = convert(a.model, weights=a.weights or None, checkpoint=a.checkpoint, tied=tied, hoist=not a.no_hoist,
+                     fold_bn=True if a.fold_bn else None)
     data = build_bundle(graphs, include_init=not a.no_init, optimize=None if a.optimize == "none" else a.optimize)
     save_bundle(a.output, data)
     total = sum(v.nbytes for v in graphs.variables)
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the tensors the model was exported from: initializers are matched to them by value, so pushes use their names and layouts")
     b.add_argument("--tie", action="append", metavar="A,B", help="checkpoint names that are one tensor in the trainer (tied weights)")
     b.add_argument("--no-hoist", action="store_true", help="keep weight preprocessing (Transpose, Slice, ...) in the inference graph")
+    b.add_argument("--fold-bn", action="store_true",
+                   help="fold Conv/Gemm+BatchNormalization into weights the update graph recomputes (default with --checkpoint)")
     b.set_defaults(fn=_cmd_build)
 
     i = sub.add_parser("inspect", help="list graphs, variables and checksums of a bundle")

@@ -183,7 +183,7 @@ def split_identity_aliases(model: onnx.ModelProto, weights: set[str] | None = No
 
 def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] | None = None, *,
             checkpoint: Mapping[str, Any] | str | os.PathLike | None = None, tied: Sequence[Sequence[str]] | None = None,
-            hoist: bool = True) -> RefreshableGraphs:
+            hoist: bool = True, fold_bn: bool | None = None) -> RefreshableGraphs:
     """Split ``model`` into inference, init and update graphs sharing variables.
 
     ``checkpoint`` (name -> array, torch tensors, or a safetensors path) names the tensors
@@ -191,7 +191,9 @@ def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] |
     anonymous or transposed exports get the trainer's names and layouts as update
     inputs (see ``checkpoint.recover``).  ``tied`` lists groups of checkpoint names that
     are one tensor in the trainer (tied weights).  ``hoist`` moves weight preprocessing
-    (Transpose, Slice, Cast, ...) from inference into the update graph.
+    (Transpose, Slice, Cast, ...) from inference into the update graph.  ``fold_bn`` folds
+    Conv/Gemm+BatchNormalization into derived weights the update graph recomputes (default:
+    on with a checkpoint; otherwise ONNX Runtime folds them at each session build, as before).
 
     >>> graphs = convert("mlp.onnx")                      # doctest: +SKIP
     >>> [v.name for v in graphs.sources]                  # update-graph input order
@@ -210,6 +212,8 @@ def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] |
         if hoist:
             split_identity_aliases(m, None if weights is None else set(weights))
         names = _select(m, weights)
+    if hoist and (fold_bn if fold_bn is not None else checkpoint is not None):
+        derive.fold_batchnorm(m, names)  # Conv/Gemm+BN: the update graph recomputes the folded pair
     plan = derive.hoist(m, names, enabled=hoist)
     inits = {t.name: t for t in m.graph.initializer}
     source_values = {n: numpy_helper.to_array(inits[n]) for n in names}

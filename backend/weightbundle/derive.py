@@ -215,3 +215,72 @@ def evaluate(model: onnx.ModelProto, plan: Plan, values: dict[str, np.ndarray]) 
     except Exception as e:
         raise ConvertError(f"cannot compute the derived weights: {e}") from None
     return dict(zip(derived, outs))
+
+
+def fold_batchnorm(model: onnx.ModelProto, sources: Sequence[str]) -> list[str]:
+    """Conv/Gemm followed by an inference BatchNormalization -> one Conv/Gemm with folded weights (in place).
+
+    The folded weight and bias are computed by new nodes from the conv and BatchNorm
+    sources, so ``hoist`` moves them into the update graph: a push of any of those
+    tensors recomputes the folded pair, and inference runs no BatchNorm.  Only where
+    every tensor involved is a source and the conv output feeds nothing else.
+    Returns the BatchNorm nodes' names (or outputs) that were folded.
+    """
+    g = model.graph
+    src = set(sources)
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
+    new_nodes: list[onnx.NodeProto] = []
+    folded: list[str] = []
+    remove: set[int] = set()
+    for bn in g.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(a.name == "training_mode" and a.i for a in bn.attribute):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type not in ("Conv", "Gemm") or consumers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs:
+            continue
+        attrs = {a.name: a for a in conv.attribute}
+        if conv.op_type == "Gemm" and (attrs.get("alpha") and attrs["alpha"].f != 1.0 or attrs.get("beta") and attrs["beta"].f != 1.0
+                                       or attrs.get("transA") and attrs["transA"].i):
+            continue
+        w = conv.input[1]
+        b = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        params = list(bn.input[1:5])
+        graph_inputs = {i.name for i in g.input}
+        # The conv bias may be computed (the dynamo exporter makes a zero bias from the activation's
+        # dtype): then the folded bias is computed in inference, the folded weight still in the update.
+        if w not in src or (b is not None and b in graph_inputs) or not all(p in src for p in params) or w not in inits:
+            continue
+        rank = len(inits[w].dims)
+        trans_b = conv.op_type == "Gemm" and bool(attrs.get("transB") and attrs["transB"].i)
+        axis_shape = [1, -1] if conv.op_type == "Gemm" and not trans_b else [-1] + [1] * (rank - 1)
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        dt = helper.tensor_dtype_to_np_dtype(inits[w].data_type)
+        scale, beta, mean, var = params
+        p = f"{w}::bn_fold/"  # the folded pair: <conv weight>::bn_fold/weight and .../bias
+        g.initializer.extend([numpy_helper.from_array(np.array(eps, dt), p + "eps"), numpy_helper.from_array(np.array(axis_shape, np.int64), p + "shape")])
+        n = helper.make_node
+        new_nodes += [n("Add", [var, p + "eps"], [p + "var_eps"]), n("Sqrt", [p + "var_eps"], [p + "std"]),
+                      n("Div", [scale, p + "std"], [p + "scale"]), n("Reshape", [p + "scale", p + "shape"], [p + "scale_r"]),
+                      n("Mul", [w, p + "scale_r"], [p + "weight"])]
+        if b is not None:
+            new_nodes += [n("Sub", [b, mean], [p + "centered"]), n("Mul", [p + "centered", p + "scale"], [p + "scaled"]),
+                          n("Add", [p + "scaled", beta], [p + "bias"])]
+        else:
+            new_nodes += [n("Mul", [mean, p + "scale"], [p + "shift"]), n("Sub", [beta, p + "shift"], [p + "bias"])]
+        x = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x, p + "weight", p + "bias"])
+        conv.output[0] = bn.output[0]
+        remove.add(id(bn))
+        folded.append(bn.name or bn.output[0])
+    if folded:
+        kept = [x for x in g.node if id(x) not in remove]
+        del g.node[:]
+        g.node.extend(new_nodes + kept)
+    return folded

@@ -428,6 +428,133 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+FIX = ROOT / "tests" / "fixtures" / "torch"
+
+
+def _linear_stack(n: int, layers: int, exported: bool, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A trainer's Linear stack as a folding exporter writes it (``exported``: anonymous [in, out]
+    weights, the checkpoint holds [out, in]) or with the variables already in the graph's layout."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    ck = {f"l{i}.weight": (rng.standard_normal((n, n), dtype=np.float32) / np.sqrt(n)).astype(np.float32) for i in range(layers)}
+    inits, nodes, x = [], [], "x"
+    for i in range(layers):
+        name = f"onnx::MatMul_{100 + i}" if exported else f"l{i}.weight"
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(ck[f"l{i}.weight"].T), name))
+        nodes += [helper.make_node("MatMul", [x, name], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m, ck if exported else {k: np.ascontiguousarray(v.T) for k, v in ck.items()}
+
+
+def bench_trainer(args, log) -> tuple[str, dict]:
+    """Issue 9: steady inference of the hoisted transformer fixture against ORT on the folded export,
+    and the time from pushing a full state_dict to the first inference serving it, with and without
+    derived variables."""
+    from safetensors.numpy import load_file
+
+    out: dict = {}
+    rounds = 3 if args.quick else 15
+    before = load_file(str(FIX / "transformer.before.safetensors"))
+    after = load_file(str(FIX / "transformer.after.safetensors"))
+    x1 = load_file(str(FIX / "transformer.io.safetensors"))["x"]
+    x = np.tile(x1, (16, 1))  # batch 32
+    src = str(FIX / "transformer.ts.onnx")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    base = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    opts = RuntimeOptions(intra_op_threads=args.threads)
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(src, checkpoint=before)), opts)
+    b.init()
+    b.infer({"x": x})
+    b._builder.wait_idle()
+    out["transformer_steady"] = {}
+    for batch in (32, 512):
+        xb = np.tile(x1, (batch // 2, 1))
+        sess = b.infer_session()[1]
+        fns = {"baked": lambda: base.run(None, {"x": xb}), "bundle": lambda: b.infer({"x": xb}),
+               "bundle_session": lambda: sess.run(None, {"x": xb})}  # the bundle's graph without Bundle.infer's checks
+        times: dict = {k: [] for k in fns}
+        reps = max(2, args.inner * (10 if batch == 32 else 2))
+        for r in range(2 * rounds):
+            keys = list(fns)[r % 3:] + list(fns)[:r % 3]
+            for k in keys:
+                t0 = now()
+                for _ in range(reps):
+                    fns[k]()
+                times[k].append((now() - t0) / reps)
+        ratio = [w / bk for w, bk in zip(times["bundle"], times["baked"])]
+        ratio_s = [w / bk for w, bk in zip(times["bundle_session"], times["baked"])]
+        out["transformer_steady"][batch] = {"baked_ms": med(times["baked"]) * 1e3, "bundle_ms": med(times["bundle"]) * 1e3,
+                                            "ratio": med(ratio), "ratio_p10": float(np.percentile(times["bundle"], 10) / np.percentile(times["baked"], 10)),
+                                            "session_ratio": med(ratio_s)}
+    b.unload()
+
+    def update_cost(bundle_bytes: bytes, push: dict, xin: np.ndarray) -> list[float]:
+        ts = []
+        with wb.Bundle.load_from_mem(bundle_bytes, RuntimeOptions(intra_op_threads=args.threads)) as bb:
+            bb.init()
+            bb.infer({"x": xin})
+            alt = [push, {k: v * np.float32(1.01) for k, v in push.items()}]
+            for r in range(rounds + 1):
+                bb._builder.wait_idle()
+                time.sleep(QUIESCE_S)
+                t0 = now()
+                v = bb.load_state_dict(alt[r % 2])["version"]
+                _, served = bb.infer({"x": xin})
+                ts.append(now() - t0)
+                assert served == v
+        return ts[1:]  # the first round pays one-time session and staging setup
+
+    n, layers = (256, 2) if args.quick else (1024, 4)
+    rows = {}
+    xin = np.random.default_rng(1).standard_normal((32, n)).astype(np.float32)
+    for label, exported in (("derived (anonymous [in,out] weights, pushed as [out,in])", True), ("no derived variables", False)):
+        m, ck = _linear_stack(n, layers, exported)
+        graphs = wb.convert(m, checkpoint=ck)
+        push = {k: v + np.float32(0.001) for k, v in ck.items()}
+        buf = np.empty(sum(v.nbytes for v in push.values()), np.uint8)
+        cp = []
+        for _ in range(rounds):
+            t0 = now()
+            off = 0
+            for v in push.values():
+                np.copyto(buf[off:off + v.nbytes], v.reshape(-1).view(np.uint8))
+                off += v.nbytes
+            cp.append(now() - t0)
+        ts = update_cost(wb.build_bundle(graphs), push, xin)
+        rows[label] = {"derived": len(graphs.derived), "ms": med(ts) * 1e3, "memcpy_ms": med(cp) * 1e3, "x_memcpy": med(ts) / med(cp),
+                       "mib": buf.nbytes / MiB}
+        log(f"trainer update cost, {label}: {rows[label]['ms']:.1f} ms")
+    fx = {}
+    for label, tag, kw in (("transformer fixture, --checkpoint (derived)", "ts", {"checkpoint": before}),
+                           ("transformer fixture, names kept, --no-hoist (no derived)", "ts_nofold", {"hoist": False})):
+        graphs = wb.convert(str(FIX / f"transformer.{tag}.onnx"), **kw)
+        names = {s.name for s in graphs.sources}
+        ts = update_cost(wb.build_bundle(graphs), {k: v for k, v in after.items() if k in names}, x)
+        fx[label] = {"derived": len(graphs.derived), "ms": med(ts) * 1e3}
+    out["update_cost"] = rows
+    out["update_cost_fixture"] = fx
+    md = ["", "**Trainer pushes (issue 9)**", "",
+          "| steady inference, transformer fixture (TorchScript default export, built with `--checkpoint`) | ORT on the folded export ms | bundle ms | bundle / ORT (p10) | bundle's session alone / ORT |",
+          "|---|---:|---:|---:|---:|"]
+    for batch, st in out["transformer_steady"].items():
+        md.append(f"| batch {batch} | {st['baked_ms']:.3f} | {st['bundle_ms']:.3f} | **{st['ratio']:.2f}x** ({st['ratio_p10']:.2f}x) | {st['session_ratio']:.2f}x |")
+    md += ["",
+          f"| full state_dict push → first inference serving it ({n}x{n} x {layers} FP32 Linear stack) | derived | ms | memcpy floor ms | x memcpy |",
+          "|---|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        md.append(f"| {label} | {r['derived']} | {r['ms']:.1f} | {r['memcpy_ms']:.2f} ({r['mib']:.0f} MiB) | {r['x_memcpy']:.1f}x |")
+    for label, r in fx.items():
+        md.append(f"| {label} | {r['derived']} | {r['ms']:.1f} | | |")
+    return "\n".join(md), out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models and few iterations (seconds; for CI)")
@@ -436,6 +563,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=3, help="timed inferences per mode per steady round (default 3)")
     ap.add_argument("--out", default=str(ROOT / "tools" / "out"), help="folder for the JSON and markdown (default tools/out)")
     ap.add_argument("--_probe", help=argparse.SUPPRESS)
+    ap.add_argument("--trainer-only", action="store_true", help="only the issue-9 section (trainer pushes, hoisted transformer)")
     args = ap.parse_args(argv)
     if args._probe:
         print(json.dumps(probe(json.loads(args._probe))))
@@ -454,7 +582,7 @@ def main(argv=None) -> int:
     results, summaries = [], []
     workdir = tempfile.mkdtemp(prefix="bench-core-")
     try:
-        for spec in model_specs(args.quick):
+        for spec in ([] if args.trainer_only else model_specs(args.quick)):
             R = bench_model(spec, args, workdir, log)
             results.append(R)
             summaries.append(summarize(R))
@@ -464,7 +592,9 @@ def main(argv=None) -> int:
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     noise = {R["name"]: float(np.subtract(*np.percentile(R["steady_s"]["baked"], [75, 25])) / med(R["steady_s"]["baked"])) for R in results}
 
-    table = markdown(results, summaries)
+    table = markdown(results, summaries) if results else ""
+    trainer_md, trainer = bench_trainer(args, log)
+    table += "\n" + trainer_md
     header = (f"command: `{command}` (cwd {os.getcwd()})\n"
               f"machine: {mach['cpu_count']} CPUs ({mach['cpu']}), onnxruntime {mach['onnxruntime']}, numpy {mach['numpy']}, "
               f"python {mach['python']}, {mach['platform']}\n"
@@ -482,12 +612,12 @@ def main(argv=None) -> int:
     print(table)
     print(notes)
     os.makedirs(args.out, exist_ok=True)
-    stem = "bench_core-quick" if args.quick else "bench_core"
+    stem = ("bench_core-quick" if args.quick else "bench_core") + ("-trainer" if args.trainer_only else "")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"command": command, "cwd": os.getcwd(), "machine": mach, "loadavg_start": load_start, "loadavg_end": load_end,
                    "baked_steady_iqr_over_median": noise, "threads": args.threads, "iters": args.iters,
                    "inner": args.inner, "elapsed_s": elapsed, "summary": {R["name"]: S for R, S in zip(results, summaries)},
-                   "raw": results}, f, indent=1)
+                   "raw": results, "trainer": trainer}, f, indent=1)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(header + "\n" + table + "\n" + notes + "\n")
     log(f"wrote {os.path.join(args.out, stem + '.json')} and .md")

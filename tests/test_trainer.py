@@ -393,7 +393,7 @@ def test_bf16_checkpoint_file_and_nan_rejected(bundles, tmp_path):
     with pytest.raises(wb.UpdateError, match="enc.linear1.weight.*NaN"):
         b.load_state_dict(bad, reject_nonfinite=True)
     assert checksums(b) == c0
-    from weightbundle.transport import read_safetensors
+    from weightbundle.checkpoint import read_checkpoint
 
     p = tmp_path / "bf16.safetensors"
     save_file({k: v.astype(ml_dtypes.bfloat16).view(np.uint16) for k, v in after.items()}, str(p))
@@ -401,7 +401,7 @@ def test_bf16_checkpoint_file_and_nan_rejected(bundles, tmp_path):
     n = int.from_bytes(raw[:8], "little")
     hdr = raw[8:8 + n].replace(b'"U16"', b'"BF16"')
     p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + raw[8 + n:])
-    tensors = read_safetensors(str(p), None)
+    tensors = read_checkpoint(str(p))
     assert tensors["head.weight"].dtype.name == "bfloat16"
     b.load_state_dict(tensors)
     ref = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in after.items()}

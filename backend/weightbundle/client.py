@@ -294,9 +294,12 @@ class WeightClient:
             if progress:
                 progress(size, size)
             return PushResult(result["version"], size, time.perf_counter() - t0, "file", result, ignored)
-        from .transport import read_safetensors
+        from .checkpoint import read_checkpoint
 
-        weights = read_safetensors(path, send)  # memory-mapped views; BF16 as ml_dtypes.bfloat16
+        try:
+            weights = read_checkpoint(path, send)  # validated header, pread; BF16 as ml_dtypes.bfloat16
+        except Exception as e:
+            raise CommandError(f"cannot read {path!r}: {e}") from None
         r = self.update(weights, via=via, expected_version=expected_version, progress=progress)
         r.ignored = ignored
         return r

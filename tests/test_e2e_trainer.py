@@ -133,3 +133,19 @@ def test_bf16_checkpoint_via_file_and_nan_refused(env, client):
     np.testing.assert_allclose(served(client), y_bf16, rtol=1e-6, atol=1e-6)  # the server's in-graph cast is exact
     scale = float(np.abs(IO["y_after"]).max())
     np.testing.assert_allclose(y_bf16, IO["y_after"], rtol=5e-2, atol=5e-2 * scale)  # BF16 rounding of the weights
+
+
+def test_commit_writes_a_bundle_with_the_trainers_update_inputs(env, client):
+    from weightbundle import format as fmt
+
+    client.update({"enc.self_attn.in_proj_weight": AFTER["enc.self_attn.in_proj_weight"]}, via="request")
+    r = client.commit()
+    layout = fmt.decode(open(r["path"], "rb").read())
+    assert [s.name for s in layout.sources] == [s for s in BEFORE]  # safetensors order = checkpoint order
+    assert any(d == ["enc.self_attn.in_proj_weight"] for d in layout.derived.values())
+    with wb.Bundle.load_from_file(r["path"]) as b:
+        b.init()
+        partial = {k: v for k, v in BEFORE.items() if k != "enc.self_attn.in_proj_weight"}
+        b.update(partial)
+        y = b.infer({"x": IO["x"]})[0]["y"]
+    assert not np.allclose(y, IO["y_before"])  # the committed in_proj_weight is the pushed one

@@ -456,3 +456,20 @@ def test_unfolded_batchnorm_is_folded_in_the_update_graph(name, tag, bundles):
     r = b.load_state_dict({f"{bn}.running_var": after[f"{bn}.running_var"]})
     assert sorted(r["recomputed"]) == sorted(folded + [f"{bn}.running_var"])  # the kept source itself, and the folded pair
     assert_torch_close(b.infer({"x": io["x"]})[0]["y"], io["y_after"])
+
+
+def test_cli_build_with_checkpoint_and_inspect(tmp_path, capsys):
+    from weightbundle.cli import main
+
+    out = str(tmp_path / "tf.bundle")
+    assert main(["build", os.path.join(FIX, "transformer.ts.onnx"), "-o", out, "--checkpoint", os.path.join(FIX, "transformer.before.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "17 update inputs" in text and "4 by a transform" in text
+    assert main(["inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert "enc.self_attn.in_proj_weight" in text and "<- enc.self_attn.in_proj_weight" in text and "format 1.1" in text
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"head.bias": np.zeros(7, np.float32)}, bad)
+    assert main(["build", os.path.join(FIX, "transformer.ts.onnx"), "-o", str(tmp_path / "x.bundle"), "--checkpoint", bad]) == 2
+    assert "head.bias" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.bundle")

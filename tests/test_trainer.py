@@ -473,3 +473,28 @@ def test_cli_build_with_checkpoint_and_inspect(tmp_path, capsys):
     assert main(["build", os.path.join(FIX, "transformer.ts.onnx"), "-o", str(tmp_path / "x.bundle"), "--checkpoint", bad]) == 2
     assert "head.bias" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.bundle")
+
+
+def test_derived_variables_take_the_staging_fast_path(bundles, monkeypatch):
+    """A push of >= 1 MiB is written by the update graph straight into the staging blob, derived
+    variables included (IOBinding), not through the plain path."""
+    rng = np.random.default_rng(5)
+    ck = {"attn.in_proj_weight": rng.standard_normal((1536, 512)).astype(np.float32)}
+    w = ck["attn.in_proj_weight"]
+    n = helper.make_node
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w[i * 512:(i + 1) * 512].T), f"onnx::MatMul_{i}") for i in range(3)]
+    g = helper.make_graph([n("MatMul", ["x", "onnx::MatMul_0"], ["q"]), n("MatMul", ["q", "onnx::MatMul_1"], ["k"]),
+                           n("MatMul", ["k", "onnx::MatMul_2"], ["y"])], "big",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 512])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 512])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m, checkpoint={"attn.in_proj_weight": w})))
+    bundles.append(b)
+    b.init()
+    b._staging_thread.join()
+    monkeypatch.setattr(b, "_run_update", lambda *a: pytest.fail("took the plain path"))
+    new = rng.standard_normal(w.shape).astype(np.float32)
+    b.update({"attn.in_proj_weight": new})
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    want = x @ new[:512].T @ new[512:1024].T @ new[1024:].T
+    np.testing.assert_allclose(b.infer({"x": x})[0]["y"], want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))

@@ -130,9 +130,26 @@ def _as(b: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return b if b.dtype == dtype else b.astype(dtype)
 
 
-def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[str, np.ndarray]) -> list[Match]:
-    """Checkpoint tensors that give ``a`` exactly under identity/transpose/reshape/slice (after a cast)."""
+def _fingerprint(x: np.ndarray) -> tuple[float, float]:
+    """Sum and sum of squares (float64): equal, up to rounding, for any permutation of the values."""
+    f = x.astype(np.float64, copy=False).reshape(-1)
+    return float(f.sum()), float(np.dot(f, f))
+
+
+def _same_fp(p: tuple[float, float], q: tuple[float, float]) -> bool:
+    return all(abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-30) + 1e-30 for x, y in zip(p, q))
+
+
+def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[str, np.ndarray],
+                  fp_cache: dict[str, tuple[float, float]] | None = None) -> list[Match]:
+    """Checkpoint tensors that give ``a`` exactly under identity/transpose/reshape/slice (after a cast).
+
+    Cheap filters first, so a model with hundreds of equal-shaped weights stays fast: a
+    value fingerprint for whole-tensor transforms, and one leading slice for slices.
+    """
     out: list[Match] = []
+    fp_cache = {} if fp_cache is None else fp_cache
+    fa = _fingerprint(a) if a.size else None
     for name, b0 in ck.items():
         if not _is_float(b0) or b0.size < a.size or a.size == 0:
             continue
@@ -140,6 +157,10 @@ def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[
         if b is None:
             b = cast_cache[name] = np.asarray(_as(b0, a.dtype))
         if b.size == a.size:
+            if name not in fp_cache:
+                fp_cache[name] = _fingerprint(b)
+            if not _same_fp(fa, fp_cache[name]):
+                continue
             if b.shape == a.shape and np.array_equal(b, a):
                 out.append(Match((name,), "identity"))
                 continue
@@ -165,8 +186,12 @@ def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[
                 if b.shape[ax] <= at.shape[ax] or any(b.shape[d] != at.shape[d] for d in range(b.ndim) if d != ax):
                     continue
                 n = at.shape[ax]
-                for start in range(0, b.shape[ax] - n + 1):
-                    if np.array_equal(np.take(b, range(start, start + n), axis=ax), at):
+                bm, am = np.moveaxis(b, ax, 0), np.moveaxis(at, ax, 0)
+                k = b.shape[ax] - n + 1
+                # starts whose first slice equals a's first slice, in one vectorised pass
+                starts = np.flatnonzero((bm[:k] == am[0]).reshape(k, -1).all(axis=1))
+                for start in starts.tolist():
+                    if np.array_equal(bm[start:start + n], am):
                         out.append(Match((name,), "slice", (ax, start, start + n, tuple(perm) if perm else None)))
     return out
 
@@ -205,6 +230,8 @@ def bn_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], groups: dict[str, di
                     continue
                 for eps in _EPS:
                     s = _bn_scale(ck, g, eps).reshape((-1,) + (1,) * (a.ndim - 1))
+                    if not _close(w[:1].astype(np.float64) * s[:1], a[:1]):  # first output channel: cheap reject
+                        continue
                     if _close(w.astype(np.float64) * s, a):
                         out.append(Match((name, g["weight"], g["running_var"]), "bn_weight", (eps,)))
                         break
@@ -318,9 +345,10 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
     values = {n: numpy_helper.to_array(inits[n]) for n in candidates}
     cache: dict[str, dict[str, np.ndarray]] = {}
     matches: dict[str, list[Match]] = {}
+    fps: dict[str, dict[str, tuple[float, float]]] = {}
     for n in candidates:
         cc = cache.setdefault(values[n].dtype.str, {})
-        matches[n] = exact_matches(values[n], ck, cc)
+        matches[n] = exact_matches(values[n], ck, cc, fps.setdefault(values[n].dtype.str, {}))
     pairs = {m.sources[0]: next(p for p, grp in groups.items() if grp["weight"] == m.sources[1])
              for n in candidates for m in bn_matches(values[n], ck, groups, {}) if m.op == "bn_weight"} if groups else {}
     for n in candidates:

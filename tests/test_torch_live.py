@@ -41,7 +41,7 @@ def test_train_three_steps_and_push(name, how, tmp_path):
     else:
         torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"], dynamo=how == "dynamo_default",
                           **({} if how == "dynamo_default" else {"dynamic_axes": {"x": {0: "batch"}}}))
-        graphs = wb.convert(path, checkpoint=state_dict(m))  # the live state_dict: tied names share memory
+        graphs = wb.convert(path, checkpoint=m.state_dict())  # torch tensors as they are; tied names share storage
     with wb.Bundle.load_from_mem(wb.build_bundle(graphs)) as b:
         b.init()
         fx._train(m, name, g)

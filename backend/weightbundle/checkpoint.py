@@ -318,8 +318,8 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
         first = min(group, key=order.__getitem__)
         for n in group:
             tie_of[n] = tie_of.get(first, first)
-    ck_by_token = {("p_" if True else "") + k.replace(".", "_"): k for k in ck}
-    ck_by_token.update({"b_" + k.replace(".", "_"): k for k in ck})
+    # the dynamo exporter names lifted parameters p_<name> and buffers b_<name>, dots as underscores
+    ck_by_token = {prefix + k.replace(".", "_"): k for k in ck for prefix in ("p_", "b_")}
     g = model.graph
     split_identity_aliases(model, None)  # TorchScript dedup: Identity(kept) -> other_name
     inits = {t.name: t for t in g.initializer}
@@ -475,7 +475,7 @@ def _derivation(m: Match, out: str, target: np.ndarray, ck: Mapping[str, np.ndar
 
 def to_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A state_dict (torch tensors or arrays) as numpy arrays; BF16 as ``ml_dtypes.bfloat16``."""
-    return load_checkpoint(tensors)[0] if not isinstance(tensors, (str, os.PathLike)) else load_checkpoint(tensors)[0]
+    return load_checkpoint(tensors)[0]
 
 
 def select_update(inputs: Sequence[str], names: Sequence[str], *, strict: bool = True, require_all: bool = False) -> tuple[list[str], list[str]]:

@@ -307,12 +307,7 @@ class Bundle:
             t.data_location = onnx.TensorProto.EXTERNAL
             for k, val in (("location", "weights"), ("offset", rows[name]["offset"]), ("length", rows[name]["nbytes"])):
                 t.external_data.add(key=k, value=str(val))
-        section = self._weight_section()
-        so = self._session_options(prepack=False, level="none", housekeeping=True)
-        so.add_external_initializers_from_files_in_memory(["weights"], [section], [len(section)])
-        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        outs = sess.run(None, {})
-        del sess
+        outs = run_init_graph(proto, self._weight_section(), self._session_options(prepack=False, level="none", housekeeping=True))
         version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init").number
         del outs
         self._drop_weight_pages()  # initial weights are in the store now
@@ -728,6 +723,48 @@ def _check_finite(values: Mapping[str, np.ndarray]) -> None:
         if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
             raise UpdateError(f"weight {name!r} contains NaN or Inf in the variable's dtype {a.dtype} "
                               "(values out of that dtype's range overflow to Inf)")
+
+
+def run_init_graph(proto: onnx.ModelProto, section: np.ndarray, so: ort.SessionOptions,
+                   in_memory: bool | None = None) -> list[np.ndarray]:
+    """Run an init graph whose constants point at location "weights" (offset, length) in ``section``.
+
+    Both paths read the constants in place (no copy of the weight section):
+    - an ONNX Runtime with ``add_external_initializers_from_files_in_memory`` (1.32 has it)
+      resolves "weights" to the buffer;
+    - older ones (1.23 is the newest for Python 3.10) lack it, so the constants become graph
+      inputs fed with views of the section. Unlike ``add_initializer`` (NOTES §2), nothing
+      must outlive the call: ``run`` holds its feeds only while it runs.
+    ``in_memory`` forces a path (tests); None picks by what this ONNX Runtime offers.
+    """
+    if in_memory is None:
+        in_memory = hasattr(so, "add_external_initializers_from_files_in_memory")
+    feeds: dict[str, np.ndarray] = {}
+    if in_memory:
+        so.add_external_initializers_from_files_in_memory(["weights"], [section], [len(section)])
+    else:
+        proto = _copy(proto)
+        g = proto.graph
+        kept = []
+        for t in g.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            if t.data_location != onnx.TensorProto.EXTERNAL or ext.get("location") != "weights":
+                kept.append(t)  # inline constants stay constants
+                continue
+            off, n = int(ext.get("offset", "0")), int(ext["length"])
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            feeds[t.name] = section[off : off + n].view(dtype).reshape(tuple(t.dims))
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    return m
 
 
 def _populated_map(path: str) -> tuple[int, np.ndarray]:

@@ -27,6 +27,9 @@ VARIABLE_LOCATION = "weightbundle:variable"  # external_data location that marks
 UPDATED_SUFFIX = "__updated"  # update graph: output "<name>__updated" carries the new value
 VALID_OUTPUT = "__valid__"  # update graph: bool[n_vars], False where an input has the wrong shape
 UPDATE_OPSET = 17
+# IR version of opset 17. make_model would stamp the installed onnx's newest IR (14 for onnx 1.23),
+# which older ONNX Runtimes refuse (1.23, the newest for Python 3.10, loads up to IR 11).
+GRAPH_IR_VERSION = 8
 
 # Inputs that are operator *parameters* (shapes, bounds, scales, indices...), not learned data.
 # ORT constant-folds and fuses these, and shape inference needs some of them constant, so the
@@ -390,7 +393,8 @@ def _init_graph(specs: Sequence[VariableSpec], initial: Sequence[TensorProto]) -
         nodes.append(helper.make_node("Identity", [c.name], [s.name], name=f"init/{s.name}/assign"))
         outputs.append(helper.make_tensor_value_info(s.name, _NAME_TO_ONNX[s.dtype], list(s.shape)))
     g = helper.make_graph(nodes, "weightbundle_init", [], outputs, consts)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle")
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle",
+                             ir_version=GRAPH_IR_VERSION)
 
 
 def init_graph(specs: Sequence[VariableSpec]) -> onnx.ModelProto:
@@ -470,7 +474,8 @@ def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | N
     nodes.append(helper.make_node("Concat", valid, [VALID_OUTPUT], axis=0))
     outputs.append(helper.make_tensor_value_info(VALID_OUTPUT, TensorProto.BOOL, [len(specs)]))
     g = helper.make_graph(nodes, "weightbundle_update", inputs, outputs)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle")
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle",
+                             ir_version=GRAPH_IR_VERSION)
 
 
 def variables_as_inputs(infer: onnx.ModelProto) -> onnx.ModelProto:

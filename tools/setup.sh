@@ -54,9 +54,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     exit 2
   fi
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e ".[test,bench]"
-# --no-deps: only the tritonserver binary, python backend and stubs are needed, not pytriton's
-# own Python dependencies (which would also pull numpy 2; Triton 2.51's python backend needs numpy<2).
-"$VENV/bin/python" -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
+# The package is installed editable, so only a change of pyproject.toml (or of this step) needs pip.
+PYTRITON="nvidia-pytriton==0.7.0"
+stamp="$want $PYTRITON $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$VENV/.weightbundle-setup" 2>/dev/null)" != "$stamp" ]; then
+  rm -f "$VENV/.weightbundle-setup"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e ".[test,bench]"
+  # --no-deps: only the tritonserver binary, python backend and stubs are needed, not pytriton's
+  # own Python dependencies (which would also pull numpy 2; Triton 2.51's python backend needs numpy<2).
+  "$VENV/bin/python" -m pip install -q --no-deps "$PYTRITON"
+  echo "$stamp" > "$VENV/.weightbundle-setup"
+fi
 "$VENV/bin/python" tools/make_example.py

@@ -1,10 +1,9 @@
 # Which Pythons weightbundle supports, and where to find them. Sourced by tools/setup.sh
 # and .ci/run; keep SUPPORTED_PYTHONS in step with the README's first paragraph.
 #
-# Why not others: Triton 2.51's python backend stub reads numpy arrays with a numpy-1 ABI
-# (numeric inputs arrive garbled and string inputs crash the stub under numpy 2), and numpy 1
-# has no wheels for Python 3.13; Python 3.9 gets no onnx/onnxruntime release that reads the
-# graphs this package writes.
+# Why not others (measured; README "Python versions", pyproject's bounds): Triton 2.51's python
+# backend stub reads arrays with the numpy 1 ABI, and numpy 1 has no wheels for Python 3.13;
+# Python 3.9's newest onnxruntime (1.19) cannot load the weight store's external data (needs 1.21).
 SUPPORTED_PYTHONS="3.10 3.11 3.12"
 
 # python_version CMD: prints X.Y.Z if CMD runs as a Python interpreter, else nothing (status 1).

@@ -59,3 +59,18 @@ def test_unsupported_python3_is_passed_over_for_a_supported_one(tmp_path):
     # then it stops only because the VENV given here cannot be created
     assert p.returncode == 2 and "venv" in p.stderr and "failed" in p.stderr
     assert took < 30
+
+
+def test_supported_pythons_agree_in_setup_pyproject_and_readme():
+    """One list: tools/pythons.sh (setup, CI), pyproject's requires-python, the README's first paragraph."""
+    import re
+
+    text = open(os.path.join(ROOT, "tools", "pythons.sh")).read()
+    setup = re.search(r'^SUPPORTED_PYTHONS="([^"]+)"', text, re.M).group(1).split()
+    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+    lo, hi = re.search(r'requires-python = ">=3\.(\d+),<3\.(\d+)"', pyproject).groups()
+    assert setup == [f"3.{m}" for m in range(int(lo), int(hi))]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    first = readme.split("Both commands work on a fresh clone.", 1)[1].split("\n\n", 1)[0]
+    named = re.search(r"\*\*Python ([0-9., or]+)\*\*", first).group(1)
+    assert re.findall(r"3\.\d+", named) == setup

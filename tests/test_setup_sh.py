@@ -74,3 +74,35 @@ def test_supported_pythons_agree_in_setup_pyproject_and_readme():
     first = readme.split("Both commands work on a fresh clone.", 1)[1].split("\n\n", 1)[0]
     named = re.search(r"\*\*Python ([0-9., or]+)\*\*", first).group(1)
     assert re.findall(r"3\.\d+", named) == setup
+
+
+def _stale_venv(d) -> str:
+    """A virtualenv that another interpreter made (its python answers the probe as 3.9.0)."""
+    venv = os.path.join(d, "venv")
+    os.makedirs(os.path.join(venv, "bin"))
+    open(os.path.join(venv, "pyvenv.cfg"), "w").write("home = /elsewhere\n")
+    with open(os.path.join(venv, "bin", "python"), "w") as f:
+        f.write("#!/bin/sh\necho 3.9.0 /elsewhere\n")
+    os.chmod(os.path.join(venv, "bin", "python"), 0o755)
+    return venv
+
+
+def test_a_venv_made_by_another_python_is_recreated(tmp_path):
+    venv = _stale_venv(str(tmp_path))
+    # No package index: setup stops at its first pip install, right after the venv step.
+    offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull, "PIP_EXTRA_INDEX_URL": ""}
+    p, _ = _run({"PYTHON": sys.executable, "VENV": venv, **offline}, tmp_path)
+    assert f"{venv} was made by another Python (3.9.0 /elsewhere); recreating it with {sys.executable}" in p.stderr, p.stderr
+    out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import sys; print(sys.prefix)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.samefile(out, venv)  # a real venv of this interpreter now
+    assert p.returncode != 0  # (the offline pip install then fails, as arranged)
+
+
+def test_a_folder_that_is_not_a_venv_is_left_alone(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    p, _ = _run({"PYTHON": sys.executable, "VENV": str(d)}, tmp_path)
+    assert p.returncode == 2 and "is not a virtualenv" in p.stderr
+    assert (d / "keep.txt").read_text() == "mine"

@@ -112,3 +112,49 @@ def test_generated_graphs_declare_the_ir_of_their_opset():
         assert b._graphs[GRAPH_UPDATE].ir_version == GRAPH_IR_VERSION
     finally:
         b.unload()
+
+
+# ---- model.py refuses a stub that misreads numpy (Triton 2.51's stubs under numpy 2) ---------------
+class _StubTensor:
+    """A pb_utils.Tensor stand-in; ``garble`` mimics the faulty stub: arrays built from a
+    pointer (as inputs are) read every element from the first one's address."""
+
+    garble = False
+
+    def __init__(self, name, arr):
+        self._a = np.asarray(arr)
+
+    def as_numpy(self):
+        return self._a
+
+    @classmethod
+    def from_dlpack(cls, name, src):
+        a = src.as_numpy()
+        return cls(name, np.full_like(a, a.reshape(-1)[0]) if cls.garble else a.copy())
+
+
+def _load_model_py(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = _StubTensor
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    path = os.path.join(os.path.dirname(wb.__file__), "triton", "model.py")
+    spec = importlib.util.spec_from_file_location("wb_triton_model_numpy_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("garble", [False, True])
+def test_model_py_refuses_a_stub_that_misreads_numpy(monkeypatch, garble):
+    mod = _load_model_py(monkeypatch)
+    monkeypatch.setattr(_StubTensor, "garble", garble)
+    if not garble:
+        mod._check_stub_reads_numpy()
+        return
+    with pytest.raises(RuntimeError, match=r"misreads numpy .* reads back as \[1\.0, 1\.0, 1\.0, 1\.0\].*numpy<2"):
+        m = mod.TritonPythonModel()
+        m.initialize({"model_config": "{}"})  # refused before it reads its config or bundle

@@ -16,6 +16,7 @@ from weightbundle.serving import Event, Reply, ServingSettings, Service
 
 class TritonPythonModel:
     def initialize(self, args):
+        _check_stub_reads_numpy()
         config = json.loads(args["model_config"])
         settings = ServingSettings.from_model_config(config)
         self._metrics = _Metrics(args["model_name"], args["model_version"])
@@ -64,6 +65,27 @@ def _log(message):
         logger.log_warn(message)
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+def _check_stub_reads_numpy():
+    """Refuse to load where the stub misreads this numpy, instead of serving garbled inputs.
+
+    Triton 2.51's stubs read numpy 1's dtype layout: under numpy 2 a numeric input arrives as
+    copies of its first element and a string input crashes the stub. A tensor made by DLPack
+    from another stub tensor gets its array the way inputs do, so reading it back shows the
+    fault up front. (Not from a numpy array's DLPack: the stub renames the consumed capsule
+    in a way numpy 1's capsule destructor rejects, which kills the stub.)
+    """
+    from_dlpack = getattr(pb_utils.Tensor, "from_dlpack", None)
+    if from_dlpack is None:  # python backends without DLPack predate numpy 2
+        return
+    probe = np.arange(1, 5, dtype=np.float32)
+    got = np.asarray(from_dlpack("weightbundle_probe", pb_utils.Tensor("weightbundle_probe", probe)).as_numpy())
+    if not np.array_equal(got, probe):
+        raise RuntimeError(
+            f"this Triton python backend stub misreads numpy {np.__version__} arrays ({probe.tolist()} reads back as "
+            f"{got.tolist()}), so every input would arrive garbled; install numpy<2 in the Python the stub runs "
+            "(or point the model parameter EXECUTION_ENV_PATH at an environment that has it)")
 
 
 def _triton_array(a):

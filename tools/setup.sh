@@ -29,7 +29,11 @@ elif ! PY=$(find_python); then
 fi
 PYV=$(python_version "$PY")
 if [ -z "${PYTHON:-}" ] && [ "$(readlink -f "$(command -v python3 2>/dev/null || echo none)" 2>/dev/null)" != "$(readlink -f "$(command -v "$PY")")" ]; then
-  echo "setup: python3 is $(python_version python3 || echo missing), which weightbundle does not support; using $PY (Python $PYV)." >&2
+  if v3=$(python_version python3); then
+    echo "setup: python3 is $v3, which weightbundle does not support; using $PY (Python $PYV)." >&2
+  else
+    echo "setup: no python3 on PATH; using $PY (Python $PYV)." >&2
+  fi
 else
   echo "setup: using $PY (Python $PYV) for $VENV" >&2
 fi

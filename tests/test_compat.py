@@ -114,6 +114,21 @@ def test_generated_graphs_declare_the_ir_of_their_opset():
         b.unload()
 
 
+
+def test_update_graph_with_derived_variables_declares_a_loadable_ir():
+    """Folding BatchNorm makes derived variables and an update graph on the model's own opset."""
+    model = models.convnet()
+    data = wb.build_bundle(wb.convert(model, fold_bn=True))
+    b = wb.Bundle.load_from_mem(data)
+    try:
+        ir = b._graphs[GRAPH_UPDATE].ir_version
+        assert GRAPH_IR_VERSION <= ir <= 10, ir  # ONNX Runtime 1.21 (the floor) loads up to IR 10
+        v = b.init()
+        src = [s for s in b.update_inputs if s.dtype.kind == "f"][0]
+        assert b.update({src.name: np.zeros(src.shape, src.dtype)}) == v + 1
+    finally:
+        b.unload()
+
 # ---- model.py refuses a stub that misreads numpy (Triton 2.51's stubs under numpy 2) ---------------
 class _StubTensor:
     """A pb_utils.Tensor stand-in; ``garble`` mimics the faulty stub: arrays built from a

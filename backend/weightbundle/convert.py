@@ -343,7 +343,10 @@ def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[Va
     outputs.append(helper.make_tensor_value_info(VALID_OUTPUT, TensorProto.BOOL, [len(sources)]))
     g = helper.make_graph(nodes, "weightbundle_update", inputs, outputs, list(consts.values()))
     opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] + [UPDATE_OPSET])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="weightbundle")
+    ops = [helper.make_opsetid("", opset)]
+    # The IR its opset needs, not the installed onnx's newest (see GRAPH_IR_VERSION).
+    ir = max(GRAPH_IR_VERSION, helper.find_min_ir_version_for(ops, ignore_unknown=True))
+    return helper.make_model(g, opset_imports=ops, producer_name="weightbundle", ir_version=ir)
 
 
 def retype_update_graph(update: onnx.ModelProto, input_dtypes: Mapping[str, str]) -> onnx.ModelProto:

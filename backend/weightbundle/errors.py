@@ -45,3 +45,12 @@ class VersionConflictError(UpdateError):
         super().__init__(f"version conflict: expected_version={expected} but the current version is {current}")
         self.expected = expected
         self.current = current
+
+
+class VersionOrderError(VersionConflictError):
+    """A publisher-chosen ``version`` does not exceed the current version (numbers never go down)."""
+
+    def __init__(self, requested: int, current: int):
+        UpdateError.__init__(self, f"version {requested} refused: it must exceed the current version {current}")
+        self.expected = requested
+        self.current = current

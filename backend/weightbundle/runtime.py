@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -30,7 +30,7 @@ from . import packing
 from .convert import UPDATED_SUFFIX, VALID_OUTPUT, init_graph, is_placeholder, retype_update_graph
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError, UpdateError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
-from .store import STAGING, Version, WeightStore
+from .store import STAGING, StagedVersion, Version, WeightStore
 
 STAGING_MIN_BYTES = 1 << 20  # below this, the plain write path is as fast and holds no staging blob
 
@@ -292,8 +292,9 @@ class Bundle:
             raise InputError(f"inference failed: {e}") from None
         return {o.name: a for o, a in zip(self.outputs, outs)}, version
 
-    def init(self) -> int:
-        """Run the init graph: every variable <- its initial value. Returns the new version."""
+    def init(self, version: int | None = None) -> int:
+        """Run the init graph: every variable <- its initial value. Returns the new version
+        (``version`` when given: a publisher-chosen number, see ``update``)."""
         self._alive()
         if not self.has_init:
             raise BundleError("this bundle was built without an init graph (--no-init); set weights with an update")
@@ -308,7 +309,7 @@ class Bundle:
             for k, val in (("location", "weights"), ("offset", rows[name]["offset"]), ("length", rows[name]["nbytes"])):
                 t.external_data.add(key=k, value=str(val))
         outs = run_init_graph(proto, self._weight_section(), self._session_options(prepack=False, level="none", housekeeping=True))
-        version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init").number
+        version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init", version=version).number
         del outs
         self._drop_weight_pages()  # initial weights are in the store now
         if self.options.staging:
@@ -409,8 +410,20 @@ class Bundle:
         return [v.name for v in self.variables if pushed.intersection(self._deps[v.name])]
 
     def update(self, inputs: Mapping[str, np.ndarray], expected_version: int | None = None,
-               reject_nonfinite: bool = False) -> int:
-        """Apply an update through the update graph, all-or-nothing. Returns the new version."""
+               reject_nonfinite: bool = False, version: int | None = None) -> int:
+        """Apply an update through the update graph, all-or-nothing. Returns the new version.
+
+        ``version``: a publisher-chosen number (must exceed the current one), so that a
+        fleet labels the same weights alike; default current + 1.
+        """
+        return self._through_update_graph(
+            inputs, expected_version, reject_nonfinite,
+            lambda feed, retype, changed, ev: self._apply(feed, retype, changed, ev, reject_nonfinite, version))
+
+    def _through_update_graph(self, inputs: Mapping[str, np.ndarray], expected_version: int | None, reject_nonfinite: bool,
+                              sink: Callable[[dict[str, np.ndarray], dict[str, str], list[str], int | None], Any]) -> Any:
+        """Check an update and work out what it recomputes; ``sink`` runs the update graph and
+        stores the result (``_apply`` publishes it, ``stage`` stages it)."""
         self._alive()
         feed, retype = self.check_update(inputs)
         if reject_nonfinite:  # name the source sent; values that overflow in the cast are caught after it (_check_finite)
@@ -440,11 +453,11 @@ class Bundle:
                         raise UpdateError(f"source {d!r} is needed to recompute {[e for e in changed if d in self._deps[e]][:5]} but has no stored value")
                     feed[d] = np.asarray(self._store.array(cur, d))
                     retype.pop(d, None)
-                return self._apply(feed, retype, changed, cur.number if expected_version is None else expected_version, reject_nonfinite)
-        return self._apply(feed, retype, changed, expected_version, reject_nonfinite)
+                return sink(feed, retype, changed, cur.number if expected_version is None else expected_version)
+        return sink(feed, retype, changed, expected_version)
 
     def _apply(self, feed: dict[str, np.ndarray], retype: dict[str, str], changed: list[str], expected_version: int | None,
-               reject_nonfinite: bool = False) -> int:
+               reject_nonfinite: bool = False, version: int | None = None) -> int:
         sess = self._update_session(retype)
         staged = None
         if self.options.staging and sum(self._specs[n].nbytes for n in changed) >= STAGING_MIN_BYTES:
@@ -455,17 +468,33 @@ class Bundle:
             except BaseException:
                 self._store.release_staging(staged)
                 raise
-            version = self._store.publish_staged(staged, changed, op="update", expected_version=expected_version).number
+            version = self._store.publish_staged(staged, changed, op="update", expected_version=expected_version, version=version).number
         else:
             values = self._run_update(sess, feed, changed)
             if reject_nonfinite:
                 _check_finite(values)
-            version = self._store.publish(values, op="update", expected_version=expected_version).number
+            version = self._store.publish(values, op="update", expected_version=expected_version, version=version).number
         if self.options.staging:
             self._prepare_staging_soon()
         else:
             _release_free_memory()
         return version
+
+    def stage(self, inputs: Mapping[str, np.ndarray], version: int | None = None, reject_nonfinite: bool = False,
+              ttl: float = 3600.0, op: str = "stage", origin: dict | None = None) -> StagedVersion:
+        """Like ``update``, but the result is a *staged* version that serves nothing until
+        ``activate(number)``.  Same checks, same sources-to-entries logic and the same update
+        graph as ``update`` (``_through_update_graph``); only where the result goes differs.
+        """
+        def sink(feed: dict[str, np.ndarray], retype: dict[str, str], changed: list[str], _ev: int | None) -> StagedVersion:
+            # Entries derived from kept sources were computed from the current version: then
+            # this runs under the store lock, so the staged version's base is that version.
+            values = self._run_update(self._update_session(retype), feed, changed)
+            if reject_nonfinite:
+                _check_finite(values)
+            return self._store.stage(((n, values.pop(n)) for n in changed), op, version=version, ttl=ttl, origin=origin)
+
+        return self._through_update_graph(inputs, None, reject_nonfinite, sink)
 
     @staticmethod
     def _bind_inputs(io: Any, feed: Mapping[str, np.ndarray]) -> None:

@@ -14,7 +14,9 @@ out of the retained history; open mmaps keep their pages alive until closed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -22,17 +24,19 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import packing
-from .errors import BundleError, UpdateError, VersionConflictError
+from .errors import BundleError, UpdateError, VersionConflictError, VersionOrderError
 from .format import VariableSpec
 
 PAGE = 4096
 STAGING = "staging.bin"
 CLAIMED = ".claimed-"
+STAGED = "staged-"  # staged-<N>.bin / staged-<N>.json: staged versions (never "blob-", which GC owns)
+STAGE_TMP = ".stage-"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,30 @@ class Version:
     entries: dict[str, tuple[str, int]]  # name -> (blob file name, byte offset)
     time: float
     prev: int | None  # the version whose contents this one replaced: where rollback goes
+    origin: dict | None = None  # where the weights came from (object-store url, per-tensor source sha256)
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    """A version written to the store that serves nothing until ``activate``.
+
+    ``entries`` holds only the staged variables; the others come from ``base`` at
+    activation, which therefore requires the current version to still be ``base``.
+    A stage that sets every variable has ``base`` None and fits any current version.
+    """
+
+    number: int
+    op: str
+    entries: dict[str, tuple[str, int]]
+    base: int | None
+    digest: str  # sha256 of the complete weights this version will serve (see weights_digest)
+    time: float
+    expires: float
+    origin: dict | None = None
+
+    def describe(self) -> dict:
+        return {"version": self.number, "op": self.op, "base": self.base, "digest": self.digest,
+                "tensors": len(self.entries), "expires_in_s": round(max(0.0, self.expires - time.time()), 1)}
 
 
 def default_root() -> str:
@@ -103,7 +131,7 @@ class WeightStore:
     def version(self, n: int) -> Version:
         with open(os.path.join(self.path, f"v{n}.json"), "rb") as f:
             d = json.load(f)
-        return Version(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["time"], d.get("prev"))
+        return Version(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["time"], d.get("prev"), d.get("origin"))
 
     def versions(self) -> list[int]:
         return sorted(int(f[1:-5]) for f in os.listdir(self.path) if f.startswith("v") and f.endswith(".json"))
@@ -130,7 +158,8 @@ class WeightStore:
             if self._lock_depth == 0:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None) -> Version:
+    def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None,
+                version: int | None = None) -> Version:
         """Write ``arrays`` as a new version; variables not given keep their current blob.
 
         Arrays must already have the variable's dtype and shape (the update graph
@@ -139,7 +168,7 @@ class WeightStore:
         """
         with self.locked():
             cur = self._check_publish(set(arrays), expected_version)
-            number = 0 if cur is None else cur.number + 1
+            number = self.next_number(cur, version)
             entries = dict(cur.entries) if cur else {}
             if arrays:
                 blob = f"blob-{number}.bin"
@@ -198,62 +227,200 @@ class WeightStore:
         """Give a claimed staging blob back unpublished (the update was rejected)."""
         self._return_staging(path)
 
-    def publish_staged(self, path: str, names: Sequence[str], op: str, expected_version: int | None = None) -> Version:
+    def publish_staged(self, path: str, names: Sequence[str], op: str, expected_version: int | None = None,
+                       version: int | None = None) -> Version:
         """Publish a claimed staging blob holding new values for ``names`` at their layout offsets."""
         offsets, _ = self.staging_layout()
         keep = set(names)
         with self.locked():
             try:
                 cur = self._check_publish(keep, expected_version)
+                number = self.next_number(cur, version)
             except UpdateError:
                 self.release_staging(path)
                 raise
             _punch_holes(path, [(offsets[n], self.specs[n].nbytes) for n in self.order if n not in keep])
-            number = 0 if cur is None else cur.number + 1
             blob = f"blob-{number}.bin"
             os.rename(path, os.path.join(self.path, blob))
             entries = dict(cur.entries) if cur else {}
             entries.update({n: (blob, offsets[n]) for n in names})
             return self._commit(number, op, entries, None if cur is None else cur.number)
 
-    def _check_publish(self, names: set[str], expected_version: int | None) -> Version | None:
-        """Under the lock: compare-and-swap, and every variable must have a value afterwards."""
+    def check_expected(self, expected_version: int | None) -> Version | None:
+        """Under the lock: the compare-and-swap check every mutating path shares. Returns the current version."""
         cur = self.current()
         if expected_version is not None and (cur is None or cur.number != expected_version):
             raise VersionConflictError(expected_version, -1 if cur is None else cur.number)
+        return cur
+
+    @staticmethod
+    def next_number(cur: Version | None, version: int | None) -> int:
+        """The number a new version gets: ``version`` when the publisher chose one (it must
+        exceed the current one, so numbers never go down), else current + 1."""
+        if version is None:
+            return 0 if cur is None else cur.number + 1
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise UpdateError(f"'version' must be a non-negative integer, got {version!r}")
+        if cur is not None and version <= cur.number:
+            raise VersionOrderError(version, cur.number)
+        return version
+
+    def _check_publish(self, names: set[str], expected_version: int | None) -> Version | None:
+        """Under the lock: compare-and-swap, and every variable must have a value afterwards."""
+        cur = self.check_expected(expected_version)
         missing = [n for n in self.order if n not in names and (cur is None or n not in cur.entries)]
         if missing:
             raise UpdateError(f"no current value for {missing[:5]}{'...' if len(missing) > 5 else ''}: the first update must set every variable")
         return cur
 
-    def rollback(self, expected_version: int | None = None) -> Version:
+    def rollback(self, expected_version: int | None = None, version: int | None = None) -> Version:
         """Publish, as a new version, the contents the current version replaced.
 
         Repeated rollbacks walk further back while ``history`` retains versions.
         """
         with self.locked():
-            cur = self.current()
+            cur = self.check_expected(expected_version)
             if cur is None:
                 raise UpdateError("nothing to roll back: no weights yet")
-            if expected_version is not None and cur.number != expected_version:
-                raise VersionConflictError(expected_version, cur.number)
+            number = self.next_number(cur, version)
             if cur.prev is None or cur.prev not in self.versions():
                 kept = [n for n in self.versions() if n != cur.number]
                 raise UpdateError(f"cannot roll back version {cur.number}: its predecessor is not retained "
                                   f"(retained: {kept}; raise the 'history' parameter to keep more)")
             target = self.version(cur.prev)
-            return self._commit(cur.number + 1, f"rollback to {target.number}", dict(target.entries), target.prev)
+            return self._commit(number, f"rollback to {target.number}", dict(target.entries), target.prev)
 
-    def _write_blob(self, blob: str, arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[str, int]]:
+    # -- staged versions (two-phase: stage everywhere, then activate) -------------------
+    # A staged version is a blob plus a manifest under names GC never touches.  Activation
+    # renames the blob to an ordinary one and publishes a manifest: a few file operations
+    # under the lock, whatever the model size.  Staged versions expire after their ttl.
+    def _staged_path(self, number: int, ext: str) -> str:
+        return os.path.join(self.path, f"{STAGED}{number}.{ext}")
+
+    def stage(self, arrays: Iterable[tuple[str, np.ndarray]], op: str, version: int | None = None,
+              ttl: float = 3600.0, origin: dict | None = None) -> StagedVersion:
+        """Write ``arrays`` (name, array of the variable's dtype and shape) as a staged version.
+
+        The blob is written outside the lock, one array at a time, so a caller may produce
+        them lazily; the number, the completeness check and the digest are fixed under it.
+        """
+        tmp = f"{STAGE_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+        try:
+            written = self._write_blob(tmp, arrays)
+            with self.locked():
+                self._expire_staged()
+                cur = self.current()
+                number = self.next_number(cur, version)
+                if os.path.exists(self._staged_path(number, "json")):
+                    raise UpdateError(f"version {number} is already staged; activate or abort it first")
+                full = set(written) == set(self.order)
+                if not full:
+                    self._check_publish(set(written), None)  # every variable needs a value
+                blob = f"{STAGED}{number}.bin"
+                os.rename(os.path.join(self.path, tmp), os.path.join(self.path, blob))
+                entries = {n: (blob, off) for n, (_, off) in written.items()}
+                base = None if full or cur is None else cur.number
+                merged = {**(cur.entries if cur is not None and not full else {}), **entries}
+                now = time.time()
+                st = StagedVersion(number, op, entries, base, self.weights_digest(merged), now, now + ttl, origin)
+                self._atomic_write(f"{STAGED}{number}.json", json.dumps(
+                    {"version": number, "op": op, "vars": entries, "base": base, "digest": st.digest, "time": now,
+                     "expires": st.expires, "origin": origin}).encode())
+                return st
+        finally:
+            _unlink(os.path.join(self.path, tmp))
+            _unlink(os.path.join(self.path, tmp + ".tmp"))
+
+    def staged(self, number: int) -> StagedVersion | None:
+        try:
+            with open(self._staged_path(number, "json"), "rb") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            return None
+        return StagedVersion(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["base"], d["digest"],
+                             d["time"], d["expires"], d.get("origin"))
+
+    def staged_versions(self) -> list[StagedVersion]:
+        with self.locked():
+            self._expire_staged()
+            nums = sorted(int(f[len(STAGED):-5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
+            return [st for st in (self.staged(n) for n in nums) if st is not None]
+
+    def activate(self, number: int, expected_version: int | None = None) -> Version:
+        """Publish staged version ``number`` atomically (compare-and-swap on ``expected_version``)."""
+        with self.locked():
+            self._expire_staged()
+            st = self.staged(number)
+            if st is None:
+                have = [s.number for s in self._staged_list()]
+                raise UpdateError(f"version {number} is not staged (staged: {have}); stage it first")
+            cur = self.check_expected(expected_version)
+            self.next_number(cur, number)
+            if st.base is not None and (cur is None or cur.number != st.base):
+                err = VersionConflictError(st.base, -1 if cur is None else cur.number)
+                err.args = (f"staged version {number} changes only some weights of version {st.base}, but the current "
+                            f"version is {err.current}; abort it and stage it again",)
+                raise err
+            blob = f"blob-{number}.bin"
+            os.rename(self._staged_path(number, "bin"), os.path.join(self.path, blob))
+            entries = dict(cur.entries) if cur is not None and st.base is not None else {}
+            entries.update({n: (blob, off) for n, (_, off) in st.entries.items()})
+            origin = _merge_origin(cur.origin if cur is not None and st.base is not None else None, st)
+            _unlink(self._staged_path(number, "json"))
+            return self._commit(number, st.op, entries, None if cur is None else cur.number, origin)
+
+    def abort(self, number: int) -> StagedVersion:
+        with self.locked():
+            st = self.staged(number)
+            if st is None:
+                raise UpdateError(f"version {number} is not staged (staged: {[s.number for s in self._staged_list()]})")
+            self._drop_staged(number)
+            return st
+
+    def _staged_list(self) -> list[StagedVersion]:
+        nums = sorted(int(f[len(STAGED):-5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
+        return [st for st in (self.staged(n) for n in nums) if st is not None]
+
+    def _drop_staged(self, number: int) -> None:
+        _unlink(self._staged_path(number, "json"))  # manifest first: a blob without one is never activated
+        _unlink(self._staged_path(number, "bin"))
+
+    def _expire_staged(self) -> None:
+        """Under the lock: drop staged versions past their ttl."""
+        now = time.time()
+        for st in self._staged_list():
+            if st.expires < now:
+                self._drop_staged(st.number)
+
+    def weights_digest(self, entries: Mapping[str, tuple[str, int]]) -> str:
+        """sha256 over every variable in order (name, dtype, shape, bytes): equal digests, equal weights."""
+        h = hashlib.sha256()
+        for name in self.order:
+            spec = self.specs[name]
+            h.update(f"{name}\0{spec.np_dtype.str}\0{list(spec.shape)}\0".encode())
+            if spec.nbytes:
+                blob, off = entries[name]
+                with open(os.path.join(self.path, blob), "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    h.update(memoryview(mm)[off : off + spec.nbytes])
+                finally:
+                    mm.close()
+        return h.hexdigest()
+
+    def current_digest(self) -> str | None:
+        cur = self.current()
+        return None if cur is None else self.weights_digest(cur.entries)
+
+    def _write_blob(self, blob: str, arrays: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]) -> dict[str, tuple[str, int]]:
         out: dict[str, tuple[str, int]] = {}
         tmp = os.path.join(self.path, blob + ".tmp")
+        items = [(n, arrays[n]) for n in self.order if n in arrays] if isinstance(arrays, Mapping) else arrays
         try:
             with open(tmp, "wb") as f:
                 off = 0
-                for name in self.order:
-                    if name not in arrays:
-                        continue
-                    arr = np.ascontiguousarray(arrays[name])
+                for name, arr in items:
+                    arr = np.ascontiguousarray(arr)
                     f.seek(off)
                     f.write(memoryview(arr.reshape(-1).view(np.uint8)))
                     out[name] = (blob, off)
@@ -265,9 +432,13 @@ class WeightStore:
             raise
         return out
 
-    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None) -> Version:
-        v = Version(number, op, entries, time.time(), prev)
-        self._atomic_write(f"v{number}.json", json.dumps({"version": number, "op": op, "time": v.time, "prev": prev, "vars": entries}).encode())
+    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None,
+                origin: dict | None = None) -> Version:
+        v = Version(number, op, entries, time.time(), prev, origin)
+        d = {"version": number, "op": op, "time": v.time, "prev": prev, "vars": entries}
+        if origin:
+            d["origin"] = origin
+        self._atomic_write(f"v{number}.json", json.dumps(d).encode())
         self._atomic_write("HEAD", str(number).encode())
         self._cache = (number, v)
         self._gc(number)
@@ -295,6 +466,8 @@ class WeightStore:
                 _unlink(os.path.join(self.path, f))
             elif f.startswith(CLAIMED) and not pid_alive(int(f[len(CLAIMED):].split("-", 1)[0])):
                 _unlink(os.path.join(self.path, f))  # claimed by a process that died mid-update
+            elif f.startswith(STAGE_TMP) and not pid_alive(int(f[len(STAGE_TMP):].split("-", 1)[0])):
+                _unlink(os.path.join(self.path, f))  # a stage whose writer died
         self._gc_packed(head)
 
     def _gc_packed(self, head: int) -> None:
@@ -368,6 +541,16 @@ class WeightStore:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         shutil.rmtree(self.packed_path, ignore_errors=True)
+
+
+def _merge_origin(base: dict | None, st: StagedVersion) -> dict | None:
+    """Per-tensor source digests of the new version: the base's for variables the stage kept."""
+    sha = {k: v for k, v in ((base or {}).get("sha256") or {}).items() if k not in st.entries}
+    sha.update((st.origin or {}).get("sha256") or {})
+    out = {k: v for k, v in (st.origin or {}).items() if k != "sha256"}
+    if sha:
+        out["sha256"] = sha
+    return out or None
 
 
 def _unlink(path: str) -> None:

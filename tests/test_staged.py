@@ -1,0 +1,113 @@
+"""Staged versions and publisher-chosen version numbers, in-process (store + Bundle)."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import models
+import weightbundle as wb
+from weightbundle.errors import UpdateError, VersionConflictError, VersionOrderError
+
+MODEL = models.mlp(sizes=(16, 32, 8))
+X = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+
+
+@pytest.fixture
+def bundle():
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(MODEL)))
+    b.init()
+    yield b
+    b.unload()
+
+
+def _new(b: wb.Bundle, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {v.name: rng.standard_normal(v.shape).astype(v.np_dtype) for v in b.variables}
+
+
+def _snapshot(b: wb.Bundle) -> dict[str, bytes]:
+    cur = b.store.current()
+    return {v.name: b.store.array(cur, v.name).tobytes() for v in b.variables}
+
+
+def test_publisher_chosen_versions(bundle):
+    w = _new(bundle, 1)
+    assert bundle.update(w, version=7) == 7
+    with pytest.raises(VersionOrderError, match="must exceed the current version 7"):
+        bundle.update(w, version=7)
+    assert bundle.update(w) == 8  # without a number: today's numbering
+    assert bundle.store.rollback(version=20).number == 20
+    assert bundle.init(version=21) == 21
+
+
+def test_stage_serves_nothing_until_activated(bundle):
+    before = _snapshot(bundle)
+    y0, v0 = bundle.infer({"x": X})
+    w = _new(bundle, 2)
+    st = bundle.stage(w, version=5)
+    assert st.number == 5 and st.base is None and len(st.digest) == 64
+    assert bundle.version == 0 and _snapshot(bundle) == before
+    np.testing.assert_array_equal(bundle.infer({"x": X})[0]["y"], y0["y"])
+    assert [s.number for s in bundle.store.staged_versions()] == [5]
+    v = bundle.store.activate(5, expected_version=0)
+    assert v.number == 5 and bundle.version == 5 and bundle.store.staged_versions() == []
+    ref = models.ort_run(models.with_weights(MODEL, w), {"x": X})["y"]
+    y, ver = bundle.infer({"x": X})
+    assert ver == 5
+    np.testing.assert_allclose(y["y"], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert bundle.store.current_digest() == st.digest
+
+
+def test_delta_stage_needs_its_base(bundle):
+    name = bundle.variables[0].name
+    one = {name: _new(bundle, 3)[name]}
+    st = bundle.stage(one, version=2)
+    assert st.base == 0 and list(st.entries) == [name]
+    bundle.update(_new(bundle, 4))  # version 1: the delta's base is gone
+    before = _snapshot(bundle)
+    with pytest.raises(VersionConflictError, match="stage it again"):
+        bundle.store.activate(2)
+    assert _snapshot(bundle) == before and bundle.version == 1
+
+
+def test_activate_cas_abort_and_errors(bundle):
+    bundle.stage(_new(bundle, 5), version=3)
+    with pytest.raises(UpdateError, match="already staged"):
+        bundle.stage(_new(bundle, 6), version=3)
+    with pytest.raises(VersionConflictError, match="expected_version=9"):
+        bundle.store.activate(3, expected_version=9)
+    with pytest.raises(UpdateError, match="not staged"):
+        bundle.store.activate(4)
+    with pytest.raises(VersionOrderError):
+        bundle.stage(_new(bundle, 6), version=0)
+    assert bundle.store.abort(3).number == 3
+    with pytest.raises(UpdateError, match="not staged"):
+        bundle.store.activate(3)
+    assert not [f for f in os.listdir(bundle.store.path) if f.startswith(("staged-", ".stage-"))]
+    assert bundle.version == 0
+
+
+def test_bad_stage_leaves_nothing(bundle):
+    before = _snapshot(bundle)
+    w = _new(bundle, 7)
+    w[bundle.variables[0].name] = np.zeros((3, 3), np.float32)
+    with pytest.raises(UpdateError, match="shape"):
+        bundle.stage(w, version=1)
+    w = _new(bundle, 7)
+    w[bundle.variables[0].name][0, 0] = np.nan
+    with pytest.raises(UpdateError, match="NaN"):
+        bundle.stage(w, version=1, reject_nonfinite=True)
+    assert bundle.store.staged_versions() == [] and _snapshot(bundle) == before
+    assert not [f for f in os.listdir(bundle.store.path) if f.startswith(("staged-", ".stage-"))]
+
+
+def test_staged_version_expires(bundle):
+    bundle.stage(_new(bundle, 8), version=1, ttl=0.05)
+    time.sleep(0.1)
+    assert bundle.store.staged_versions() == []
+    with pytest.raises(UpdateError, match="not staged"):
+        bundle.store.activate(1)
+    assert not [f for f in os.listdir(bundle.store.path) if f.startswith("staged-")]

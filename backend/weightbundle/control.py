@@ -20,14 +20,18 @@ from .errors import BundleError
 CONTROL_INPUT = "CONTROL"
 VERSION_OUTPUT = "WEIGHTS_VERSION"
 RESULT_OUTPUT = "CONTROL_RESULT"
-OPS = ("update", "status", "reset", "rollback", "commit")
-MUTATING = frozenset({"update", "reset", "rollback", "commit"})
+OPS = ("update", "status", "reset", "rollback", "commit", "stage", "activate", "abort")
+MUTATING = frozenset({"update", "reset", "rollback", "commit", "stage", "activate", "abort"})
+# "version": a publisher-chosen number for the version the op creates (fleets; see docs/fleet.md)
 _FIELDS = {
-    "update": {"expected_version", "source", "reject_nonfinite"},
+    "update": {"expected_version", "source", "reject_nonfinite", "version"},
     "status": {"checksums"},
-    "reset": {"expected_version"},
-    "rollback": {"expected_version"},
+    "reset": {"expected_version", "version"},
+    "rollback": {"expected_version", "version"},
     "commit": {"expected_version"},
+    "stage": {"source", "reject_nonfinite", "version"},
+    "activate": {"expected_version", "version"},
+    "abort": {"version"},
 }
 RESERVED_NAMES = frozenset({CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT})
 # Field types, checked strictly: a boolean is true or false, not 1 or "yes".

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 import zlib
@@ -50,6 +51,17 @@ def _paths(v: str, key: str) -> tuple[str, ...]:
     return tuple(p for p in v.split(":") if p)
 
 
+def _float(v: str, key: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise BundleError(f"model config parameter {key!r} must be a number, got {v!r}") from None
+
+
+def _list(v: str, key: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in v.split(",") if p.strip())
+
+
 @dataclass
 class ServingSettings:
     """Everything a model's ``config.pbtxt`` can set (``parameters`` plus batching)."""
@@ -70,11 +82,22 @@ class ServingSettings:
     store_root: str | None = None
     file_update_dirs: tuple[str, ...] = ()
     max_batch_size: int = 0
+    # object store and fleets (docs/fleet.md)
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    s3_allowed_prefixes: tuple[str, ...] = ()
+    s3_credentials_file: str | None = None
+    s3_spool_dir: str | None = None
+    weights_source: str | None = None
+    follow_seconds: float = 0.0
+    staged_ttl_seconds: float = 3600.0
 
     _PARAMS = {
         "bundle_filename": _str, "allow_updates": parse_bool, "update_secret_env": _str, "update_secret_file": _str,
         "update_auth": _str, "history": _int, "prepack": parse_bool, "hybrid": parse_bool, "staging": parse_bool, "share_packed": parse_bool, "optimization": _str, "intra_op_threads": _int,
         "reject_nonfinite": parse_bool, "store_root": _str, "file_update_dirs": _paths,
+        "s3_endpoint": _str, "s3_region": _str, "s3_allowed_prefixes": _list, "s3_credentials_file": _str, "s3_spool_dir": _str,
+        "weights_source": _str, "follow_seconds": _float, "staged_ttl_seconds": _float,
     }
 
     @classmethod
@@ -89,6 +112,14 @@ class ServingSettings:
             raise BundleError(f"update_auth must be 'secret' or 'none', got {s.update_auth!r}")
         if s.history < 1:
             raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
+        if s.staged_ttl_seconds <= 0 or s.follow_seconds < 0:
+            raise BundleError("staged_ttl_seconds must be > 0 and follow_seconds >= 0")
+        if s.weights_source is not None:
+            from .objectstore import parse_url
+
+            parse_url(s.weights_source)  # fail the load now on a malformed url
+        elif s.follow_seconds:
+            raise BundleError("follow_seconds needs weights_source (the s3://bucket/prefix/model to follow)")
         return s
 
     def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
@@ -137,6 +168,9 @@ class Service:
         clash = (self.weight_names & self.input_names) | ((self.weight_names | self.input_names) & reserved)
         if clash:
             raise BundleError(f"tensor name(s) {sorted(clash)} are used twice (inputs, weights and {sorted(reserved)} must differ)")
+        self._s3: Any = None  # boto3 client, made on first use
+        self._follower: threading.Thread | None = None
+        self._stop_follow = threading.Event()
 
     @classmethod
     def open(cls, model_dir: str, version: str | int, settings: ServingSettings, model_name: str,
@@ -171,8 +205,12 @@ class Service:
             svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event, log)
             if settings.allow_updates and settings.update_auth == "none":
                 svc.log(f"{model_name}: WARNING update_auth=none: anyone who can reach this server can change its weights")
+            if settings.weights_source:
+                svc.catch_up()  # join the fleet's active version before reporting ready
             if bundle.version is not None:
                 bundle.infer_session()  # build the session now, not on the first request
+            if settings.weights_source and settings.follow_seconds > 0:
+                svc.start_following()
             return svc
         except BaseException:
             store = bundle.store
@@ -181,6 +219,9 @@ class Service:
             raise
 
     def close(self) -> None:
+        self._stop_follow.set()
+        if self._follower is not None:
+            self._follower.join(timeout=30)
         store = self.bundle.store
         self.bundle.unload()
         store.release()
@@ -347,7 +388,7 @@ class Service:
         source = cmd.args.get("source")
         if source is not None:
             weights.update(self._weights_from_file(source, weights))
-        version = self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite)
+        version = self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite, version=_version_arg(cmd))
         return {"version": version, "updated": sorted(k for k, v in weights.items() if v.size)}
 
     def _weights_from_file(self, source: Any, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -367,7 +408,8 @@ class Service:
         store = self.bundle.store
         cur = store.current()
         result: dict[str, Any] = {"version": None if cur is None else cur.number, "retained_versions": store.versions(),
-                                  "history": self.settings.history, "updates_enabled": self.auth.enabled}
+                                  "history": self.settings.history, "updates_enabled": self.auth.enabled,
+                                  "staged": [st.describe() for st in store.staged_versions()]}
         # A CRC32 of a 4-byte weight is the weight: only callers holding the secret get them.
         want = cmd.args.get("checksums")
         allowed = self.auth.authenticated(cmd)
@@ -385,12 +427,12 @@ class Service:
             cur = store.head()
             if cmd.expected_version is not None and cur != cmd.expected_version:
                 raise VersionConflictError(cmd.expected_version, -1 if cur is None else cur)
-            version = self.bundle.init()
+            version = self.bundle.init(version=_version_arg(cmd))
         return {"version": version}
 
     def _op_rollback(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
-        v = self.bundle.store.rollback(cmd.expected_version)
+        v = self.bundle.store.rollback(cmd.expected_version, version=_version_arg(cmd))
         return {"version": v.number, "restored": v.op}
 
     def _op_commit(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -412,3 +454,129 @@ class Service:
     def _no_weights(self, req: Mapping[str, np.ndarray]) -> None:
         if set(req) - {CONTROL_INPUT}:
             raise ControlError(f"this op takes no tensors besides {CONTROL_INPUT}, got {sorted(set(req) - {CONTROL_INPUT})}")
+
+    # -- fleets: two-phase ops and the object store (docs/fleet.md) ------------------------
+    def _op_stage(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Verify weights and write them as a staged version that serves nothing yet."""
+        version = _version_arg(cmd)
+        nonfinite = bool(cmd.args.get("reject_nonfinite", False)) or self.settings.reject_nonfinite
+        source = cmd.args.get("source")
+        weights = self._weights_from_request(req)
+        extra: dict[str, Any] = {}
+        origin = None
+        op = "stage"
+        if isinstance(source, dict) and "s3" in source:
+            if set(source) != {"s3"}:
+                raise ControlError("an s3 source is {\"s3\": \"s3://bucket/prefix/model/v<N>\"} and nothing else")
+            if any(a.size for a in weights.values()):
+                raise ControlError("send weights as tensors or from the object store, not both")
+            fetched, url = self._fetch_s3(source["s3"])
+            number = fetched.manifest["version"]
+            if version is not None and version != number:
+                raise ControlError(f"'version' {version} differs from the object-store version {number} ({url})")
+            version, weights = number, fetched.tensors
+            origin = {"s3": str(url), "sha256": fetched.sha256}
+            op = f"stage {url}"
+            extra = {"fetched_bytes": fetched.bytes, "fetched_objects": len(fetched.objects), "fetch_ms": round(fetched.seconds * 1000, 1)}
+        elif source is not None:
+            weights.update(self._weights_from_file(source, weights))
+        st = self.bundle.stage(weights, version=version, reject_nonfinite=nonfinite, ttl=self.settings.staged_ttl_seconds,
+                               op=op, origin=origin)
+        # "version" is what serves (unchanged): a staged version serves nothing until activated
+        return {"version": self.bundle.version, "staged_version": st.number, "digest": st.digest, "base": st.base,
+                "staged": sorted(st.entries), **extra}
+
+    def _op_activate(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Publish a staged version: one rename and one manifest write under the store lock,
+        so every instance of this model serves it from their next request on."""
+        self._no_weights(req)
+        v = self.bundle.store.activate(_version_arg(cmd, required=True), cmd.expected_version)
+        self.bundle.infer_session()
+        return {"version": v.number, "activated": v.number}
+
+    def _op_abort(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        self._no_weights(req)
+        st = self.bundle.store.abort(_version_arg(cmd, required=True))
+        return {"version": self.bundle.version, "aborted": st.number}
+
+    def _s3_client(self) -> Any:
+        from .objectstore import make_client, read_credentials
+
+        if self._s3 is None:
+            self._s3 = make_client(self.settings.s3_endpoint, read_credentials(self.settings.s3_credentials_file), self.settings.s3_region)
+        return self._s3
+
+    def _fetch_s3(self, url_text: Any, trusted: bool = False) -> tuple[Any, Any]:
+        """Fetch and verify a published version, skipping tensors this server already holds.
+
+        ``trusted``: the url comes from this model's own config (weights_source), not a command.
+        """
+        from .objectstore import check_allowed, fetch_version, parse_url
+
+        url = parse_url(str(url_text))
+        if not trusted:
+            check_allowed(url, self.settings.s3_allowed_prefixes)
+        cur = self.bundle.store.current()
+        have = ((cur.origin or {}).get("sha256") if cur is not None else None) or {}
+        weights = {u.name: (u.dtype, tuple(u.shape or ())) for u in self.bundle.update_inputs}
+        return fetch_version(self._s3_client(), url, weights, have, self.settings.s3_spool_dir), url
+
+    def catch_up(self) -> int | None:
+        """Stage and activate the fleet's ACTIVE version if this store is behind it.
+
+        Runs under the store lock, so of several instances starting together one
+        fetches and the others find the store already there.  Returns the version
+        activated, or None when there was nothing to do (no ACTIVE yet, or not behind).
+        """
+        from .objectstore import ObjectStoreError, parse_url, read_active
+
+        model_url = parse_url(self.settings.weights_source)
+        store = self.bundle.store
+        try:
+            active = read_active(self._s3_client(), model_url)
+        except ObjectStoreError as e:
+            raise ObjectStoreError(f"catch-up from weights_source {model_url}: {e}") from None
+        if active is None:
+            return None
+        with store.locked():
+            head = store.head()
+            if head is not None and head >= active.version:
+                return None
+            version_url = model_url.child(f"v{active.version}")
+            try:
+                fetched, _ = self._fetch_s3(version_url, trusted=True)
+                st = self.bundle.stage(fetched.tensors, version=active.version, ttl=self.settings.staged_ttl_seconds,
+                                       op=f"catch-up {version_url}", origin={"s3": str(version_url), "sha256": fetched.sha256})
+                v = store.activate(st.number)
+            except BundleError as e:
+                if store.staged(active.version) is not None:
+                    store.abort(active.version)
+                raise BundleError(f"catch-up to the fleet's active version {active.version} ({version_url}) failed: {e}") from None
+        self._emit(Event("update_applied", "catch_up", version=v.number))
+        return v.number
+
+    def start_following(self) -> None:
+        """Follow mode: poll ACTIVE every follow_seconds and catch up (stage + activate)."""
+        def run() -> None:
+            while not self._stop_follow.wait(self.settings.follow_seconds):
+                try:
+                    self.catch_up()
+                except BundleError as e:  # keep serving what we have; try again next tick
+                    self.log(f"{self.model_name}: follow: {e}")
+                except Exception as e:  # noqa: BLE001 - never let the thread die silently
+                    self.log(f"{self.model_name}: follow failed: {e!r}")
+
+        self._follower = threading.Thread(target=run, name=f"weightbundle-follow-{self.model_name}", daemon=True)
+        self._follower.start()
+
+
+def _version_arg(cmd: Command, required: bool = False) -> int | None:
+    """The command's publisher-chosen ``version`` (checked here; the store checks it exceeds the current one)."""
+    v = cmd.args.get("version")
+    if v is None:
+        if required:
+            raise ControlError(f"op {cmd.op!r} needs 'version': the staged version to {cmd.op}")
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ControlError(f"'version' must be a non-negative integer, got {v!r}")
+    return v

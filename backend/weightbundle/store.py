@@ -288,7 +288,7 @@ class WeightStore:
                 raise UpdateError(f"cannot roll back version {cur.number}: its predecessor is not retained "
                                   f"(retained: {kept}; raise the 'history' parameter to keep more)")
             target = self.version(cur.prev)
-            return self._commit(number, f"rollback to {target.number}", dict(target.entries), target.prev)
+            return self._commit(number, f"rollback to {target.number}", dict(target.entries), target.prev, target.origin)
 
     # -- staged versions (two-phase: stage everywhere, then activate) -------------------
     # A staged version is a blob plus a manifest under names GC never touches.  Activation

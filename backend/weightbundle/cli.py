@@ -116,6 +116,59 @@ def _cmd_push(a: argparse.Namespace) -> int:
     return 0
 
 
+def _s3_client(a: argparse.Namespace):
+    from .objectstore import make_client, read_credentials
+
+    return make_client(a.endpoint or os.environ.get("AWS_ENDPOINT_URL"), read_credentials(a.credentials_file), a.region)
+
+
+def _cmd_publish(a: argparse.Namespace) -> int:
+    from .client import progress_bar
+    from .objectstore import parse_url, publish
+
+    r = publish(_s3_client(a), a.checkpoint, parse_url(a.dest), a.model, a.version, a.delta_from,
+                progress=None if a.quiet else progress_bar())
+    print(r.summary())
+    return 0
+
+
+def _cmd_fleet(a: argparse.Namespace) -> int:
+    from . import fleet
+
+    servers = [u.strip() for u in a.servers.split(",") if u.strip()]
+    if not servers:
+        print("weightbundle fleet: --servers needs at least one URL", file=sys.stderr)
+        return 2
+    secret = os.environ.get(a.secret_env) if a.secret_env else None
+    if a.action == "status":
+        s3 = _s3_client(a) if a.source else None
+        print(json.dumps(fleet.status(servers, a.model, s3, a.source), indent=2))
+        return 0
+    if not a.source:
+        print(f"weightbundle fleet {a.action}: --from s3://bucket/prefix is required", file=sys.stderr)
+        return 2
+    try:
+        if a.action == "push":
+            if a.version is None:
+                print("weightbundle fleet push: --version is required", file=sys.stderr)
+                return 2
+            report = fleet.push(servers, a.model, a.version, a.source, secret=secret, deadline=a.deadline, s3=_s3_client(a))
+        else:
+            report = fleet.rollback(servers, a.model, a.source, _s3_client(a), secret=secret, deadline=a.deadline)
+    except fleet.FleetError as e:
+        print(e.report.table() if e.report else f"weightbundle fleet {a.action}: {e}", file=sys.stderr)
+        return 1
+    print(report.table())
+    return 0
+
+
+def _s3_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--credentials-file", help="ini file with aws_access_key_id/aws_secret_access_key under [default] "
+                                              "(default: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="weightbundle", description="Compile an ONNX model once; refresh its weights while Triton serves it.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +225,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     u.add_argument("--secret-env", default="WEIGHTBUNDLE_SECRET", help="environment variable holding the update secret")
     u.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     u.set_defaults(fn=_cmd_push)
+
+    pub = sub.add_parser("publish", help="upload a safetensors checkpoint as a version in an S3-compatible object store")
+    pub.add_argument("checkpoint", help="safetensors file; tensor names are the bundle's variable names")
+    pub.add_argument("dest", help="s3://bucket/prefix; the version goes to <prefix>/<model>/v<N>/")
+    pub.add_argument("--model", required=True)
+    pub.add_argument("--version", type=int, required=True, help="version number (never reused: an existing one is refused)")
+    pub.add_argument("--delta-from", type=int, metavar="N", help="upload only the tensors that differ from published version N")
+    pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _s3_arguments(pub)
+    pub.set_defaults(fn=_cmd_publish)
+
+    fl = sub.add_parser("fleet", help="bring several servers to one weight version: stage everywhere, then activate")
+    fl.add_argument("action", choices=["push", "status", "rollback"])
+    fl.add_argument("--servers", required=True, help="comma-separated HTTP addresses, e.g. 10.0.0.1:8000,10.0.0.2:8000")
+    fl.add_argument("--model", required=True)
+    fl.add_argument("--version", type=int, help="push: the version to bring every server to")
+    fl.add_argument("--from", dest="source", help="s3://bucket/prefix (as given to publish), or s3://bucket/prefix/<model>/v<N>")
+    fl.add_argument("--deadline", type=float, default=120.0, help="seconds for every server to stage; else abort everywhere")
+    fl.add_argument("--secret-env", default="WEIGHTBUNDLE_SECRET", help="environment variable holding the update secret")
+    _s3_arguments(fl)
+    fl.set_defaults(fn=_cmd_fleet)
 
     a = p.parse_args(argv)
     try:

@@ -162,6 +162,17 @@ class WeightClient:
     def commit(self, expected_version: int | None = None) -> dict[str, Any]:
         return self._send([self._control("commit", expected_version=expected_version)])
 
+    # -- two-phase ops (fleets, docs/fleet.md) ------------------------------------------------
+    def stage(self, *, source: Mapping[str, Any] | None = None, version: int | None = None) -> dict[str, Any]:
+        """Stage a version (e.g. ``source={"s3": "s3://bucket/prefix/model/v12"}``); it serves nothing until activated."""
+        return self._send([self._control("stage", source=dict(source) if source else None, version=version)])
+
+    def activate(self, version: int, expected_version: int | None = None) -> dict[str, Any]:
+        return self._send([self._control("activate", version=version, expected_version=expected_version)])
+
+    def abort(self, version: int) -> dict[str, Any]:
+        return self._send([self._control("abort", version=version)])
+
     def update(self, weights: Mapping[str, Any], *, via: str = "auto", expected_version: int | None = None,
                progress: Callable[[int, int], None] | None = None, strict: bool = True, require_all: bool = False) -> PushResult:
         """Push ``weights`` (name -> array or torch tensor, e.g. a whole ``state_dict``); weights not named are kept.

@@ -237,3 +237,50 @@ def test_catch_up_at_open_and_active_pointer(s3, tmp_path, creds):
         assert svc.catch_up() is None  # already there
     finally:
         svc.close()
+
+
+def test_urls_allowlist_and_manifest_validation_without_a_server():
+    u = osx.parse_url("s3://bkt/a/b/m/v12/")
+    assert (u.bucket, u.key) == ("bkt", "a/b/m/v12") and osx.split_version_url(u) == (osx.S3Url("bkt", "a/b/m"), 12)
+    for bad in ("http://x/y", "s3://", "s3://b/../x", "s3://b/./x", 3):
+        with pytest.raises(ObjectStoreError):
+            osx.parse_url(bad)
+    with pytest.raises(ObjectStoreError, match="does not name a version"):
+        osx.split_version_url(osx.parse_url("s3://b/p/m"))
+    osx.check_allowed(osx.parse_url("s3://bkt/team/m/v1"), ["other", "bkt/team"])
+    osx.check_allowed(osx.parse_url("s3://bkt/anything/v1"), ["bkt"])
+    for url in ("s3://bkt/teamx/m/v1", "s3://bkt2/team/m/v1", "s3://bkt/m/v1"):
+        with pytest.raises(ObjectStoreError, match="outside the allowed"):
+            osx.check_allowed(osx.parse_url(url), ["bkt/team"])
+    with pytest.raises(ObjectStoreError, match="disabled"):
+        osx.check_allowed(osx.parse_url("s3://bkt/team"), [])
+    good = {"format": osx.FORMAT, "version": 1, "tensors": {"w": {"dtype": "F32", "shape": [2], "sha256": "0" * 64, "object": "o"}},
+            "objects": {"o": {"sha256": "1" * 64, "size": 8}}}
+    osx.validate_manifest(good, "here", 1)
+    with pytest.raises(ObjectStoreError, match="does not match its location"):
+        osx.validate_manifest(good, "here", 2)
+    with pytest.raises(ObjectStoreError, match="needs dtype"):
+        osx.validate_manifest({**good, "tensors": {"w": {"dtype": "F32", "shape": [2], "sha256": "0", "object": "missing"}}}, "here")
+    with pytest.raises(ObjectStoreError, match="shape"):
+        osx.check_fits(good, {"w": (np.dtype("float32"), (3,))}, "here")
+
+
+def test_follow_mode_stages_and_activates_what_active_names(s3, tmp_path, creds):
+    import time
+
+    c, b = s3.client(), s3.bucket()
+    dest = osx.parse_url(f"s3://{b}/fleet")
+    svc = open_service(tmp_path, s3, b, weights_source=f"s3://{b}/fleet/m", follow_seconds="0.2")
+    try:
+        assert infer(svc)[1] == 0  # no ACTIVE yet: the bundle's initial weights
+        w = weights(6)
+        osx.publish(c, ckpt(tmp_path, w), dest, "m", 6)
+        osx.write_active(c, dest.child("m"), 6, None)
+        deadline = time.monotonic() + 30
+        while infer(svc)[1] != 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        y, v = infer(svc)
+        assert v == 6
+        np.testing.assert_allclose(y, ref(w), rtol=1e-5, atol=1e-6 * np.abs(ref(w)).max())
+    finally:
+        svc.close()

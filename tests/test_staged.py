@@ -111,3 +111,65 @@ def test_staged_version_expires(bundle):
     with pytest.raises(UpdateError, match="not staged"):
         bundle.store.activate(1)
     assert not [f for f in os.listdir(bundle.store.path) if f.startswith("staged-")]
+
+
+# -- over the control protocol (Service, in-process) ----------------------------------------
+def _service(tmp_path, monkeypatch):
+    import json
+
+    from weightbundle.serving import Service, ServingSettings
+
+    monkeypatch.setenv("WB_TEST_SECRET", "s3cr3t")
+    d = tmp_path / "repo" / "m"
+    (d / "1").mkdir(parents=True)
+    (tmp_path / "shm").mkdir()
+    wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(wb.convert(MODEL)))
+    p = {"allow_updates": "true", "update_secret_env": "WB_TEST_SECRET", "store_root": str(tmp_path / "shm"), "history": "2"}
+    svc = Service.open(str(d), 1, ServingSettings.from_model_config({"parameters": {k: {"string_value": v} for k, v in p.items()}}), "m")
+
+    def call(tensors=None, **body):
+        body.setdefault("secret", "s3cr3t")
+        [r] = svc.handle([{"CONTROL": np.array([json.dumps(body).encode()], dtype=object), **(tensors or {})}])
+        return (None, r.error, r.code) if r.error else (json.loads(r.outputs["CONTROL_RESULT"][0]), None, None)
+
+    return svc, call
+
+
+def test_version_field_and_two_phase_ops_over_the_protocol(tmp_path, monkeypatch):
+    svc, call = _service(tmp_path, monkeypatch)
+    try:
+        w = _new(svc.bundle, 9)
+        r, e, _ = call(w, op="update", version=10)
+        assert e is None and r["version"] == 10
+        _, e, code = call(w, op="update", version=10)
+        assert "must exceed the current version 10" in e and code == "ALREADY_EXISTS"
+        r, e, _ = call(op="rollback", version=12)
+        assert r["version"] == 12
+        r, e, _ = call(op="reset", version=13, expected_version=12)
+        assert r["version"] == 13
+        for bad in ("x", -1, True, 1.5):
+            _, e, _ = call(w, op="update", version=bad)
+            assert "'version' must be a non-negative integer" in e
+        # stage from request tensors: serves nothing until activated, on every instance
+        r, e, _ = call(w, op="stage", version=20)
+        assert e is None and r["staged_version"] == 20 and r["version"] == 13 and len(r["digest"]) == 64
+        [st] = call(op="status", checksums=False)[0]["staged"]
+        assert st["version"] == 20 and st["base"] is None
+        assert "needs 'version'" in call(op="activate")[1]
+        assert "not staged" in call(op="activate", version=21)[1]
+        _, e, code = call(op="activate", version=20, expected_version=12)
+        assert code == "ALREADY_EXISTS"
+        r, e, _ = call(op="activate", version=20, expected_version=13)
+        assert r["version"] == 20 and r["activated"] == 20
+        assert svc.handle([{"x": X}])[0].outputs["WEIGHTS_VERSION"].tolist() == [20]
+        call(w, op="stage", version=21)
+        assert call(op="abort", version=21)[0]["aborted"] == 21
+        assert call(op="status", checksums=False)[0]["staged"] == []
+        # secret is required for every two-phase op
+        for op in ("stage", "activate", "abort"):
+            _, e, _ = call(op=op, version=30, secret="wrong")
+            assert "wrong 'secret'" in e
+        _, e, _ = call(op="stage", source={"s3": "s3://bkt/p/m/v30"})
+        assert "s3_allowed_prefixes" in e
+    finally:
+        svc.close()

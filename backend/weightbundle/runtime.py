@@ -141,6 +141,7 @@ class Bundle:
         self._staging_thread: threading.Thread | None = None
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
         self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+        self._prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see stage)
         g = self._graphs[GRAPH_INFERENCE].graph
         consts = {t.name for t in g.initializer}
         self.inputs = _graph_specs([i for i in g.input if i.name not in consts])
@@ -259,6 +260,7 @@ class Bundle:
         if self._staging_thread is not None:  # it writes into the store: finish before removing it
             self._staging_thread.join(timeout=30)
         self._infer = None
+        self._prebuilt = None
         self._update_sessions.clear()
         if self._owns_store:  # a shared store (options.store_dir) belongs to whoever passed it
             self._finalizer()
@@ -494,7 +496,39 @@ class Bundle:
                 _check_finite(values)
             return self._store.stage(((n, values.pop(n)) for n in changed), op, version=version, ttl=ttl, origin=origin)
 
-        return self._through_update_graph(inputs, None, reject_nonfinite, sink)
+        st = self._through_update_graph(inputs, None, reject_nonfinite, sink)
+        try:
+            self._prebuild(st)
+        except BaseException:
+            self._store.abort(st.number)
+            raise
+        return st
+
+    def _prebuild(self, st: StagedVersion) -> None:
+        """Build the staged version's final inference session now, in the stage phase, so
+        that activating it swaps a pointer instead of building a session."""
+        entries = dict(self._store.version(st.base).entries) if st.base is not None else {}
+        entries.update(st.entries)
+        v = Version(st.number, st.op, entries, st.time, st.base)
+        sess = self._new_session(v, self.options.prepack, self.options.optimization)  # maps the blob: a rename keeps it valid
+        with self._lock:
+            self._prebuilt = (st.number, sess)
+
+    def activate(self, number: int, expected_version: int | None = None) -> Version:
+        """Publish staged version ``number`` (see ``WeightStore.activate``) and serve it here at once."""
+        self._alive()
+        v = self._store.activate(number, expected_version)
+        self.infer_session()
+        return v
+
+    def abort(self, number: int) -> StagedVersion:
+        """Drop staged version ``number`` and the session built for it."""
+        self._alive()
+        st = self._store.abort(number)
+        with self._lock:
+            if self._prebuilt is not None and self._prebuilt[0] == number:
+                self._prebuilt = None
+        return st
 
     @staticmethod
     def _bind_inputs(io: Any, feed: Mapping[str, np.ndarray]) -> None:
@@ -654,6 +688,10 @@ class Bundle:
         """Caller holds ``self._lock``."""
         v = self._store.current()
         assert v is not None
+        if self._prebuilt is not None and self._prebuilt[0] <= v.number:
+            built, self._prebuilt = self._prebuilt, None
+            if built[0] == v.number and (self._infer is None or self._infer[0] != v.number):
+                self._infer = built  # activated a version staged by this instance: its session is ready
         if self._infer is None or self._infer[0] != v.number:
             opts = self.options
             if opts.prepack and opts.hybrid:

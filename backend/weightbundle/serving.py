@@ -207,6 +207,8 @@ class Service:
                 svc.log(f"{model_name}: WARNING update_auth=none: anyone who can reach this server can change its weights")
             if settings.weights_source:
                 svc.catch_up()  # join the fleet's active version before reporting ready
+            elif settings.s3_allowed_prefixes:
+                svc._warm_s3()
             if bundle.version is not None:
                 bundle.infer_session()  # build the session now, not on the first request
             if settings.weights_source and settings.follow_seconds > 0:
@@ -490,14 +492,21 @@ class Service:
         """Publish a staged version: one rename and one manifest write under the store lock,
         so every instance of this model serves it from their next request on."""
         self._no_weights(req)
-        v = self.bundle.store.activate(_version_arg(cmd, required=True), cmd.expected_version)
-        self.bundle.infer_session()
+        v = self.bundle.activate(_version_arg(cmd, required=True), cmd.expected_version)
         return {"version": v.number, "activated": v.number}
 
     def _op_abort(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
-        st = self.bundle.store.abort(_version_arg(cmd, required=True))
+        st = self.bundle.abort(_version_arg(cmd, required=True))
         return {"version": self.bundle.version, "aborted": st.number}
+
+    def _warm_s3(self) -> None:
+        """Make the S3 client at load (importing boto3 takes ~0.5 s), not in the first stage.
+        Best effort: a missing credential is reported by the stage that needs it."""
+        try:
+            self._s3_client()
+        except BundleError:
+            pass
 
     def _s3_client(self) -> Any:
         from .objectstore import make_client, read_credentials
@@ -542,16 +551,20 @@ class Service:
             head = store.head()
             if head is not None and head >= active.version:
                 return None
+            if store.staged(active.version) is not None:
+                return None  # a fleet push is between its phases here: it activates what it staged
             version_url = model_url.child(f"v{active.version}")
             try:
                 fetched, _ = self._fetch_s3(version_url, trusted=True)
                 st = self.bundle.stage(fetched.tensors, version=active.version, ttl=self.settings.staged_ttl_seconds,
                                        op=f"catch-up {version_url}", origin={"s3": str(version_url), "sha256": fetched.sha256})
-                v = store.activate(st.number)
             except BundleError as e:
-                if store.staged(active.version) is not None:
-                    store.abort(active.version)
                 raise BundleError(f"catch-up to the fleet's active version {active.version} ({version_url}) failed: {e}") from None
+            try:
+                v = self.bundle.activate(st.number)
+            except BundleError:
+                self.bundle.abort(st.number)  # ours: do not leave it staged
+                raise
         self._emit(Event("update_applied", "catch_up", version=v.number))
         return v.number
 

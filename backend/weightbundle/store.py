@@ -20,6 +20,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -92,6 +93,7 @@ class WeightStore:
         os.makedirs(path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(path, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
         self._lock_depth = 0  # flock is per open file: nested locked() must not unlock early
+        self._thread_lock = threading.RLock()
         self._cache: tuple[int, Version] | None = None
         self._instance_fd = -1
         self._instance_name = ""
@@ -148,15 +150,16 @@ class WeightStore:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive writer lock across processes (reentrant within this object)."""
-        if self._lock_depth == 0:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._lock_depth += 1
-        try:
-            yield
-        finally:
-            self._lock_depth -= 1
+        with self._thread_lock:  # flock does not exclude threads of one process (follow mode runs one)
             if self._lock_depth == 0:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None,
                 version: int | None = None) -> Version:

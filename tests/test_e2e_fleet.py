@@ -115,7 +115,7 @@ def round_robin(fl: Fleet, n: int) -> list[tuple[int, np.ndarray]]:
 
 def status(url: str) -> dict:
     c = httpclient.InferenceServerClient(url)
-    return result(c.infer("m", [control(httpclient, {"op": "status"}, False)]))
+    return result(c.infer("m", [control(httpclient, {"op": "status", "secret": SECRET}, False)]))
 
 
 def test_push_stages_everywhere_then_activates(fl):

@@ -32,3 +32,11 @@ def test_serving_benchmark_quick(tmp_path):
     for section in ("P1", "P2", "P3", "P4"):
         assert section in p.stdout
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
+
+
+@pytest.mark.e2e
+def test_fleet_benchmark_quick(tmp_path):
+    p = _run("bench_fleet.py", str(tmp_path), 600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "fleet push" in p.stdout and "Triton reloads" in p.stdout
+    assert (tmp_path / "bench_fleet.json").exists() and (tmp_path / "bench_fleet.md").exists()

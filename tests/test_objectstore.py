@@ -284,3 +284,22 @@ def test_follow_mode_stages_and_activates_what_active_names(s3, tmp_path, creds)
         np.testing.assert_allclose(y, ref(w), rtol=1e-5, atol=1e-6 * np.abs(ref(w)).max())
     finally:
         svc.close()
+
+
+def test_publish_cli_progress_and_refusal(s3, tmp_path):
+    import subprocess
+    import sys
+
+    b = s3.bucket()
+    path = ckpt(tmp_path, weights(7))
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    cmdline = [sys.executable, "-m", "weightbundle.cli", "publish", path, f"s3://{b}/fleet", "--model", "m", "--version", "7",
+               "--endpoint", s3.endpoint]
+    p = subprocess.run(cmdline, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"published s3://{b}/fleet/m/v7" in p.stdout and "100.0%" in p.stderr
+    p = subprocess.run(cmdline, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "already published" in p.stderr
+    env.pop("AWS_SECRET_ACCESS_KEY")
+    p = subprocess.run(cmdline[:-3] + ["8", "--endpoint", s3.endpoint], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no S3 credentials" in p.stderr

@@ -117,9 +117,10 @@ def main() -> int:
                 note("fleet_stage_s", rep.stage_wall_ms / 1000)
                 note("fleet_activate_s", rep.activate_wall_ms / 1000)
                 for s in rep.servers:
-                    per_server.append({"round": r, "server": s.url, "stage_ms": s.stage_ms, "activate_ms": s.activate_ms,
-                                       "fetched_bytes": s.fetched_bytes})
+                    per_server.append({"round": r, "server": s.url, "stage_ms": s.stage_ms, "fetch_ms": s.fetch_ms,
+                                       "activate_ms": s.activate_ms, "fetched_bytes": s.fetched_bytes})
                     note("server_stage_s", (s.stage_ms or 0) / 1000)
+                    note("server_fetch_s", (s.fetch_ms or 0) / 1000)
                     note("server_activate_s", (s.activate_ms or 0) / 1000)
                 order = ["seq", "reload"] if r % 2 == 0 else ["reload", "seq"]
                 for what in order:
@@ -165,6 +166,7 @@ def main() -> int:
         ("  stage, all 3 in parallel", med["fleet_stage_s"], ""),
         ("  activate, all 3 in parallel", med["fleet_activate_s"], ""),
         ("  stage, per server (median)", med["server_stage_s"], ""),
+        ("    of which fetch + sha256 verification from S3", med["server_fetch_s"], ""),
         ("  activate, per server (median)", med["server_activate_s"], ""),
         ("3 sequential per-server pushes (`file`)", med["sequential_push_s"], f"{med['sequential_push_s'] / push:.2f}"),
         ("3 Triton reloads (new version folder + load_model, in parallel)", med["triton_reload_s"], f"{med['triton_reload_s'] / push:.2f}"),

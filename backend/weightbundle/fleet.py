@@ -41,6 +41,7 @@ class ServerReport:
     stage_ms: float | None = None
     activate_ms: float | None = None
     fetched_bytes: int | None = None
+    fetch_ms: float | None = None  # part of stage_ms: download + sha256 verification on the server
     digest: str | None = None
     after: int | None = None
     skipped: bool = False  # already at the version
@@ -60,11 +61,12 @@ class PushReport:
     message: str = ""
 
     def table(self) -> str:
-        rows = [f"{'server':<24} {'before':>6} {'stage ms':>9} {'fetched':>10} {'activate ms':>11} {'now':>5}  note"]
+        rows = [f"{'server':<24} {'before':>6} {'stage ms':>9} {'fetch ms':>9} {'fetched':>10} {'activate ms':>11} {'now':>5}  note"]
         for s in self.servers:
             fetched = "-" if s.fetched_bytes is None else _size(s.fetched_bytes)
             note = "already at version" if s.skipped else (s.error or "")
-            rows.append(f"{s.url:<24} {_f(s.before):>6} {_f(s.stage_ms, 1):>9} {fetched:>10} {_f(s.activate_ms, 2):>11} {_f(s.after):>5}  {note}")
+            rows.append(f"{s.url:<24} {_f(s.before):>6} {_f(s.stage_ms, 1):>9} {_f(s.fetch_ms, 1):>9} {fetched:>10} "
+                        f"{_f(s.activate_ms, 2):>11} {_f(s.after):>5}  {note}")
         rows.append(f"stage (all, parallel): {self.stage_wall_ms:.1f} ms; activate (all, parallel): {self.activate_wall_ms:.2f} ms")
         rows.append(self.message)
         return "\n".join(rows)
@@ -164,7 +166,7 @@ def push(servers: Sequence[str], model: str, version: int, source: str, *, secre
             s.error = f"stage failed: no answer within the deadline ({deadline:g} s)" if timed_out else f"stage failed: {e}"
             failed.append(url)
         elif not s.skipped:
-            s.staged, s.stage_ms, s.digest, s.fetched_bytes = True, ms, r.get("digest"), r.get("fetched_bytes")
+            s.staged, s.stage_ms, s.digest, s.fetched_bytes, s.fetch_ms = True, ms, r.get("digest"), r.get("fetched_bytes"), r.get("fetch_ms")
     if not failed:
         digests = {s.digest for s in report.servers if s.staged}
         if len(digests) > 1:

@@ -35,7 +35,7 @@ _FIELDS = {
 }
 RESERVED_NAMES = frozenset({CONTROL_INPUT, VERSION_OUTPUT, RESULT_OUTPUT})
 # Field types, checked strictly: a boolean is true or false, not 1 or "yes".
-_TYPES: dict[str, type] = {"reject_nonfinite": bool, "checksums": bool, "source": dict}
+_TYPES: dict[str, type] = {"reject_nonfinite": bool, "checksums": bool, "source": dict, "version": int}
 _TYPE_WORDS = {bool: "true or false", dict: "a JSON object", int: "an integer", str: "a string"}
 MAX_CONTROL_BYTES = 64 * 1024  # a command is small; refuse to parse megabytes of JSON
 

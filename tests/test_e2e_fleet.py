@@ -6,6 +6,7 @@ each other's versions (1, 2, then a failed 3, rollback to 4, a killed push of 5)
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -194,6 +195,15 @@ def test_corrupt_object_fails_on_every_server_and_nothing_changes(fl):
         st = status(u)
         assert st["version"] == 2 and st["staged"] == [] and st["checksums"] == b
     assert osx.read_active(c, osx.parse_url(f"s3://{fl.bucket}/fleet/m")).version == 2
+    # a manifest that does not fit the model (a tensor it does not have): refused by every server
+    bad = dict(m, tensors={**m["tensors"], "fc9.weight": next(iter(m["tensors"].values()))})
+    c.put_object(Bucket=fl.bucket, Key="fleet/m/v3/manifest.json", Body=json.dumps(bad).encode())
+    with pytest.raises(fleet.FleetError) as ei:
+        fleet.push(fl.urls, "m", 3, f"s3://{fl.bucket}/fleet", secret=SECRET, s3=c)
+    assert all("does not fit this model" in (s.error or "") for s in ei.value.report.servers), ei.value.report.table()
+    for u, b in zip(fl.urls, before):
+        st = status(u)
+        assert st["version"] == 2 and st["staged"] == [] and st["checksums"] == b
     # a prefix outside the allowlist is refused by the server itself
     cl = httpclient.InferenceServerClient(fl.urls[0])
     with pytest.raises(Exception, match="outside the allowed"):

@@ -156,7 +156,11 @@ def push(servers: Sequence[str], model: str, version: int, source: str, *, secre
             return c.stage(source={"s3": str(vurl)}, version=version)
 
     t0 = time.perf_counter()
-    results = _parallel(stage, servers, t_end - time.monotonic())
+    try:
+        results = _parallel(stage, servers, t_end - time.monotonic())
+    except BaseException:  # Ctrl-C while staging: leave nothing staged behind
+        _abort_all(servers, model, version, secret, by_url)
+        raise
     report.stage_wall_ms = (time.perf_counter() - t0) * 1000
     failed = []
     for url, (r, e, ms) in results.items():

@@ -521,6 +521,16 @@ class Bundle:
         self.infer_session()
         return v
 
+    def staged_versions(self) -> list[StagedVersion]:
+        """The store's staged versions; a session built for one that expired meanwhile is dropped."""
+        staged = self._store.staged_versions()
+        with self._lock:
+            if self._prebuilt is not None and self._prebuilt[0] not in {st.number for st in staged}:
+                head = self._store.head()
+                if head is None or self._prebuilt[0] > head:  # not activated either: it expired
+                    self._prebuilt = None
+        return staged
+
     def abort(self, number: int) -> StagedVersion:
         """Drop staged version ``number`` and the session built for it."""
         self._alive()

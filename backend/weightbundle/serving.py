@@ -411,7 +411,7 @@ class Service:
         cur = store.current()
         result: dict[str, Any] = {"version": None if cur is None else cur.number, "retained_versions": store.versions(),
                                   "history": self.settings.history, "updates_enabled": self.auth.enabled,
-                                  "staged": [st.describe() for st in store.staged_versions()]}
+                                  "staged": [st.describe() for st in self.bundle.staged_versions()]}
         # A CRC32 of a 4-byte weight is the weight: only callers holding the secret get them.
         want = cmd.args.get("checksums")
         allowed = self.auth.authenticated(cmd)

@@ -181,3 +181,16 @@ def test_expired_stage_drops_its_prebuilt_session(bundle):
     time.sleep(0.1)
     assert bundle.staged_versions() == [] and bundle._prebuilt is None
     assert bundle.infer({"x": X})[1] == 0
+
+
+def test_aborted_number_restaged_with_other_weights_serves_the_new_ones(bundle):
+    """The packed copy built while staging is keyed by number: an abort must not leave it for a re-stage."""
+    w1, w2 = _new(bundle, 11), _new(bundle, 12)
+    bundle.stage(w1, version=3)
+    bundle.abort(3)
+    bundle.stage(w2, version=3)
+    bundle.activate(3)
+    ref = models.ort_run(models.with_weights(MODEL, w2), {"x": X})["y"]
+    y, v = bundle.infer({"x": X})
+    assert v == 3
+    np.testing.assert_allclose(y["y"], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())

@@ -510,7 +510,10 @@ class Bundle:
         entries = dict(self._store.version(st.base).entries) if st.base is not None else {}
         entries.update(st.entries)
         v = Version(st.number, st.op, entries, st.time, st.base)
-        sess = self._new_session(v, self.options.prepack, self.options.optimization)  # maps the blob: a rename keeps it valid
+        # The pre-packed copy goes to the store's shared packed files (keyed by number), so the
+        # other instances load it after activation instead of packing again.  It maps the
+        # staged blob, and the rename at activation keeps that mapping valid.
+        sess = self._packed_session(v) if self.options.prepack else self._new_session(v, False, self.options.optimization)
         with self._lock:
             self._prebuilt = (st.number, sess)
 

@@ -387,6 +387,9 @@ class WeightStore:
     def _drop_staged(self, number: int) -> None:
         _unlink(self._staged_path(number, "json"))  # manifest first: a blob without one is never activated
         _unlink(self._staged_path(number, "bin"))
+        # A packed copy built while staging is keyed by the number, which a later stage may reuse.
+        _unlink(packing.model_path(self.packed_path, number))
+        _unlink(os.path.join(self.packed_path, packing.data_name(number)))
 
     def _expire_staged(self) -> None:
         """Under the lock: drop staged versions past their ttl."""

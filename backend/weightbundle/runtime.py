@@ -139,6 +139,7 @@ class Bundle:
         self._infer: tuple[int, ort.InferenceSession] | None = None
         self._builder = _Builder(self._swap_in)
         self._staging_thread: threading.Thread | None = None
+        self._collect_threads: list[threading.Thread] = []  # see activate
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
         self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         self._prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see stage)
@@ -259,6 +260,8 @@ class Bundle:
         self._builder.stop()
         if self._staging_thread is not None:  # it writes into the store: finish before removing it
             self._staging_thread.join(timeout=30)
+        for t in self._collect_threads:  # they touch the store: finish before it goes
+            t.join(timeout=30)
         self._infer = None
         self._prebuilt = None
         self._update_sessions.clear()
@@ -520,9 +523,21 @@ class Bundle:
     def activate(self, number: int, expected_version: int | None = None) -> Version:
         """Publish staged version ``number`` (see ``WeightStore.activate``) and serve it here at once."""
         self._alive()
-        v = self._store.activate(number, expected_version)
+        v = self._store.activate(number, expected_version, collect=False)
+        old = self._infer
         self.infer_session()
+        # Freeing the old version (its blob's pages, its session) does not delay the switch.
+        t = threading.Thread(target=self._collect, args=(old,), name="weightbundle-collect", daemon=True)
+        self._collect_threads = [x for x in self._collect_threads if x.is_alive()] + [t]
+        t.start()
         return v
+
+    def _collect(self, old: Any) -> None:
+        del old
+        try:
+            self._store.collect()
+        except Exception:  # noqa: BLE001 - the next publish collects again
+            pass
 
     def staged_versions(self) -> list[StagedVersion]:
         """The store's staged versions; a session built for one that expired meanwhile is dropped."""

@@ -349,8 +349,12 @@ class WeightStore:
             nums = sorted(int(f[len(STAGED):-5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
             return [st for st in (self.staged(n) for n in nums) if st is not None]
 
-    def activate(self, number: int, expected_version: int | None = None) -> Version:
-        """Publish staged version ``number`` atomically (compare-and-swap on ``expected_version``)."""
+    def activate(self, number: int, expected_version: int | None = None, collect: bool = True) -> Version:
+        """Publish staged version ``number`` atomically (compare-and-swap on ``expected_version``).
+
+        ``collect=False`` leaves freeing the versions that fell out of the history (unlinking
+        their blobs: tens of ms for a big model) to a later ``collect()``, off the switch.
+        """
         with self.locked():
             self._expire_staged()
             st = self.staged(number)
@@ -370,7 +374,7 @@ class WeightStore:
             entries.update({n: (blob, off) for n, (_, off) in st.entries.items()})
             origin = _merge_origin(cur.origin if cur is not None and st.base is not None else None, st)
             _unlink(self._staged_path(number, "json"))
-            return self._commit(number, st.op, entries, None if cur is None else cur.number, origin)
+            return self._commit(number, st.op, entries, None if cur is None else cur.number, origin, collect)
 
     def abort(self, number: int) -> StagedVersion:
         with self.locked():
@@ -439,7 +443,7 @@ class WeightStore:
         return out
 
     def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None,
-                origin: dict | None = None) -> Version:
+                origin: dict | None = None, collect: bool = True) -> Version:
         v = Version(number, op, entries, time.time(), prev, origin)
         d = {"version": number, "op": op, "time": v.time, "prev": prev, "vars": entries}
         if origin:
@@ -447,8 +451,16 @@ class WeightStore:
         self._atomic_write(f"v{number}.json", json.dumps(d).encode())
         self._atomic_write("HEAD", str(number).encode())
         self._cache = (number, v)
-        self._gc(number)
+        if collect:
+            self._gc(number)
         return v
+
+    def collect(self) -> None:
+        """Drop what the retained history no longer needs (``activate(collect=False)`` leaves it)."""
+        with self.locked():
+            head = self.head()
+            if head is not None:
+                self._gc(head)
 
     def _atomic_write(self, name: str, data: bytes) -> None:
         tmp = os.path.join(self.path, f".{name}.{os.getpid()}.tmp")

@@ -129,6 +129,12 @@ def test_push_stages_everywhere_then_activates(fl):
     assert len({s.digest for s in rep.servers}) == 1
     got = round_robin(fl, 12)
     assert all(v == 1 and close(y, REFS[1]) for v, y in got)
+    c0 = httpclient.InferenceServerClient(fl.urls[0])  # two instances: both serve the activated version
+    for _ in range(8):
+        x = httpclient.InferInput("x", list(X.shape), "FP32")
+        x.set_data_from_numpy(X)
+        r = c0.infer("m", [x])
+        assert version(r) == 1 and close(r.as_numpy("y"), REFS[1])
     assert osx.read_active(fl.s3.client(), osx.parse_url(f"s3://{fl.bucket}/fleet/m")).version == 1
     again = fleet.push(fl.urls, "m", 1, f"s3://{fl.bucket}/fleet", secret=SECRET, s3=fl.s3.client())
     assert all(s.skipped for s in again.servers)  # a re-run is harmless

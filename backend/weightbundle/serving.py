@@ -426,9 +426,7 @@ class Service:
         self._no_weights(req)
         store = self.bundle.store
         with store.locked():
-            cur = store.head()
-            if cmd.expected_version is not None and cur != cmd.expected_version:
-                raise VersionConflictError(cmd.expected_version, -1 if cur is None else cur)
+            store.check_expected(cmd.expected_version)
             version = self.bundle.init(version=_version_arg(cmd))
         return {"version": version}
 
@@ -444,11 +442,9 @@ class Service:
             raise ControlError("commit needs the model's repository folder")
         store = self.bundle.store
         with store.locked():  # one commit at a time, and no update between the check and the export
-            cur = store.current()
-            if cur is None:
+            if store.head() is None:
                 raise ControlError("nothing to commit: no weights yet")
-            if cmd.expected_version is not None and cur.number != cmd.expected_version:
-                raise VersionConflictError(cmd.expected_version, cur.number)
+            cur = store.check_expected(cmd.expected_version)
             folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
         return {"version": cur.number, "committed_version": cur.number, "model_version_folder": folder,
                 "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}

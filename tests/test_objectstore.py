@@ -303,3 +303,29 @@ def test_publish_cli_progress_and_refusal(s3, tmp_path):
     env.pop("AWS_SECRET_ACCESS_KEY")
     p = subprocess.run(cmdline[:-3] + ["8", "--endpoint", s3.endpoint], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no S3 credentials" in p.stderr
+
+
+def test_after_a_local_update_the_next_fetch_takes_every_tensor(s3, tmp_path, creds):
+    """Skipping tensors relies on the served version's recorded source digests: a version
+    made any other way records none, so nothing is skipped on a guess."""
+    c, b = s3.client(), s3.bucket()
+    dest = osx.parse_url(f"s3://{b}/fleet")
+    w1 = weights(1)
+    osx.publish(c, ckpt(tmp_path, w1, "v1"), dest, "m", 1)
+    w10 = dict(w1, **{"fc1.weight": weights(10)["fc1.weight"]})
+    osx.publish(c, ckpt(tmp_path, w10, "v10"), dest, "m", 10, delta_from=1)
+    svc = open_service(tmp_path, s3, b)
+    try:
+        cmd(svc, op="stage", source={"s3": f"s3://{b}/fleet/m/v1"})
+        cmd(svc, op="activate", version=1)
+        local = {"fc0.weight": weights(99)["fc0.weight"]}  # changes a tensor v10 shares with v1
+        [r] = svc.handle([{"CONTROL": np.array([json.dumps({"op": "update", "secret": SECRET}).encode()], dtype=object), **local}])
+        assert r.error is None, r.error
+        st = cmd(svc, op="stage", source={"s3": f"s3://{b}/fleet/m/v10"})
+        assert st["staged"] == sorted(w10)  # everything fetched again
+        cmd(svc, op="activate", version=10)
+        y, v = infer(svc)
+        assert v == 10
+        np.testing.assert_allclose(y, ref(w10), rtol=1e-5, atol=1e-6 * np.abs(ref(w10)).max())
+    finally:
+        svc.close()

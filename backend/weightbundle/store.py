@@ -562,13 +562,17 @@ class WeightStore:
 
 
 def _merge_origin(base: dict | None, st: StagedVersion) -> dict | None:
-    """Per-tensor source digests of the new version: the base's for variables the stage kept."""
-    sha = {k: v for k, v in ((base or {}).get("sha256") or {}).items() if k not in st.entries}
-    sha.update((st.origin or {}).get("sha256") or {})
-    out = {k: v for k, v in (st.origin or {}).items() if k != "sha256"}
-    if sha:
-        out["sha256"] = sha
-    return out or None
+    """Where the new version's weights came from: the source digests of what the stage
+    fetched, plus the base's for the sources it kept (a fetch skips what matched them).
+
+    Keys are update-input (source) names, which need not be store entries.  A stage from
+    anything but the object store records nothing, so the next fetch takes every tensor.
+    """
+    if not st.origin or not st.origin.get("sha256"):
+        return None
+    sha = dict((base or {}).get("sha256") or {})
+    sha.update(st.origin["sha256"])
+    return {**st.origin, "sha256": sha}
 
 
 def _unlink(path: str) -> None:

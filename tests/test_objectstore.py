@@ -329,3 +329,21 @@ def test_after_a_local_update_the_next_fetch_takes_every_tensor(s3, tmp_path, cr
         np.testing.assert_allclose(y, ref(w10), rtol=1e-5, atol=1e-6 * np.abs(ref(w10)).max())
     finally:
         svc.close()
+
+
+def test_bf16_checkpoint_is_cast_by_the_update_graph(s3, tmp_path, creds):
+    import ml_dtypes
+
+    c, b = s3.client(), s3.bucket()
+    w = {k: v.astype(ml_dtypes.bfloat16) for k, v in weights(4).items()}
+    osx.publish(c, ckpt(tmp_path, w), osx.parse_url(f"s3://{b}/fleet"), "m", 4)
+    svc = open_service(tmp_path, s3, b)
+    try:
+        cmd(svc, op="stage", source={"s3": f"s3://{b}/fleet/m/v4"})
+        cmd(svc, op="activate", version=4)
+        want = ref({k: v.astype(np.float32) for k, v in w.items()})
+        y, v = infer(svc)
+        assert v == 4
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    finally:
+        svc.close()

@@ -30,16 +30,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import BundleError
+from .transport import ST_DTYPES as _TRANSPORT_ST_DTYPES
 
 MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
 FORMAT = "weightbundle-manifest/1"
 ACTIVE_HISTORY = 32  # previous active versions kept in ACTIVE, for fleet rollback
 CHUNK = 1 << 20
-# safetensors dtype codes <-> numpy
-ST_DTYPES = {"F16": "float16", "BF16": None, "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16",
-             "I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
-NP_TO_ST = {v: k for k, v in ST_DTYPES.items() if v}
+# safetensors dtype codes the server can load: the file transport's, plus BF16 (cast inside the update graph)
+ST_CODES = frozenset(_TRANSPORT_ST_DTYPES) | {"BF16"}
+NP_TO_ST = {**{v: k for k, v in _TRANSPORT_ST_DTYPES.items()}, "bfloat16": "BF16"}
 
 
 class ObjectStoreError(BundleError):
@@ -166,7 +166,7 @@ def validate_manifest(m: Any, where: str, version: int | None = None) -> dict:
     if not isinstance(tensors, dict) or not isinstance(objects, dict):
         raise bad("'tensors' and 'objects' must be objects")
     for name, t in tensors.items():
-        if not isinstance(t, dict) or t.get("dtype") not in ST_DTYPES or not isinstance(t.get("shape"), list) \
+        if not isinstance(t, dict) or t.get("dtype") not in ST_CODES or not isinstance(t.get("shape"), list) \
                 or not all(isinstance(d, int) and d >= 0 for d in t["shape"]) or not isinstance(t.get("sha256"), str) \
                 or t.get("object") not in objects:
             raise bad(f"tensor {name!r} needs dtype, shape, sha256 and an object listed in 'objects'")
@@ -186,8 +186,6 @@ def check_fits(m: dict, weights: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
         if tuple(t["shape"]) != tuple(weights[name][1]):
             raise ObjectStoreError(f"manifest {where} does not fit this model: tensor {name!r} has shape {tuple(t['shape'])}, "
                                    f"the model's is {tuple(weights[name][1])}")
-        if ST_DTYPES[t["dtype"]] is None:
-            raise ObjectStoreError(f"manifest {where}: tensor {name!r} has dtype {t['dtype']}, which weightbundle cannot load")
 
 
 def get_json(client: Any, url: S3Url, what: str) -> tuple[Any, str]:
@@ -445,7 +443,7 @@ def publish_alias(client: Any, model_url: S3Url, version: int, of: int) -> dict:
 # -- fetch (server side) -------------------------------------------------------------------
 def _map_tensors(path: str, names: Sequence[str], where: str) -> dict[str, np.ndarray]:
     """Read-only views of ``names`` in a verified safetensors spool file, memory-mapped (no copy)."""
-    from .transport import safetensors_header
+    from .transport import _np_dtype, safetensors_header
 
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -461,9 +459,7 @@ def _map_tensors(path: str, names: Sequence[str], where: str) -> dict[str, np.nd
     out = {}
     for n in names:
         e = header[n]
-        dt = ST_DTYPES.get(e["dtype"])
-        if dt is None:
-            raise ObjectStoreError(f"object {where}: tensor {n!r} has dtype {e['dtype']}, which weightbundle cannot load")
+        dt = _np_dtype(e["dtype"])  # the header check already refused unknown dtypes
         begin, end = e["data_offsets"]
         out[n] = data[start + begin : start + end].view(dt).reshape(e["shape"])
     return out

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 import models
 from s3_util import ACCESS_KEY, SECRET_KEY, running_seaweed
-from triton_util import SECRET, SECRET_ENV, control, make_repo, result, running, version
+from triton_util import SECRET, control, make_repo, result, running, version
 from weightbundle import fleet
 from weightbundle import objectstore as osx
 

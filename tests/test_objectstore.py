@@ -213,6 +213,9 @@ def test_corrupt_object_bad_manifest_allowlist_and_credentials_change_nothing(s3
         osx.publish(c, ckpt(tmp_path, weights(5), "c"), dest, "m", 5)
         assert cmd(svc, op="stage", source={"s3": f"s3://{b}/fleet/m/v5"})["staged_version"] == 5
         assert cmd(svc, op="abort", version=5)["aborted"] == 5
+        # keys rotated in the file: the next stage uses the new ones (here: wrong ones), no restart
+        cf.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = rotated-wrong\n")
+        assert "refused the credentials" in err(svc, op="stage", source={"s3": f"s3://{b}/fleet/m/v5"})
     finally:
         svc.close()
 

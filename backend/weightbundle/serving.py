@@ -168,7 +168,7 @@ class Service:
         clash = (self.weight_names & self.input_names) | ((self.weight_names | self.input_names) & reserved)
         if clash:
             raise BundleError(f"tensor name(s) {sorted(clash)} are used twice (inputs, weights and {sorted(reserved)} must differ)")
-        self._s3: Any = None  # boto3 client, made on first use
+        self._s3: tuple[tuple[str, str], Any] | None = None  # (credentials, boto3 client), made on first use
         self._follower: threading.Thread | None = None
         self._stop_follow = threading.Event()
 
@@ -507,9 +507,10 @@ class Service:
     def _s3_client(self) -> Any:
         from .objectstore import make_client, read_credentials
 
-        if self._s3 is None:
-            self._s3 = make_client(self.settings.s3_endpoint, read_credentials(self.settings.s3_credentials_file), self.settings.s3_region)
-        return self._s3
+        creds = read_credentials(self.settings.s3_credentials_file)  # re-read each time: keys may be rotated
+        if self._s3 is None or self._s3[0] != creds:
+            self._s3 = (creds, make_client(self.settings.s3_endpoint, creds, self.settings.s3_region))
+        return self._s3[1]
 
     def _fetch_s3(self, url_text: Any, trusted: bool = False) -> tuple[Any, Any]:
         """Fetch and verify a published version, skipping tensors this server already holds.

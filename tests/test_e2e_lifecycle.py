@@ -1,0 +1,119 @@
+"""Process lifecycle against a real tritonserver: crashes, leftovers, shutdown, dead stubs.
+
+Every test bounds its waits and stops its server in a ``finally`` (killpg of the
+server's own process group), so no tritonserver, stub or /dev/shm file is left.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+import models
+from triton_util import SECRET, SECRET_ENV, control, make_repo
+from weightbundle import server as S
+from weightbundle.server import TritonServer
+
+pytestmark = pytest.mark.e2e
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, **{SECRET_ENV: SECRET})
+
+
+def _stubs(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if "stub" in _read(f"/proc/{p}/cmdline")]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    stat = _read(f"/proc/{pid}/stat")
+    return bool(stat) and stat[stat.rfind(")") + 2:].split()[0] != "Z"
+
+
+def _wchar(pid: int) -> int:
+    for line in _read(f"/proc/{pid}/io").splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    f = _read(f"/proc/{pid}/stat")
+    f = f[f.rfind(")") + 2:].split()
+    return int(f[11]) + int(f[12]) if len(f) > 12 else 0
+
+
+def _wait(cond, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
+
+
+# --------------------------------------------------------------------------- defect 8
+
+
+def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
+    """Defect 8: SIGKILL of tritonserver while a weightbundle stub is inside a round trip
+    to it (a commit's metrics update, then its response) left the stub alive for good.
+
+    Deterministic: the server is SIGSTOPped while the stub writes the commit, so the
+    stub's next call into the server must wait; only then is the server SIGKILLed.
+    """
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.big_mlp(n=1024, layers=4))  # 16 MiB: a commit takes a while
+    srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
+    srv.start(timeout=90)
+    client = httpclient.InferenceServerClient(srv.http_url, network_timeout=60)
+    try:
+        (stub,) = _stubs(srv.pid)
+        w0 = _wchar(stub)
+        t = threading.Thread(target=lambda: _ignore(lambda: client.infer(
+            "m", [control(httpclient, {"op": "commit", "secret": SECRET}, False)])), daemon=True)
+        t.start()
+        assert _wait(lambda: _wchar(stub) - w0 > 4 << 20, 30, 0.001), "the commit never started writing"
+        os.kill(srv.pid, signal.SIGSTOP)
+        # The stub finishes the commit, then blocks in its next call into the stopped server.
+        last = [-1, -1]
+
+        def settled() -> bool:
+            now = [_wchar(stub), _cpu_ticks(stub)]
+            same, last[:] = now == last, now
+            return same
+
+        assert _wait(settled, 30, 0.5), "the stub never settled"
+        os.kill(srv.pid, signal.SIGKILL)
+        srv.wait(10)
+        t0 = time.monotonic()
+        exited = _wait(lambda: not _alive(stub), 10)
+        print(f"stub exited {time.monotonic() - t0:.2f} s after the server's SIGKILL" if exited else
+              "stub still alive 10 s after the server's SIGKILL")
+        assert exited, "a stub whose server died must exit promptly"
+    finally:
+        client.close()
+        srv.stop()  # killpg of the server's group reaches a stuck stub too
+    assert not S._group_pids(srv.pid)
+
+
+def _ignore(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the server is killed under this call on purpose
+        pass

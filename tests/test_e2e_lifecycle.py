@@ -117,3 +117,37 @@ def _ignore(fn) -> None:
         fn()
     except Exception:  # noqa: BLE001 - the server is killed under this call on purpose
         pass
+
+
+def test_start_sweeps_what_a_server_killed_with_its_launcher_left(tmp_path):
+    """Defect 8, second half: shm regions (and weight stores) of a server SIGKILLed together
+    with its stubs and its launcher survived the next start and stop."""
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.mlp(), instances=2, store_root=str(stores))
+    dead = TritonServer(repo, env=_env(), log_file=str(tmp_path / "dead.log"))
+    dead.start(timeout=90)
+    nxt = None
+    try:
+        pids = [dead.pid] + _stubs(dead.pid)
+        regions = S._shm_used_by(pids)
+        assert len(regions) == 2 and os.listdir(stores)
+        os.killpg(dead.pid, signal.SIGKILL)  # the OOM killer's way: server and stubs at once
+        dead.wait(10)
+        assert _wait(lambda: not any(_alive(p) for p in pids), 10)
+        assert all(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), "expected leftovers"
+        time.sleep(2.1)  # sweep_leftovers spares regions changed in the last 2 s
+        # The launcher died too (no stop()): the next start must clean up.
+        nxt = TritonServer(repo, env=_env(), log_file=str(tmp_path / "next.log"))
+        nxt.start(timeout=90)
+        left = [r for r in regions if os.path.exists(os.path.join("/dev/shm", r))]
+        assert left == [], f"regions of a dead server survived the next start: {left}"
+        assert not [n for n in os.listdir(stores) if n.startswith(f"weightbundle-{dead.pid}-")]
+        assert {os.path.join("/dev/shm", r) for r in regions} <= set(nxt.swept)
+        assert httpclient.InferenceServerClient(nxt.http_url).is_model_ready("m")
+    finally:
+        if nxt is not None:
+            nxt.stop()
+        dead.stop()
+    assert os.listdir(stores) == []

@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
     "BACKEND_NAME", "INSTALL_HINT", "SHM_PATTERN", "TritonPaths", "TritonServer", "TritonServerError", "add_serve_arguments",
-    "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "triton_paths",
+    "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_leftovers", "triton_paths",
 ]
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0"
@@ -274,6 +274,74 @@ def _shm_used_by(pids: Iterable[int], prefixes: Sequence[str] = ()) -> Set[str]:
     return used
 
 
+def _config_store_roots(model_repository: str) -> Set[str]:
+    """The ``store_root`` parameters of the models in a repository (custom weight-store roots)."""
+    roots: Set[str] = set()
+    try:
+        names = os.listdir(model_repository)
+    except OSError:
+        return roots
+    for name in names:
+        try:
+            with open(os.path.join(model_repository, name, "config.pbtxt"), encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            from google.protobuf import text_format
+            from tritonclient.grpc import model_config_pb2
+
+            cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+            root = cfg.parameters["store_root"].string_value if "store_root" in cfg.parameters else ""
+        except Exception:  # noqa: BLE001 - no tritonclient, or a config Triton will refuse anyway
+            m = re.search(r'key\s*:\s*"store_root"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"', text)
+            root = m.group(1) if m else ""
+        if root and os.path.isabs(root):
+            roots.add(os.path.normpath(root))
+    return roots
+
+
+def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequence[str] = (),
+                    min_age: float = 2.0) -> List[str]:
+    """Remove what dead servers left behind; returns the paths removed.
+
+    * python-backend shm regions in /dev/shm that no live process maps or holds
+      open (a SIGKILLed stub cannot unlink its region), owned by this user and not
+      modified in the last ``min_age`` seconds (a region being created is mapped
+      by its server within microseconds);
+    * weight stores ``weightbundle-<pid>-...`` whose server pid is dead, in the
+      default root and in every ``store_root`` the repository's configs name.
+    """
+    removed: List[str] = []
+    now, uid = time.time(), os.getuid()
+    candidates = []
+    # List first, scan processes second: a region created after the listing is no candidate.
+    for name in _shm_regions(prefixes):
+        try:
+            st = os.stat(os.path.join(SHM_DIR, name))
+        except OSError:
+            continue
+        if st.st_uid == uid and now - max(st.st_mtime, st.st_ctime) >= min_age:
+            candidates.append(name)
+    if candidates:
+        used = _shm_used_by(_proc_pids(), prefixes)
+        for name in candidates:
+            if name in used:
+                continue
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+    from .serving import STORE_PREFIX
+    from .store import default_root, sweep_stale
+
+    roots = {default_root()} | (_config_store_roots(model_repository) if model_repository else set())
+    for root in sorted(roots):
+        removed += [os.path.join(root, n) for n in sweep_stale(root, STORE_PREFIX)]
+    return removed
+
+
 def _pdeathsig_preexec():
     """A preexec_fn that makes the child get SIGTERM when the spawning thread dies.
 
@@ -335,6 +403,7 @@ class TritonServer:
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
         env: Optional[Mapping[str, str]] = None,
+        sweep: bool = True,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
@@ -366,6 +435,8 @@ class TritonServer:
         self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
         self._cleaned = True  # no process whose leftovers need cleaning
         self._lock = threading.RLock()
+        self.sweep = sweep  # start() first removes leftovers of dead servers (sweep_leftovers)
+        self.swept: List[str] = []
 
     # ---- addresses
 
@@ -444,6 +515,9 @@ class TritonServer:
                     self._own_log = True
                     os.close(fd)
                 deadline = time.monotonic() + timeout
+                if self.sweep:
+                    # Regions and stores of servers that were SIGKILLed with their launcher.
+                    self.swept = sweep_leftovers(self.model_repository, prefixes=self._shm_prefixes)
                 # Auto-picked ports can be taken by someone else before Triton binds them: retry.
                 for attempt in range(3):
                     self._spawn()
@@ -606,7 +680,9 @@ class TritonServer:
         from .serving import STORE_PREFIX
         from .store import default_root, sweep_stale
 
-        sweep_stale(default_root(), STORE_PREFIX)
+        # Custom store_root folders too: a server that exits before finalize (exit timeout) leaves them.
+        for root in sorted({default_root()} | _config_store_roots(self.model_repository)):
+            sweep_stale(root, STORE_PREFIX)
         self._cleaned = True
         self._shm_owned.clear()
 

@@ -151,3 +151,50 @@ def test_start_sweeps_what_a_server_killed_with_its_launcher_left(tmp_path):
             nxt.stop()
         dead.stop()
     assert os.listdir(stores) == []
+
+
+# --------------------------------------------------------------------------- defect 9
+
+
+def _idle_keepalive(port: int):
+    """An HTTP/1.1 connection that made one request and then stays open, idle."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    return s
+
+
+@pytest.mark.parametrize("mode", ["explicit", "none"])
+def test_shutdown_with_an_idle_client_connection(tmp_path, mode):
+    """Defect 9: one idle keep-alive connection used up Triton's 5 s exit timeout, so it
+    exited 1 without finalizing the model and a store under a custom store_root stayed.
+
+    explicit: models are unloaded before SIGTERM, so finalize runs and the exit is clean.
+    none: Triton offers no unload, so the exit may still be unclean (Triton's limit), but
+    the launcher removes the store under the custom root anyway.
+    """
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.mlp(), store_root=str(stores))
+    log = tmp_path / "triton.log"
+    srv = TritonServer(repo, env=_env(), log_file=str(log), model_control_mode=mode,
+                       load_models=["m"] if mode == "explicit" else ())
+    srv.start(timeout=90)
+    conn = None
+    try:
+        assert os.listdir(stores)
+        conn = _idle_keepalive(srv.http_port)
+        t0 = time.monotonic()
+        status = srv.stop()
+        print(f"mode {mode}: stop took {time.monotonic() - t0:.1f} s, tritonserver status {status}")
+    finally:
+        if conn is not None:
+            conn.close()
+        srv.stop()
+    assert os.listdir(stores) == [], "the weight store under store_root was left behind"
+    if mode == "explicit":
+        assert status == 0
+        assert "successfully unloaded 'm'" in log.read_text(errors="replace"), "finalize did not run"

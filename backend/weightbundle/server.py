@@ -23,6 +23,7 @@ import atexit
 import ctypes
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from dataclasses import dataclass
@@ -404,6 +406,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         env: Optional[Mapping[str, str]] = None,
         sweep: bool = True,
+        exit_timeout: int = 5,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
@@ -435,6 +438,11 @@ class TritonServer:
         self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
         self._cleaned = True  # no process whose leftovers need cleaning
         self._lock = threading.RLock()
+        if int(exit_timeout) < 0:
+            raise ValueError(f"exit_timeout must be >= 0, got {exit_timeout!r}")
+        # Triton's --exit-timeout-secs. Its HTTP front end spends it waiting for *every* open
+        # connection, idle keep-alive ones included, before unloading models; see stop().
+        self.exit_timeout = int(exit_timeout)
         self.sweep = sweep  # start() first removes leftovers of dead servers (sweep_leftovers)
         self.swept: List[str] = []
 
@@ -483,7 +491,7 @@ class TritonServer:
             f"--model-control-mode={self.model_control_mode}",
             # Auto-complete makes startup ~5x slower and hides missing/bad config.pbtxt.
             "--disable-auto-complete-config",
-            "--exit-timeout-secs=5",
+            f"--exit-timeout-secs={self.exit_timeout}",
             f"--log-verbose={self.log_verbose}",
         ]
         if self.allow_metrics:
@@ -588,16 +596,22 @@ class TritonServer:
 
     def stop(self, timeout: float = 15) -> Optional[int]:
         """Shut down gracefully (SIGTERM), SIGKILL the process group if that takes
-        longer than ``timeout``, then make sure no shm region of ours is left.
+        longer than ``timeout`` (at least the exit timeout + 10 s), then make sure no
+        shm region or weight store of ours is left.
+
+        With explicit model control, every model is unloaded first, so the backends'
+        ``finalize`` runs even when idle client connections use up Triton's exit timeout.
         Returns the server's exit status (None if it was never started). Idempotent."""
         with self._lock:
             proc = self._proc
             if proc is not None:
                 if proc.poll() is None:
                     self._note_owned_shm()
+                    if self.model_control_mode == "explicit":
+                        self.unload_all(timeout=max(float(timeout), 30.0))
                     try:
                         proc.send_signal(signal.SIGTERM)  # the server itself stops its stubs
-                        proc.wait(timeout)
+                        proc.wait(max(float(timeout), self.exit_timeout + 10.0))
                     except subprocess.TimeoutExpired:
                         self._killpg()
                         proc.wait(5)
@@ -613,6 +627,40 @@ class TritonServer:
                     pass
             _LIVE.discard(self)
             return proc.returncode if proc is not None else None
+
+    def unload_all(self, timeout: float = 30) -> bool:
+        """Unload every loaded model over HTTP and wait until none is left loaded.
+
+        Explicit model control only (Triton refuses unload in the other modes). Triton
+        2.51 spends its exit timeout first on open HTTP connections, idle keep-alive
+        ones included, and then exits with status 1 without finalizing models that are
+        still loaded; unloading before SIGTERM avoids that. True if all were unloaded.
+        """
+        if not self.is_running() or self.model_control_mode != "explicit":
+            return False
+        deadline = time.monotonic() + timeout
+        try:
+            for m in self._repository_index():
+                if m.get("state") == "READY":
+                    name = urllib.parse.quote(str(m["name"]), safe="")
+                    self._post(f"/v2/repository/models/{name}/unload", b"{}", deadline)
+            while time.monotonic() < deadline:
+                if not [m for m in self._repository_index() if m.get("state") in ("READY", "LOADING", "UNLOADING")]:
+                    return True
+                time.sleep(0.1)
+        except (OSError, ValueError, urllib.error.URLError):
+            pass  # SIGTERM follows regardless
+        return False
+
+    def _post(self, path: str, body: bytes, deadline: float) -> bytes:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with opener.open(req, timeout=max(1.0, deadline - time.monotonic())) as resp:
+            return resp.read()
+
+    def _repository_index(self) -> List[dict]:
+        return json.loads(self._post("/v2/repository/index", b"{}", time.monotonic() + 10) or b"[]")
 
     def kill(self) -> None:
         """SIGKILL the server process only, with no cleanup: simulates a crash.
@@ -759,6 +807,7 @@ def serve(
     log_verbose: int = 0,
     log_file: Optional[str] = None,
     start_timeout: float = 120,
+    exit_timeout: int = 5,
 ) -> int:
     """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
 
@@ -778,7 +827,7 @@ def serve(
         server = TritonServer(
             model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
             model_control_mode=model_control_mode, load_models=load_models, backend_config=backend_config,
-            log_verbose=log_verbose, log_file=log_file,
+            log_verbose=log_verbose, log_file=log_file, exit_timeout=exit_timeout,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -797,6 +846,8 @@ def serve(
             print(f"error: {e}", file=sys.stderr)
             return 1
         ready.set()
+        if server.swept:
+            print(f"removed {len(server.swept)} leftover(s) of dead servers: {', '.join(server.swept)}", flush=True)
         print(f"tritonserver ready (pid {server.pid})\n"
               f"  HTTP     http://{server.http_url}\n"
               f"  gRPC     {server.grpc_url}\n"
@@ -813,6 +864,13 @@ def serve(
         t0 = time.monotonic()
         status = server.stop()
         print(f"tritonserver stopped (status {status}, {time.monotonic() - t0:.1f} s)", flush=True)
+        if status:
+            # Triton 2.51 spends --exit-timeout-secs on open client connections (idle
+            # keep-alive ones too) and then exits 1 without finalizing loaded models.
+            print("warning: tritonserver did not shut down cleanly (exit timeout; open client connections?); "
+                  "its shm regions and weight stores were removed. Use --model-control-mode=explicit "
+                  "(models are unloaded before the server stops) or a longer --exit-timeout-secs.",
+                  file=sys.stderr, flush=True)
         return 0
     finally:
         ready.set()  # a late signal must not raise inside stop()
@@ -836,6 +894,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="e.g. python,shm-default-byte-size=16777216 (repeatable)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
     parser.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
+    parser.add_argument("--exit-timeout-secs", type=int, default=5, metavar="S",
+                        help="Triton's exit timeout: how long shutdown waits for in-flight requests and open "
+                             "client connections (default: %(default)s)")
     return parser
 
 
@@ -845,6 +906,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         model_control_mode=args.model_control_mode, load_models=args.load_model, backend_config=args.backend_config,
         log_verbose=args.log_verbose, log_file=getattr(args, "log_file", None),
+        exit_timeout=getattr(args, "exit_timeout_secs", 5),
     )
 
 

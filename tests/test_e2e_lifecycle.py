@@ -198,3 +198,122 @@ def test_shutdown_with_an_idle_client_connection(tmp_path, mode):
     if mode == "explicit":
         assert status == 0
         assert "successfully unloaded 'm'" in log.read_text(errors="replace"), "finalize did not run"
+
+
+# --------------------------------------------------------------------------- defect 2 (dead stub)
+
+
+def _kill_stub_with_a_huge_empty_input(port: int, model: str = "m", name: str = "x") -> int:
+    """Triton 2.51 accepts an HTTP input of shape [2**62, 16] with 0 bytes for a dynamic
+    dim; the python backend's stub then aborts ("array is too big") and stays dead."""
+    import http.client
+    import json
+
+    header = json.dumps({"inputs": [{"name": name, "shape": [2 ** 62, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 0}}]}).encode()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request("POST", f"/v2/models/{model}/infer", body=header,
+                  headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"})
+        r = c.getresponse()
+        r.read()
+        return r.status
+    finally:
+        c.close()
+
+
+def _get(port: int, path: str) -> int:
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        return r.status
+    except OSError:
+        return 0
+    finally:
+        c.close()
+
+
+def _infer_ok(port: int) -> bool:
+    c = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        x = httpclient.InferInput("x", [1, 16], "FP32")
+        x.set_data_from_numpy(np.ones((1, 16), np.float32))
+        c.infer("m", [x])
+        return True
+    except Exception:  # noqa: BLE001 - a failed request is the answer here
+        return False
+    finally:
+        c.close()
+
+
+def test_dead_stub_is_detected(tmp_path):
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.mlp())
+    srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
+    srv.start(timeout=90)
+    try:
+        assert srv.healthy() and srv.dead_stubs() == []
+        (stub,) = srv.stubs().values()
+        assert (stub.model, stub.version, stub.instance) == ("m", "1", "m_0_0")
+        assert _kill_stub_with_a_huge_empty_input(srv.http_port) >= 400
+        assert _wait(lambda: srv.dead_stubs() != [], 15), "the stub did not die: Triton may have fixed this"
+        # Triton's view is unchanged: this is what weightbundle has to make up for.
+        assert _get(srv.http_port, "/v2/health/ready") == 200 and _get(srv.http_port, "/v2/models/m/ready") == 200
+        assert not _infer_ok(srv.http_port)
+        assert [d.instance for d in srv.dead_stubs()] == ["m_0_0"] and not srv.healthy()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("policy", ["exit", "unload", "reload"])
+def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
+    """Defect 2 (second half): after a stub died, `weightbundle serve` kept answering 200 on
+    /v2/health/ready and /v2/models/m/ready while every request to the model failed."""
+    import sys
+
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.mlp())
+    http, grpc, metrics = S._free_ports(3)
+    args = [sys.executable, "-m", "weightbundle.server", repo, "--http-port", str(http), "--grpc-port", str(grpc),
+            "--metrics-port", str(metrics), "--log-file", str(tmp_path / "triton.log"), "--on-stub-death", policy]
+    if policy != "exit":
+        args += ["--model-control-mode", "explicit", "--load-model", "m"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        assert _wait(lambda: any("Press Ctrl-C" in ln for ln in lines) or proc.poll() is not None, 90), lines
+        assert proc.poll() is None, "".join(lines)
+        pid = int("".join(lines).split("(pid ")[1].split(")")[0])
+        assert _infer_ok(http)
+        _kill_stub_with_a_huge_empty_input(http)
+        if policy == "exit":
+            assert _wait(lambda: proc.poll() is not None, 30), "serve kept running with a dead stub"
+            assert proc.returncode == 1
+            assert _wait(lambda: not S._group_pids(pid), 15)
+        elif policy == "unload":
+            assert _wait(lambda: _get(http, "/v2/models/m/ready") not in (200, 0), 30), "the model is still reported ready"
+            assert _get(http, "/v2/health/ready") != 200  # strict readiness: a model is unavailable
+        else:
+            assert _wait(lambda: _infer_ok(http), 60), "the model did not serve again after a reload"
+            assert _get(http, "/v2/models/m/ready") == 200
+        reader.join(0.1)
+        assert "stub(s) died" in "".join(lines)
+    except AssertionError:
+        print("".join(lines)[-3000:])
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        reader.join(5)
+    print("".join(lines)[-1500:])

@@ -44,7 +44,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
     "BACKEND_NAME", "INSTALL_HINT", "SHM_PATTERN", "TritonPaths", "TritonServer", "TritonServerError", "add_serve_arguments",
-    "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_leftovers", "triton_paths",
+    "StubInfo", "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_leftovers",
+    "triton_paths",
 ]
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0"
@@ -367,6 +368,44 @@ def _pdeathsig_preexec():
     return preexec
 
 
+@dataclass(frozen=True)
+class StubInfo:
+    """One python-backend stub process of a server (from its command line while it ran)."""
+
+    pid: int
+    model: str  # "?" when the stub was never seen alive
+    version: str
+    instance: str  # Triton's instance name, e.g. "mymodel_0_0"
+
+
+_STUB_COMM = "triton_python_b"  # /proc/PID/comm of triton_python_backend_stub (15 chars)
+STUB_DEATH_POLICIES = ("exit", "unload", "reload", "ignore")
+
+
+def _stat(pid: int) -> Optional[List[str]]:
+    """[comm, state, ppid, ...] from /proc/PID/stat, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    i, j = raw.find("("), raw.rfind(")")
+    return [raw[i + 1:j]] + raw[j + 2:].split()
+
+
+def _stub_info(pid: int) -> Optional[StubInfo]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return None
+    # argv: stub <repo>/<model>/<version>/model.py <region> <shm size> <growth> <server pid> <lib dir> <ipc> <instance> ...
+    if len(argv) < 9 or not argv[0].endswith("triton_python_backend_stub"):
+        return None
+    version_dir = os.path.dirname(argv[1])
+    return StubInfo(pid, os.path.basename(os.path.dirname(version_dir)), os.path.basename(version_dir), argv[8])
+
+
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
 
 
@@ -444,6 +483,8 @@ class TritonServer:
         # connection, idle keep-alive ones included, before unloading models; see stop().
         self.exit_timeout = int(exit_timeout)
         self.sweep = sweep  # start() first removes leftovers of dead servers (sweep_leftovers)
+        self._stub_cache: Dict[int, StubInfo] = {}  # what each stub was while it ran
+        self._zombie_since: Dict[int, float] = {}
         self.swept: List[str] = []
 
     # ---- addresses
@@ -534,6 +575,7 @@ class TritonServer:
                         # Attribute the startup models' regions now, in case the whole
                         # process group is later killed from outside (OOM killer).
                         self._note_owned_shm()
+                        self.stubs()  # remember each stub's model while it runs, for dead_stubs()
                         return self
                     except TritonServerError:
                         if attempt < 2 and self._proc.poll() is not None and self._auto_port_was_taken():
@@ -608,7 +650,7 @@ class TritonServer:
                 if proc.poll() is None:
                     self._note_owned_shm()
                     if self.model_control_mode == "explicit":
-                        self.unload_all(timeout=max(float(timeout), 30.0))
+                        self.unload_all(timeout=float(timeout))
                     try:
                         proc.send_signal(signal.SIGTERM)  # the server itself stops its stubs
                         proc.wait(max(float(timeout), self.exit_timeout + 10.0))
@@ -627,6 +669,66 @@ class TritonServer:
                     pass
             _LIVE.discard(self)
             return proc.returncode if proc is not None else None
+
+    # ---- stub health
+
+    def stubs(self) -> Dict[int, StubInfo]:
+        """The server's stub processes (live or dead but not yet reaped), by pid."""
+        out: Dict[int, StubInfo] = {}
+        if self._proc is None:
+            return out
+        server = self._proc.pid
+        for pid in _proc_pids():
+            st = _stat(pid)
+            if not st or len(st) < 3 or int(st[2]) != server or not st[0].startswith(_STUB_COMM):
+                continue
+            if pid not in self._stub_cache and st[1] != "Z":
+                info = _stub_info(pid)
+                if info is not None:
+                    self._stub_cache[pid] = info
+            out[pid] = self._stub_cache.get(pid, StubInfo(pid, "?", "?", "?"))
+        return out
+
+    def dead_stubs(self, grace: float = 0.0) -> List[StubInfo]:
+        """Stubs that died while their model is still loaded.
+
+        Triton 2.51's python backend neither restarts a dead stub nor marks its model
+        unready: every request routed to that instance fails with "Stub process ... is
+        not healthy" while /v2/health/ready and /v2/models/NAME/ready stay 200. The
+        backend reaps a stub only when its instance is unloaded, so a stub that stays a
+        zombie is dead for good (a normal unload reaps it at once); with ``grace`` > 0,
+        only stubs seen as zombies by calls at least ``grace`` seconds apart count.
+        """
+        now = time.monotonic()
+        zombies = {pid: info for pid, info in self.stubs().items() if (_stat(pid) or ["", ""])[1] == "Z"}
+        self._zombie_since = {pid: self._zombie_since.get(pid, now) for pid in zombies}
+        return [info for pid, info in zombies.items() if now - self._zombie_since[pid] >= grace]
+
+    def healthy(self) -> bool:
+        """Running, /v2/health/ready answers 200, and no stub has died (see dead_stubs)."""
+        if not self.is_running() or self.dead_stubs():
+            return False
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=5) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def load_model(self, name: str, timeout: float = 120) -> None:
+        """Load (or reload) a model over HTTP; explicit model control only."""
+        self._post(f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/load", b"{}", time.monotonic() + timeout)
+
+    def unload_model(self, name: str, timeout: float = 60) -> bool:
+        """Unload a model over HTTP and wait until it is no longer loaded; explicit mode only."""
+        deadline = time.monotonic() + timeout
+        self._post(f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/unload", b"{}", deadline)
+        while time.monotonic() < deadline:
+            if not [m for m in self._repository_index()
+                    if m.get("name") == name and m.get("state") in ("READY", "LOADING", "UNLOADING")]:
+                return True
+            time.sleep(0.1)
+        return False
 
     def unload_all(self, timeout: float = 30) -> bool:
         """Unload every loaded model over HTTP and wait until none is left loaded.
@@ -808,15 +910,29 @@ def serve(
     log_file: Optional[str] = None,
     start_timeout: float = 120,
     exit_timeout: int = 5,
+    on_stub_death: str = "exit",
 ) -> int:
     """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
 
     Prints the HTTP, gRPC and metrics URLs and the log path once ready. Returns 0
     after a requested shutdown, 1 if the server failed to start or died, 2 for bad
     arguments, 130 if interrupted while starting. Leaves no process or shm region.
+
+    ``on_stub_death`` says what to do when a python-backend stub dies while its model
+    is loaded (Triton 2.51 keeps reporting such a model as ready): ``exit`` stops the
+    server and returns 1, so a supervisor restarts it; ``unload`` (explicit mode)
+    unloads the model, so it is reported unready; ``reload`` (explicit mode) loads it
+    again; ``ignore`` keeps Triton's behaviour.
     """
     stop_requested = threading.Event()
     ready = threading.Event()
+    if on_stub_death not in STUB_DEATH_POLICIES:
+        print(f"error: on_stub_death must be one of {', '.join(STUB_DEATH_POLICIES)}", file=sys.stderr)
+        return 2
+    if on_stub_death in ("unload", "reload") and model_control_mode != "explicit":
+        print(f"error: --on-stub-death={on_stub_death} needs --model-control-mode=explicit "
+              "(Triton refuses unload and load in the other modes)", file=sys.stderr)
+        return 2
 
     def on_signal(signum, _frame) -> None:
         stop_requested.set()
@@ -856,6 +972,9 @@ def serve(
               f"Press Ctrl-C to stop.", flush=True)
         while not stop_requested.is_set() and server.is_running():
             stop_requested.wait(0.5)
+            if on_stub_death != "ignore" and not _handle_dead_stubs(server, on_stub_death):
+                server.stop()
+                return 1
         if not server.is_running():
             print(f"error: tritonserver exited with status {server.returncode}; {server._failure_report()}", file=sys.stderr)
             server.stop()
@@ -879,6 +998,36 @@ def serve(
             signal.signal(sig, handler)
 
 
+def _handle_dead_stubs(server: TritonServer, policy: str) -> bool:
+    """Apply ``policy`` to stubs that died; False when the server must stop."""
+    dead = [d for d in server.dead_stubs(grace=1.0) if d.pid not in _REPORTED]
+    if not dead:
+        return True
+    _REPORTED.update(d.pid for d in dead)
+    what = ", ".join(f"{d.instance or '?'} (pid {d.pid}, model {d.model!r} version {d.version})" for d in dead)
+    print(f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps "
+          f"reporting the model as ready; every request routed to them fails.", file=sys.stderr, flush=True)
+    if policy == "exit" or any(d.model == "?" for d in dead):
+        print("stopping tritonserver (--on-stub-death=exit, or a stub of an unknown model) ...", file=sys.stderr, flush=True)
+        return False
+    for model in sorted({d.model for d in dead}):
+        try:
+            # Triton 2.51 never finishes unloading an instance whose stub died: the model
+            # stays UNLOADING (reported unready) until the server exits; do not wait long.
+            unloaded = server.unload_model(model, timeout=10)
+            if policy == "reload":
+                server.load_model(model)
+            print(f"model {model!r}: {policy}ed (--on-stub-death={policy})"
+                  + ("" if unloaded else "; the old instances did not finish unloading"), file=sys.stderr, flush=True)
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            print(f"error: could not {policy} model {model!r}: {e}; stopping", file=sys.stderr, flush=True)
+            return False
+    return True
+
+
+_REPORTED: Set[int] = set()  # dead stub pids already handled by serve
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``weightbundle serve`` options to ``parser``."""
     parser.add_argument("repository", nargs="?", default="model_repository",
@@ -897,6 +1046,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--exit-timeout-secs", type=int, default=5, metavar="S",
                         help="Triton's exit timeout: how long shutdown waits for in-flight requests and open "
                              "client connections (default: %(default)s)")
+    parser.add_argument("--on-stub-death", choices=STUB_DEATH_POLICIES, default="exit",
+                        help="when a python backend stub dies (Triton keeps its model 'ready'): exit with status 1, "
+                             "unload or reload the model (explicit mode), or ignore (default: %(default)s)")
     return parser
 
 
@@ -906,7 +1058,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         model_control_mode=args.model_control_mode, load_models=args.load_model, backend_config=args.backend_config,
         log_verbose=args.log_verbose, log_file=getattr(args, "log_file", None),
-        exit_timeout=getattr(args, "exit_timeout_secs", 5),
+        exit_timeout=getattr(args, "exit_timeout_secs", 5), on_stub_death=getattr(args, "on_stub_death", "exit"),
     )
 
 

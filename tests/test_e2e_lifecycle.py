@@ -279,9 +279,9 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
     make_repo(repo, "m", models.mlp())
     http, grpc, metrics = S._free_ports(3)
     args = [sys.executable, "-m", "weightbundle.server", repo, "--http-port", str(http), "--grpc-port", str(grpc),
-            "--metrics-port", str(metrics), "--log-file", str(tmp_path / "triton.log"), "--on-stub-death", policy]
-    if policy != "exit":
-        args += ["--model-control-mode", "explicit", "--load-model", "m"]
+            "--metrics-port", str(metrics), "--log-file", str(tmp_path / "triton.log")]
+    if policy != "exit":  # exit is the default
+        args += ["--on-stub-death", policy, "--model-control-mode", "explicit", "--load-model", "m"]
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -78,23 +78,28 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
     stub's next call into the server must wait; only then is the server SIGKILLed.
     """
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.big_mlp(n=1024, layers=4))  # 16 MiB: a commit takes a while
+    make_repo(repo, "m", models.big_mlp(n=1024, layers=4), instances=2)  # 16 MiB: a commit takes a while
     srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
     srv.start(timeout=90)
     client = httpclient.InferenceServerClient(srv.http_url, network_timeout=60)
     try:
-        (stub,) = _stubs(srv.pid)
-        w0 = _wchar(stub)
+        stubs = _stubs(srv.pid)
+        assert len(stubs) == 2
+
+        def written() -> int:
+            return sum(_wchar(p) for p in stubs)
+
+        w0 = written()
         t = threading.Thread(target=lambda: _ignore(lambda: client.infer(
             "m", [control(httpclient, {"op": "commit", "secret": SECRET}, False)])), daemon=True)
         t.start()
-        assert _wait(lambda: _wchar(stub) - w0 > 4 << 20, 30, 0.001), "the commit never started writing"
+        assert _wait(lambda: written() - w0 > 4 << 20, 30, 0.001), "the commit never started writing"
         os.kill(srv.pid, signal.SIGSTOP)
         # The stub finishes the commit, then blocks in its next call into the stopped server.
         last = [-1, -1]
 
         def settled() -> bool:
-            now = [_wchar(stub), _cpu_ticks(stub)]
+            now = [written(), sum(_cpu_ticks(p) for p in stubs)]
             same, last[:] = now == last, now
             return same
 
@@ -102,9 +107,9 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
         os.kill(srv.pid, signal.SIGKILL)
         srv.wait(10)
         t0 = time.monotonic()
-        exited = _wait(lambda: not _alive(stub), 10)
-        print(f"stub exited {time.monotonic() - t0:.2f} s after the server's SIGKILL" if exited else
-              "stub still alive 10 s after the server's SIGKILL")
+        exited = _wait(lambda: not any(_alive(p) for p in stubs), 10)
+        print(f"stubs exited {time.monotonic() - t0:.2f} s after the server's SIGKILL" if exited else
+              f"stubs still alive 10 s after the server's SIGKILL: {[p for p in stubs if _alive(p)]}")
         assert exited, "a stub whose server died must exit promptly"
     finally:
         client.close()

@@ -322,3 +322,23 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
                 proc.wait(10)
         reader.join(5)
     print("".join(lines)[-1500:])
+
+
+def test_a_batching_model_with_fixed_dims_refuses_the_huge_empty_input(tmp_path):
+    # The bound documented in the README: Triton checks the batch dim against
+    # max_batch_size, so only dynamic dims of non-batch axes (or max_batch_size 0) are exposed.
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.mlp(), max_batch_size=8)
+    srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
+    srv.start(timeout=90)
+    try:
+        assert _kill_stub_with_a_huge_empty_input(srv.http_port) == 400
+        time.sleep(1.0)
+        assert srv.dead_stubs() == [] and srv.healthy()
+        c = httpclient.InferenceServerClient(srv.http_url)
+        x = httpclient.InferInput("x", [1, 16], "FP32")
+        x.set_data_from_numpy(np.ones((1, 16), np.float32))
+        c.infer("m", [x])
+        c.close()
+    finally:
+        srv.stop()

@@ -29,7 +29,6 @@ import re
 import signal
 import sys
 import threading
-import time
 
 __all__ = ["ParentWatch", "watch_parent"]
 

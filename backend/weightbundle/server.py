@@ -393,6 +393,21 @@ def _stat(pid: int) -> Optional[List[str]]:
     return [raw[i + 1:j]] + raw[j + 2:].split()
 
 
+def _children_of(pid: int) -> List[int]:
+    """Child pids of every thread of ``pid`` (all of /proc when the kernel lacks the children file)."""
+    kids: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        if os.path.isdir(f"/proc/{pid}"):
+            return _proc_pids()  # no CONFIG_PROC_CHILDREN: callers filter by ppid
+    except OSError:
+        pass
+    return kids
+
+
 def _stub_info(pid: int) -> Optional[StubInfo]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -678,7 +693,7 @@ class TritonServer:
         if self._proc is None:
             return out
         server = self._proc.pid
-        for pid in _proc_pids():
+        for pid in _children_of(server):
             st = _stat(pid)
             if not st or len(st) < 3 or int(st[2]) != server or not st[0].startswith(_STUB_COMM):
                 continue
@@ -970,9 +985,10 @@ def serve(
               f"  metrics  {server.metrics_url}\n"
               f"  log      {server.log_path}\n"
               f"Press Ctrl-C to stop.", flush=True)
+        reported: Set[int] = set()
         while not stop_requested.is_set() and server.is_running():
             stop_requested.wait(0.5)
-            if on_stub_death != "ignore" and not _handle_dead_stubs(server, on_stub_death):
+            if on_stub_death != "ignore" and not _handle_dead_stubs(server, on_stub_death, reported):
                 server.stop()
                 return 1
         if not server.is_running():
@@ -998,12 +1014,12 @@ def serve(
             signal.signal(sig, handler)
 
 
-def _handle_dead_stubs(server: TritonServer, policy: str) -> bool:
-    """Apply ``policy`` to stubs that died; False when the server must stop."""
-    dead = [d for d in server.dead_stubs(grace=1.0) if d.pid not in _REPORTED]
+def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) -> bool:
+    """Apply ``policy`` to stubs that died (once each); False when the server must stop."""
+    dead = [d for d in server.dead_stubs(grace=1.0) if d.pid not in reported]
     if not dead:
         return True
-    _REPORTED.update(d.pid for d in dead)
+    reported.update(d.pid for d in dead)
     what = ", ".join(f"{d.instance or '?'} (pid {d.pid}, model {d.model!r} version {d.version})" for d in dead)
     print(f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps "
           f"reporting the model as ready; every request routed to them fails.", file=sys.stderr, flush=True)
@@ -1023,9 +1039,6 @@ def _handle_dead_stubs(server: TritonServer, policy: str) -> bool:
             print(f"error: could not {policy} model {model!r}: {e}; stopping", file=sys.stderr, flush=True)
             return False
     return True
-
-
-_REPORTED: Set[int] = set()  # dead stub pids already handled by serve
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

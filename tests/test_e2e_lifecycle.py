@@ -158,6 +158,34 @@ def test_start_sweeps_what_a_server_killed_with_its_launcher_left(tmp_path):
     assert os.listdir(stores) == []
 
 
+def test_a_stub_removes_regions_of_stubs_killed_with_their_server(tmp_path):
+    """PDEATHSIG kills a stub without letting it unlink its region; without our launcher
+    (a stock tritonserver), the next weightbundle stub to start removes such regions."""
+    repo = str(tmp_path / "repo")
+    make_repo(repo, "m", models.mlp())
+    dead = TritonServer(repo, env=_env(), log_file=str(tmp_path / "dead.log"))
+    dead.start(timeout=90)
+    nxt = None
+    try:
+        stubs = _stubs(dead.pid)
+        regions = S._shm_used_by(stubs)
+        assert len(regions) == 1
+        dead.kill()  # the server only: its stub dies by PDEATHSIG
+        assert _wait(lambda: not any(_alive(p) for p in stubs), 10)
+        assert all(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), "expected a leftover region"
+        time.sleep(2.1)  # regions changed in the last 2 s are spared
+        nxt = TritonServer(repo, env=_env(), log_file=str(tmp_path / "next.log"), sweep=False)  # no launcher sweep
+        nxt.start(timeout=90)
+        assert _wait(lambda: not any(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), 10), \
+            "the next stub did not remove the dead stub's region"
+        assert S._shm_used_by(_stubs(nxt.pid))  # its own region is untouched
+        assert _infer_ok(nxt.http_port)
+    finally:
+        if nxt is not None:
+            nxt.stop()
+        dead.stop()
+
+
 # --------------------------------------------------------------------------- defect 9
 
 

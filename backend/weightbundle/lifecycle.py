@@ -15,8 +15,9 @@ Two independent nets, started from ``initialize``:
   armed only once this process is a child of the server's main thread (the
   thread group leader, which lives as long as the server); a stub forked from a
   short-lived thread is reparented to the leader when that thread exits, and is
-  armed then. SIGKILL leaves the stub's shm region behind; the launcher
-  (``weightbundle.server``) sweeps regions that no live process uses.
+  armed then. SIGKILL leaves the stub's shm region behind: the watchdog of the
+  next stub that starts (and ``weightbundle serve`` at start) removes regions
+  that no live process uses, so this holds under a stock tritonserver too.
 * **A watchdog thread** for the rest (before arming, or a stub restarted from an
   instance thread): it polls ``getppid()``, gives the stub's own exit path a
   grace period, then unlinks this stub's region and ``os._exit``\\ s.
@@ -102,6 +103,7 @@ class ParentWatch:
             self._die()
 
     def _run(self) -> None:
+        self._sweep()
         while not self._stop.wait(self.poll):
             if self.parent_alive():
                 self._try_arm()
@@ -110,6 +112,15 @@ class ParentWatch:
             if self._stop.wait(self.grace):
                 return
             self._die()
+
+    def _sweep(self) -> None:
+        # In the background: a /proc scan takes ~0.1 s and initialize need not wait for it.
+        try:
+            from .server import sweep_dead_regions
+
+            sweep_dead_regions()
+        except Exception:  # noqa: BLE001 - best effort; the launcher sweeps too
+            pass
 
     def _die(self) -> None:
         if self._on_parent_death is not None:

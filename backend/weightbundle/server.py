@@ -44,7 +44,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
     "BACKEND_NAME", "INSTALL_HINT", "SHM_PATTERN", "TritonPaths", "TritonServer", "TritonServerError", "add_serve_arguments",
-    "StubInfo", "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_leftovers",
+    "StubInfo", "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_dead_regions", "sweep_leftovers",
     "triton_paths",
 ]
 
@@ -315,6 +315,18 @@ def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequenc
     * weight stores ``weightbundle-<pid>-...`` whose server pid is dead, in the
       default root and in every ``store_root`` the repository's configs name.
     """
+    removed = sweep_dead_regions(prefixes=prefixes, min_age=min_age)
+    from .serving import STORE_PREFIX
+    from .store import default_root, sweep_stale
+
+    roots = {default_root()} | (_config_store_roots(model_repository) if model_repository else set())
+    for root in sorted(roots):
+        removed += [os.path.join(root, n) for n in sweep_stale(root, STORE_PREFIX)]
+    return removed
+
+
+def sweep_dead_regions(*, prefixes: Sequence[str] = (), min_age: float = 2.0) -> List[str]:
+    """Unlink python-backend shm regions of dead stubs; see sweep_leftovers. Returns the paths."""
     removed: List[str] = []
     now, uid = time.time(), os.getuid()
     candidates = []
@@ -336,12 +348,6 @@ def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequenc
                 removed.append(os.path.join(SHM_DIR, name))
             except OSError:
                 pass
-    from .serving import STORE_PREFIX
-    from .store import default_root, sweep_stale
-
-    roots = {default_root()} | (_config_store_roots(model_repository) if model_repository else set())
-    for root in sorted(roots):
-        removed += [os.path.join(root, n) for n in sweep_stale(root, STORE_PREFIX)]
     return removed
 
 

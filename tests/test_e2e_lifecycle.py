@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as httpclient
 
 import models
-from triton_util import SECRET, SECRET_ENV, control, make_repo
+from triton_util import SECRET, SECRET_ENV, control, make_repo, tensor, version
 from weightbundle import server as S
 from weightbundle.server import TritonServer
 
@@ -324,6 +324,11 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
         assert proc.poll() is None, "".join(lines)
         pid = int("".join(lines).split("(pid ")[1].split(")")[0])
         assert _infer_ok(http)
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+        r = c.infer("m", [control(httpclient, {"op": "update", "secret": SECRET}, False),
+                          tensor(httpclient, "fc2.bias", np.full(8, 3.0, np.float32))])
+        assert version(r) == 1
+        c.close()
         _kill_stub_with_a_huge_empty_input(http)
         if policy == "exit":
             assert _wait(lambda: proc.poll() is not None, 30), "serve kept running with a dead stub"
@@ -335,6 +340,12 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
         else:
             assert _wait(lambda: _infer_ok(http), 60), "the model did not serve again after a reload"
             assert _get(http, "/v2/models/m/ready") == 200
+            # The new instance attaches to the model's weight store: the update survives.
+            c = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+            x = httpclient.InferInput("x", [1, 16], "FP32")
+            x.set_data_from_numpy(np.ones((1, 16), np.float32))
+            assert version(c.infer("m", [x])) == 1
+            c.close()
         reader.join(0.1)
         assert "stub(s) died" in "".join(lines)
     except AssertionError:

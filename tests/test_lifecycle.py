@@ -152,3 +152,19 @@ def test_config_store_roots(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.pbtxt").write_text(text)
     assert S._config_store_roots(str(tmp_path)) == {"/srv/wb", "/srv/other"}
+
+
+def test_serve_lifecycle_arguments(capsys, tmp_path):
+    import argparse
+
+    args = S.add_serve_arguments(argparse.ArgumentParser()).parse_args(
+        ["repo", "--exit-timeout-secs", "30", "--on-stub-death", "reload", "--model-control-mode", "explicit"])
+    assert (args.exit_timeout_secs, args.on_stub_death) == (30, "reload")
+    defaults = S.add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (defaults.exit_timeout_secs, defaults.on_stub_death) == (5, "exit")
+    # unload/reload need explicit model control: refused before anything starts.
+    assert S.serve(str(tmp_path), on_stub_death="unload") == 2
+    assert "needs --model-control-mode=explicit" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exit_timeout"):
+        S.TritonServer(str(tmp_path), exit_timeout=-1)
+    assert "--exit-timeout-secs=30" in S.TritonServer(str(tmp_path), exit_timeout=30, backend_dir=str(tmp_path)).command()

@@ -103,7 +103,8 @@ class ParentWatch:
             self._die()
 
     def _run(self) -> None:
-        self._sweep()
+        # Its own thread: a /proc scan can take a while on a busy host, the watch must not wait.
+        threading.Thread(target=self._sweep, name="weightbundle-region-sweep", daemon=True).start()
         while not self._stop.wait(self.poll):
             if self.parent_alive():
                 self._try_arm()
@@ -114,7 +115,6 @@ class ParentWatch:
             self._die()
 
     def _sweep(self) -> None:
-        # In the background: a /proc scan takes ~0.1 s and initialize need not wait for it.
         try:
             from .server import sweep_dead_regions
 

@@ -30,6 +30,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 __all__ = ["ParentWatch", "watch_parent"]
 
@@ -105,7 +106,10 @@ class ParentWatch:
     def _run(self) -> None:
         # Its own thread: a /proc scan can take a while on a busy host, the watch must not wait.
         threading.Thread(target=self._sweep, name="weightbundle-region-sweep", daemon=True).start()
-        while not self._stop.wait(self.poll):
+        started = time.monotonic()
+        # Triton forks stubs from a model-loading thread that exits right after the load:
+        # poll fast until the stub is reparented to the main thread and armed.
+        while not self._stop.wait(self.poll if self.armed or time.monotonic() - started > 10 else min(self.poll, 0.02)):
             if self.parent_alive():
                 self._try_arm()
                 continue

@@ -10,17 +10,18 @@ stub's health thread stuck in ``TerminateStubToParentQueueMonitor``.
 Two independent nets, started from ``initialize``:
 
 * **PR_SET_PDEATHSIG(SIGKILL)**, which needs no GIL and no cooperation. Linux ties
-  it to the parent *thread*, and the python backend may fork a stub from a model
-  loading thread that exits after the load (parallel instance loading). So it is
-  armed only once this process is a child of the server's main thread (the
-  thread group leader, which lives as long as the server); a stub forked from a
-  short-lived thread is reparented to the leader when that thread exits, and is
-  armed then. SIGKILL leaves the stub's shm region behind: the watchdog of the
+  it to the parent *thread*, and Triton 2.51 forks every stub from a model-loading
+  thread that exits right after the load (seen at ``initialize`` in both model
+  control modes; arming there killed every stub once loaded, while the server
+  kept saying ready). So it is armed only once this process is a child of the
+  server's main thread (the thread group leader, which lives as long as the
+  server): the stub is reparented to it when the loading thread exits. SIGKILL leaves the stub's shm region behind: the watchdog of the
   next stub that starts (and ``weightbundle serve`` at start) removes regions
   that no live process uses, so this holds under a stock tritonserver too.
-* **A watchdog thread** for the rest (before arming, or a stub restarted from an
-  instance thread): it polls ``getppid()``, gives the stub's own exit path a
-  grace period, then unlinks this stub's region and ``os._exit``\\ s.
+* **A watchdog thread** for the rest (before arming, or a stub whose forking
+  thread lives on): it polls ``getppid()``, gives the stub's own exit path a
+  grace period, then unlinks this stub's region and ``os._exit``\\ s. It needs
+  the GIL, so it cannot end the hang above on its own.
 """
 from __future__ import annotations
 

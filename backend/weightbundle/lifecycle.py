@@ -15,9 +15,10 @@ Two independent nets, started from ``initialize``:
   control modes; arming there killed every stub once loaded, while the server
   kept saying ready). So it is armed only once this process is a child of the
   server's main thread (the thread group leader, which lives as long as the
-  server): the stub is reparented to it when the loading thread exits. SIGKILL leaves the stub's shm region behind: the watchdog of the
-  next stub that starts (and ``weightbundle serve`` at start) removes regions
-  that no live process uses, so this holds under a stock tritonserver too.
+  server): the stub is reparented to it when the loading thread exits.
+  SIGKILL leaves the stub's shm region behind: the next weightbundle stub that
+  starts (and ``weightbundle serve`` at start) removes regions that no live
+  process uses, so this holds under a stock tritonserver too.
 * **A watchdog thread** for the rest (before arming, or a stub whose forking
   thread lives on): it polls ``getppid()``, gives the stub's own exit path a
   grace period, then unlinks this stub's region and ``os._exit``\\ s. It needs

@@ -23,6 +23,7 @@ import atexit
 import ctypes
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from dataclasses import dataclass
@@ -42,7 +44,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
     "BACKEND_NAME", "INSTALL_HINT", "SHM_PATTERN", "TritonPaths", "TritonServer", "TritonServerError", "add_serve_arguments",
-    "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "triton_paths",
+    "StubInfo", "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_dead_regions", "sweep_leftovers",
+    "triton_paths",
 ]
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0"
@@ -274,6 +277,80 @@ def _shm_used_by(pids: Iterable[int], prefixes: Sequence[str] = ()) -> Set[str]:
     return used
 
 
+def _config_store_roots(model_repository: str) -> Set[str]:
+    """The ``store_root`` parameters of the models in a repository (custom weight-store roots)."""
+    roots: Set[str] = set()
+    try:
+        names = os.listdir(model_repository)
+    except OSError:
+        return roots
+    for name in names:
+        try:
+            with open(os.path.join(model_repository, name, "config.pbtxt"), encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            from google.protobuf import text_format
+            from tritonclient.grpc import model_config_pb2
+
+            cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+            root = cfg.parameters["store_root"].string_value if "store_root" in cfg.parameters else ""
+        except Exception:  # noqa: BLE001 - no tritonclient, or a config Triton will refuse anyway
+            m = re.search(r'key\s*:\s*"store_root"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"', text)
+            root = m.group(1) if m else ""
+        if root and os.path.isabs(root):
+            roots.add(os.path.normpath(root))
+    return roots
+
+
+def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequence[str] = (),
+                    min_age: float = 2.0) -> List[str]:
+    """Remove what dead servers left behind; returns the paths removed.
+
+    * python-backend shm regions in /dev/shm that no live process maps or holds
+      open (a SIGKILLed stub cannot unlink its region), owned by this user and not
+      modified in the last ``min_age`` seconds (a region being created is mapped
+      by its server within microseconds);
+    * weight stores ``weightbundle-<pid>-...`` whose server pid is dead, in the
+      default root and in every ``store_root`` the repository's configs name.
+    """
+    removed = sweep_dead_regions(prefixes=prefixes, min_age=min_age)
+    from .serving import STORE_PREFIX
+    from .store import default_root, sweep_stale
+
+    roots = {default_root()} | (_config_store_roots(model_repository) if model_repository else set())
+    for root in sorted(roots):
+        removed += [os.path.join(root, n) for n in sweep_stale(root, STORE_PREFIX)]
+    return removed
+
+
+def sweep_dead_regions(*, prefixes: Sequence[str] = (), min_age: float = 2.0) -> List[str]:
+    """Unlink python-backend shm regions of dead stubs; see sweep_leftovers. Returns the paths."""
+    removed: List[str] = []
+    now, uid = time.time(), os.getuid()
+    candidates = []
+    # List first, scan processes second: a region created after the listing is no candidate.
+    for name in _shm_regions(prefixes):
+        try:
+            st = os.stat(os.path.join(SHM_DIR, name))
+        except OSError:
+            continue
+        if st.st_uid == uid and now - max(st.st_mtime, st.st_ctime) >= min_age:
+            candidates.append(name)
+    if candidates:
+        used = _shm_used_by(_proc_pids(), prefixes)
+        for name in candidates:
+            if name in used:
+                continue
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+    return removed
+
+
 def _pdeathsig_preexec():
     """A preexec_fn that makes the child get SIGTERM when the spawning thread dies.
 
@@ -295,6 +372,59 @@ def _pdeathsig_preexec():
             os._exit(1)
 
     return preexec
+
+
+@dataclass(frozen=True)
+class StubInfo:
+    """One python-backend stub process of a server (from its command line while it ran)."""
+
+    pid: int
+    model: str  # "?" when the stub was never seen alive
+    version: str
+    instance: str  # Triton's instance name, e.g. "mymodel_0_0"
+
+
+_STUB_COMM = "triton_python_b"  # /proc/PID/comm of triton_python_backend_stub (15 chars)
+STUB_DEATH_POLICIES = ("exit", "unload", "reload", "ignore")
+
+
+def _stat(pid: int) -> Optional[List[str]]:
+    """[comm, state, ppid, ...] from /proc/PID/stat, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    i, j = raw.find("("), raw.rfind(")")
+    return [raw[i + 1:j]] + raw[j + 2:].split()
+
+
+def _children_of(pid: int) -> List[int]:
+    """Child pids of every thread of ``pid`` (all of /proc when the kernel lacks the children file)."""
+    kids: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        if os.path.isdir(f"/proc/{pid}"):
+            return _proc_pids()  # no CONFIG_PROC_CHILDREN: callers filter by ppid
+    except OSError:
+        pass
+    return kids
+
+
+def _stub_info(pid: int) -> Optional[StubInfo]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return None
+    # argv: stub <repo>/<model>/<version>/model.py <region> <shm size> <growth> <server pid> <lib dir> <ipc> <instance> ...
+    if len(argv) < 9 or not argv[0].endswith("triton_python_backend_stub"):
+        return None
+    version_dir = os.path.dirname(argv[1])
+    return StubInfo(pid, os.path.basename(os.path.dirname(version_dir)), os.path.basename(version_dir), argv[8])
 
 
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
@@ -335,6 +465,8 @@ class TritonServer:
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
         env: Optional[Mapping[str, str]] = None,
+        sweep: bool = True,
+        exit_timeout: int = 5,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
@@ -366,6 +498,15 @@ class TritonServer:
         self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
         self._cleaned = True  # no process whose leftovers need cleaning
         self._lock = threading.RLock()
+        if int(exit_timeout) < 0:
+            raise ValueError(f"exit_timeout must be >= 0, got {exit_timeout!r}")
+        # Triton's --exit-timeout-secs. Its HTTP front end spends it waiting for *every* open
+        # connection, idle keep-alive ones included, before unloading models; see stop().
+        self.exit_timeout = int(exit_timeout)
+        self.sweep = sweep  # start() first removes leftovers of dead servers (sweep_leftovers)
+        self._stub_cache: Dict[int, StubInfo] = {}  # what each stub was while it ran
+        self._zombie_since: Dict[int, float] = {}
+        self.swept: List[str] = []
 
     # ---- addresses
 
@@ -412,7 +553,7 @@ class TritonServer:
             f"--model-control-mode={self.model_control_mode}",
             # Auto-complete makes startup ~5x slower and hides missing/bad config.pbtxt.
             "--disable-auto-complete-config",
-            "--exit-timeout-secs=5",
+            f"--exit-timeout-secs={self.exit_timeout}",
             f"--log-verbose={self.log_verbose}",
         ]
         if self.allow_metrics:
@@ -444,6 +585,9 @@ class TritonServer:
                     self._own_log = True
                     os.close(fd)
                 deadline = time.monotonic() + timeout
+                if self.sweep:
+                    # Regions and stores of servers that were SIGKILLed with their launcher.
+                    self.swept = sweep_leftovers(self.model_repository, prefixes=self._shm_prefixes)
                 # Auto-picked ports can be taken by someone else before Triton binds them: retry.
                 for attempt in range(3):
                     self._spawn()
@@ -452,6 +596,7 @@ class TritonServer:
                         # Attribute the startup models' regions now, in case the whole
                         # process group is later killed from outside (OOM killer).
                         self._note_owned_shm()
+                        self.stubs()  # remember each stub's model while it runs, for dead_stubs()
                         return self
                     except TritonServerError:
                         if attempt < 2 and self._proc.poll() is not None and self._auto_port_was_taken():
@@ -514,16 +659,22 @@ class TritonServer:
 
     def stop(self, timeout: float = 15) -> Optional[int]:
         """Shut down gracefully (SIGTERM), SIGKILL the process group if that takes
-        longer than ``timeout``, then make sure no shm region of ours is left.
+        longer than ``timeout`` (at least the exit timeout + 10 s), then make sure no
+        shm region or weight store of ours is left.
+
+        With explicit model control, every model is unloaded first, so the backends'
+        ``finalize`` runs even when idle client connections use up Triton's exit timeout.
         Returns the server's exit status (None if it was never started). Idempotent."""
         with self._lock:
             proc = self._proc
             if proc is not None:
                 if proc.poll() is None:
                     self._note_owned_shm()
+                    if self.model_control_mode == "explicit":
+                        self.unload_all(timeout=float(timeout))
                     try:
                         proc.send_signal(signal.SIGTERM)  # the server itself stops its stubs
-                        proc.wait(timeout)
+                        proc.wait(max(float(timeout), self.exit_timeout + 10.0))
                     except subprocess.TimeoutExpired:
                         self._killpg()
                         proc.wait(5)
@@ -539,6 +690,100 @@ class TritonServer:
                     pass
             _LIVE.discard(self)
             return proc.returncode if proc is not None else None
+
+    # ---- stub health
+
+    def stubs(self) -> Dict[int, StubInfo]:
+        """The server's stub processes (live or dead but not yet reaped), by pid."""
+        out: Dict[int, StubInfo] = {}
+        if self._proc is None:
+            return out
+        server = self._proc.pid
+        for pid in _children_of(server):
+            st = _stat(pid)
+            if not st or len(st) < 3 or int(st[2]) != server or not st[0].startswith(_STUB_COMM):
+                continue
+            if pid not in self._stub_cache and st[1] != "Z":
+                info = _stub_info(pid)
+                if info is not None:
+                    self._stub_cache[pid] = info
+            out[pid] = self._stub_cache.get(pid, StubInfo(pid, "?", "?", "?"))
+        return out
+
+    def dead_stubs(self, grace: float = 0.0) -> List[StubInfo]:
+        """Stubs that died while their model is still loaded.
+
+        Triton 2.51's python backend neither restarts a dead stub nor marks its model
+        unready: every request routed to that instance fails with "Stub process ... is
+        not healthy" while /v2/health/ready and /v2/models/NAME/ready stay 200. The
+        backend reaps a stub only when its instance is unloaded, so a stub that stays a
+        zombie is dead for good (a normal unload reaps it at once); with ``grace`` > 0,
+        only stubs seen as zombies by calls at least ``grace`` seconds apart count.
+        """
+        now = time.monotonic()
+        zombies = {pid: info for pid, info in self.stubs().items() if (_stat(pid) or ["", ""])[1] == "Z"}
+        self._zombie_since = {pid: self._zombie_since.get(pid, now) for pid in zombies}
+        return [info for pid, info in zombies.items() if now - self._zombie_since[pid] >= grace]
+
+    def healthy(self) -> bool:
+        """Running, /v2/health/ready answers 200, and no stub has died (see dead_stubs)."""
+        if not self.is_running() or self.dead_stubs():
+            return False
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=5) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def load_model(self, name: str, timeout: float = 120) -> None:
+        """Load (or reload) a model over HTTP; explicit model control only."""
+        self._post(f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/load", b"{}", time.monotonic() + timeout)
+
+    def unload_model(self, name: str, timeout: float = 60) -> bool:
+        """Unload a model over HTTP and wait until it is no longer loaded; explicit mode only."""
+        deadline = time.monotonic() + timeout
+        self._post(f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/unload", b"{}", deadline)
+        while time.monotonic() < deadline:
+            if not [m for m in self._repository_index()
+                    if m.get("name") == name and m.get("state") in ("READY", "LOADING", "UNLOADING")]:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def unload_all(self, timeout: float = 30) -> bool:
+        """Unload every loaded model over HTTP and wait until none is left loaded.
+
+        Explicit model control only (Triton refuses unload in the other modes). Triton
+        2.51 spends its exit timeout first on open HTTP connections, idle keep-alive
+        ones included, and then exits with status 1 without finalizing models that are
+        still loaded; unloading before SIGTERM avoids that. True if all were unloaded.
+        """
+        if not self.is_running() or self.model_control_mode != "explicit":
+            return False
+        deadline = time.monotonic() + timeout
+        try:
+            for m in self._repository_index():
+                if m.get("state") == "READY":
+                    name = urllib.parse.quote(str(m["name"]), safe="")
+                    self._post(f"/v2/repository/models/{name}/unload", b"{}", deadline)
+            while time.monotonic() < deadline:
+                if not [m for m in self._repository_index() if m.get("state") in ("READY", "LOADING", "UNLOADING")]:
+                    return True
+                time.sleep(0.1)
+        except (OSError, ValueError, urllib.error.URLError):
+            pass  # SIGTERM follows regardless
+        return False
+
+    def _post(self, path: str, body: bytes, deadline: float) -> bytes:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with opener.open(req, timeout=max(1.0, deadline - time.monotonic())) as resp:
+            return resp.read()
+
+    def _repository_index(self) -> List[dict]:
+        return json.loads(self._post("/v2/repository/index", b"{}", time.monotonic() + 10) or b"[]")
 
     def kill(self) -> None:
         """SIGKILL the server process only, with no cleanup: simulates a crash.
@@ -606,7 +851,9 @@ class TritonServer:
         from .serving import STORE_PREFIX
         from .store import default_root, sweep_stale
 
-        sweep_stale(default_root(), STORE_PREFIX)
+        # Custom store_root folders too: a server that exits before finalize (exit timeout) leaves them.
+        for root in sorted({default_root()} | _config_store_roots(self.model_repository)):
+            sweep_stale(root, STORE_PREFIX)
         self._cleaned = True
         self._shm_owned.clear()
 
@@ -683,15 +930,30 @@ def serve(
     log_verbose: int = 0,
     log_file: Optional[str] = None,
     start_timeout: float = 120,
+    exit_timeout: int = 5,
+    on_stub_death: str = "exit",
 ) -> int:
     """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
 
     Prints the HTTP, gRPC and metrics URLs and the log path once ready. Returns 0
     after a requested shutdown, 1 if the server failed to start or died, 2 for bad
     arguments, 130 if interrupted while starting. Leaves no process or shm region.
+
+    ``on_stub_death`` says what to do when a python-backend stub dies while its model
+    is loaded (Triton 2.51 keeps reporting such a model as ready): ``exit`` stops the
+    server and returns 1, so a supervisor restarts it; ``unload`` (explicit mode)
+    unloads the model, so it is reported unready; ``reload`` (explicit mode) loads it
+    again; ``ignore`` keeps Triton's behaviour.
     """
     stop_requested = threading.Event()
     ready = threading.Event()
+    if on_stub_death not in STUB_DEATH_POLICIES:
+        print(f"error: on_stub_death must be one of {', '.join(STUB_DEATH_POLICIES)}", file=sys.stderr)
+        return 2
+    if on_stub_death in ("unload", "reload") and model_control_mode != "explicit":
+        print(f"error: --on-stub-death={on_stub_death} needs --model-control-mode=explicit "
+              "(Triton refuses unload and load in the other modes)", file=sys.stderr)
+        return 2
 
     def on_signal(signum, _frame) -> None:
         stop_requested.set()
@@ -702,7 +964,7 @@ def serve(
         server = TritonServer(
             model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
             model_control_mode=model_control_mode, load_models=load_models, backend_config=backend_config,
-            log_verbose=log_verbose, log_file=log_file,
+            log_verbose=log_verbose, log_file=log_file, exit_timeout=exit_timeout,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -721,14 +983,20 @@ def serve(
             print(f"error: {e}", file=sys.stderr)
             return 1
         ready.set()
+        if server.swept:
+            print(f"removed {len(server.swept)} leftover(s) of dead servers: {', '.join(server.swept)}", flush=True)
         print(f"tritonserver ready (pid {server.pid})\n"
               f"  HTTP     http://{server.http_url}\n"
               f"  gRPC     {server.grpc_url}\n"
               f"  metrics  {server.metrics_url}\n"
               f"  log      {server.log_path}\n"
               f"Press Ctrl-C to stop.", flush=True)
+        reported: Set[int] = set()
         while not stop_requested.is_set() and server.is_running():
             stop_requested.wait(0.5)
+            if on_stub_death != "ignore" and not _handle_dead_stubs(server, on_stub_death, reported):
+                server.stop()
+                return 1
         if not server.is_running():
             print(f"error: tritonserver exited with status {server.returncode}; {server._failure_report()}", file=sys.stderr)
             server.stop()
@@ -737,12 +1005,46 @@ def serve(
         t0 = time.monotonic()
         status = server.stop()
         print(f"tritonserver stopped (status {status}, {time.monotonic() - t0:.1f} s)", flush=True)
+        if status:
+            # Triton 2.51 spends --exit-timeout-secs on open client connections (idle
+            # keep-alive ones too) and then exits 1 without finalizing loaded models.
+            print("warning: tritonserver did not shut down cleanly (exit timeout; open client connections?); "
+                  "its shm regions and weight stores were removed. Use --model-control-mode=explicit "
+                  "(models are unloaded before the server stops) or a longer --exit-timeout-secs.",
+                  file=sys.stderr, flush=True)
         return 0
     finally:
         ready.set()  # a late signal must not raise inside stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) -> bool:
+    """Apply ``policy`` to stubs that died (once each); False when the server must stop."""
+    dead = [d for d in server.dead_stubs(grace=1.0) if d.pid not in reported]
+    if not dead:
+        return True
+    reported.update(d.pid for d in dead)
+    what = ", ".join(f"{d.instance or '?'} (pid {d.pid}, model {d.model!r} version {d.version})" for d in dead)
+    print(f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps "
+          f"reporting the model as ready; every request routed to them fails.", file=sys.stderr, flush=True)
+    if policy == "exit" or any(d.model == "?" for d in dead):
+        print("stopping tritonserver (--on-stub-death=exit, or a stub of an unknown model) ...", file=sys.stderr, flush=True)
+        return False
+    for model in sorted({d.model for d in dead}):
+        try:
+            # Triton 2.51 never finishes unloading an instance whose stub died: the model
+            # stays UNLOADING (reported unready) until the server exits; do not wait long.
+            unloaded = server.unload_model(model, timeout=10)
+            if policy == "reload":
+                server.load_model(model)
+            print(f"model {model!r}: {policy}ed (--on-stub-death={policy})"
+                  + ("" if unloaded else "; the old instances did not finish unloading"), file=sys.stderr, flush=True)
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            print(f"error: could not {policy} model {model!r}: {e}; stopping", file=sys.stderr, flush=True)
+            return False
+    return True
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -760,6 +1062,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="e.g. python,shm-default-byte-size=16777216 (repeatable)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
     parser.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
+    parser.add_argument("--exit-timeout-secs", type=int, default=5, metavar="S",
+                        help="Triton's exit timeout: how long shutdown waits for in-flight requests and open "
+                             "client connections (default: %(default)s)")
+    parser.add_argument("--on-stub-death", choices=STUB_DEATH_POLICIES, default="exit",
+                        help="when a python backend stub dies (Triton keeps its model 'ready'): exit with status 1, "
+                             "unload or reload the model (explicit mode), or ignore (default: %(default)s)")
     return parser
 
 
@@ -769,6 +1077,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         model_control_mode=args.model_control_mode, load_models=args.load_model, backend_config=args.backend_config,
         log_verbose=args.log_verbose, log_file=getattr(args, "log_file", None),
+        exit_timeout=getattr(args, "exit_timeout_secs", 5), on_stub_death=getattr(args, "on_stub_death", "exit"),
     )
 
 

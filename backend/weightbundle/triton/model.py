@@ -11,11 +11,13 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from weightbundle import lifecycle
 from weightbundle.serving import Event, Reply, ServingSettings, Service
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        lifecycle.watch_parent()  # first: a stub whose server dies must exit (issue 8, defect 8)
         _check_stub_reads_numpy()
         config = json.loads(args["model_config"])
         settings = ServingSettings.from_model_config(config)

@@ -76,11 +76,11 @@ from weightbundle.server import SHM_PATTERN, TritonServer  # noqa: E402
 
 MiB = 1 << 20
 SECRET_ENV = "WEIGHTBUNDLE_BENCH_SECRET"
-from weightbundle.serving import ServingSettings  # noqa: E402
+from weightbundle.settings import ServingSettings  # noqa: E402
 
 # Backend settings compared ("T" is the default configuration; hybrid only where the backend has it).
 MODES: dict[str, dict[str, str]] = {"T": {"prepack": "true"}}
-if "hybrid" in getattr(ServingSettings, "_PARAMS", {}):
+if "hybrid" in {f.name for f in ServingSettings.parameters()}:
     MODES["Tsync"] = {"prepack": "true", "hybrid": "false"}
 MODES["F"] = {"prepack": "false"}
 MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "F": "prepack=F"}

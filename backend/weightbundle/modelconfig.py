@@ -48,7 +48,7 @@ def weight_dims(spec: TensorSpec) -> list[int]:
 
 
 def _updates_on(parameters: Mapping[str, str]) -> bool:
-    from .serving import parse_bool  # one parser for the flag, shared with the backend
+    from .settings import parse_bool  # one parser for the flag, shared with the backend
 
     return parse_bool(parameters.get("allow_updates", "false"), "allow_updates")
 

@@ -1,4 +1,4 @@
-"""Serve a bundle: settings from a Triton model config, request routing, commands.
+"""Serve a bundle: request routing and commands (settings: ``settings.py``).
 
 Nothing here imports Triton: ``model.py`` turns Triton requests into dicts of
 numpy arrays, calls ``Service.handle`` and turns the replies back.  That keeps
@@ -19,113 +19,13 @@ import numpy as np
 
 from .control import CONTROL_INPUT, MUTATING, RESULT_OUTPUT, VERSION_OUTPUT, Authorizer, Command, ControlError, parse_command
 from .errors import BundleError, NotInitializedError, VersionConflictError
-from .runtime import Bundle, RuntimeOptions
+from .runtime import Bundle
 from .repository import sweep_partial, write_version
+from .settings import ServingSettings
 from .store import default_root, sweep_stale
 from .transport import read_allowed_safetensors
 
 STORE_PREFIX = "weightbundle-"
-
-
-def parse_bool(v: str, key: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "on", "enabled"):
-        return True
-    if s in ("0", "false", "no", "off", "disabled", ""):
-        return False
-    raise BundleError(f"model config parameter {key!r} must be true or false, got {v!r}")
-
-
-def _str(v: str, key: str) -> str:
-    return v
-
-
-def _int(v: str, key: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise BundleError(f"model config parameter {key!r} must be an integer, got {v!r}") from None
-
-
-def _paths(v: str, key: str) -> tuple[str, ...]:
-    return tuple(p for p in v.split(":") if p)
-
-
-def _float(v: str, key: str) -> float:
-    try:
-        return float(v)
-    except ValueError:
-        raise BundleError(f"model config parameter {key!r} must be a number, got {v!r}") from None
-
-
-def _list(v: str, key: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in v.split(",") if p.strip())
-
-
-@dataclass
-class ServingSettings:
-    """Everything a model's ``config.pbtxt`` can set (``parameters`` plus batching)."""
-
-    bundle_filename: str = "model.bundle"
-    allow_updates: bool = False
-    update_secret_env: str | None = None
-    update_secret_file: str | None = None
-    update_auth: str = "secret"  # "secret" or "none" (trusted networks / demos only)
-    history: int = 1
-    prepack: bool = True
-    hybrid: bool = True
-    staging: bool = True
-    share_packed: bool = True
-    optimization: str = "all"
-    intra_op_threads: int = 0
-    reject_nonfinite: bool = False
-    store_root: str | None = None
-    file_update_dirs: tuple[str, ...] = ()
-    max_batch_size: int = 0
-    # object store and fleets (docs/fleet.md)
-    s3_endpoint: str | None = None
-    s3_region: str = "us-east-1"
-    s3_allowed_prefixes: tuple[str, ...] = ()
-    s3_credentials_file: str | None = None
-    s3_spool_dir: str | None = None
-    weights_source: str | None = None
-    follow_seconds: float = 0.0
-    staged_ttl_seconds: float = 3600.0
-
-    _PARAMS = {
-        "bundle_filename": _str, "allow_updates": parse_bool, "update_secret_env": _str, "update_secret_file": _str,
-        "update_auth": _str, "history": _int, "prepack": parse_bool, "hybrid": parse_bool, "staging": parse_bool, "share_packed": parse_bool, "optimization": _str, "intra_op_threads": _int,
-        "reject_nonfinite": parse_bool, "store_root": _str, "file_update_dirs": _paths,
-        "s3_endpoint": _str, "s3_region": _str, "s3_allowed_prefixes": _list, "s3_credentials_file": _str, "s3_spool_dir": _str,
-        "weights_source": _str, "follow_seconds": _float, "staged_ttl_seconds": _float,
-    }
-
-    @classmethod
-    def from_model_config(cls, cfg: Mapping[str, Any]) -> "ServingSettings":
-        s = cls(max_batch_size=int(cfg.get("max_batch_size", 0)))
-        for key, val in (cfg.get("parameters") or {}).items():
-            if key not in cls._PARAMS:
-                raise BundleError(f"unknown model config parameter {key!r}; known: {sorted(cls._PARAMS)}")
-            raw = val.get("string_value", "") if isinstance(val, dict) else str(val)
-            setattr(s, key, cls._PARAMS[key](raw, key))
-        if s.update_auth not in ("secret", "none"):
-            raise BundleError(f"update_auth must be 'secret' or 'none', got {s.update_auth!r}")
-        if s.history < 1:
-            raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
-        if s.staged_ttl_seconds <= 0 or s.follow_seconds < 0:
-            raise BundleError("staged_ttl_seconds must be > 0 and follow_seconds >= 0")
-        if s.weights_source is not None:
-            from .objectstore import parse_url
-
-            parse_url(s.weights_source)  # fail the load now on a malformed url
-        elif s.follow_seconds:
-            raise BundleError("follow_seconds needs weights_source (the s3://bucket/prefix/model to follow)")
-        return s
-
-    def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
-        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, staging=self.staging, share_packed=self.share_packed,
-                              optimization=self.optimization, intra_op_threads=self.intra_op_threads,
-                              history=self.history, store_dir=store_dir)
 
 
 @dataclass

@@ -137,7 +137,8 @@ class Bundle:
         self._finalizer = weakref.finalize(self, WeightStore.destroy, self._store) if self._owns_store else (lambda: None)
         self._lock = threading.Lock()
         self._infer: tuple[int, ort.InferenceSession] | None = None
-        self._builder = _Builder(self._swap_in)
+        self._builder = _Builder(self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed "
+                                                                      f"(its zero-copy session keeps serving it): {e!r}"))
         self._staging_thread: threading.Thread | None = None
         self._collect_threads: list[threading.Thread] = []  # see activate
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
@@ -902,8 +903,9 @@ class _Builder:
     needs; the zero-copy session serves meanwhile.
     """
 
-    def __init__(self, build: Any):
+    def __init__(self, build: Any, on_error: Any = None):
         self._build = build
+        self._on_error = on_error or (lambda v, e: None)
         self._cv = threading.Condition()
         self._want: Version | None = None
         self._busy = False
@@ -946,8 +948,8 @@ class _Builder:
             t0 = time.perf_counter()
             try:
                 self._build(v)
-            except Exception:  # the zero-copy session keeps serving this version correctly
-                pass
+            except Exception as e:  # noqa: BLE001 - the zero-copy session keeps serving this version correctly
+                self._on_error(v, e)
             finally:
                 with self._cv:
                     self._build_s = min(max(time.perf_counter() - t0, 0.01), 2.0)

@@ -53,14 +53,15 @@ class Service:
 
     def __init__(self, bundle: Bundle, settings: ServingSettings, authorizer: Authorizer,
                  model_dir: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[..., None] | None = None):
         self.bundle = bundle
         self.settings = settings
         self.auth = authorizer
         self.model_dir = model_dir
         self.model_name = model_name
         self.on_event = on_event or (lambda e: None)
-        self.log = log or (lambda msg: None)  # model.py passes Triton's logger
+        # Triton's log (model.py): log(message) is a warning, log(message, "info") a note.
+        self.log: Callable[..., None] = log or (lambda message, level="warn": None)
         bundle._log = self.log
         self.weight_names = {u.name for u in bundle.update_inputs}
         self.input_names = {i.name for i in bundle.inputs}
@@ -75,7 +76,7 @@ class Service:
     @classmethod
     def open(cls, model_dir: str, version: str | int, settings: ServingSettings, model_name: str,
              on_event: Callable[[Event], None] | None = None, model_config: Mapping[str, Any] | None = None,
-             log: Callable[[str], None] | None = None) -> "Service":
+             log: Callable[..., None] | None = None) -> "Service":
         """Load ``<model_dir>/<version>/<bundle_filename>``, attach the shared store, init once.
 
         ``model_config`` (Triton's JSON form) is checked against the bundle: weight inputs
@@ -87,8 +88,7 @@ class Service:
         auth = Authorizer.from_sources(settings.allow_updates, settings.update_secret_env, settings.update_secret_file,
                                        settings.update_auth == "secret")
         root = settings.store_root or default_root()
-        sweep_stale(root, STORE_PREFIX)
-        sweep_partial(model_dir)
+        swept = sweep_stale(root, STORE_PREFIX) + sweep_partial(model_dir)
         # One store per (server process, model, version): every instance of it shares weights.
         tag = "".join(c if c.isalnum() or c in "._" else "_" for c in model_name)
         store_dir = os.path.join(root, f"{STORE_PREFIX}{os.getppid()}-{tag}-v{version}")
@@ -103,6 +103,8 @@ class Service:
 
                 check_config(bundle, model_config, settings.allow_updates)
             svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event, log)
+            if swept:
+                svc.log(f"{model_name}: removed what dead servers or commits left: {swept}", "info")
             if settings.allow_updates and settings.update_auth == "none":
                 svc.log(f"{model_name}: WARNING update_auth=none: anyone who can reach this server can change its weights")
             if settings.weights_source:
@@ -246,6 +248,7 @@ class Service:
         version = result.pop("version")
         if cmd.op in MUTATING:
             self._emit(Event("update_applied", cmd.op, seconds=time.perf_counter() - t0, version=version))
+            self.log(f"{self.model_name}: {cmd.op} -> weights version {version} ({(time.perf_counter() - t0) * 1000:.0f} ms)", "info")
             self._warm()
         body = json.dumps({"op": cmd.op, "version": version, **result}).encode()
         out = {RESULT_OUTPUT: np.array([body], dtype=object)}

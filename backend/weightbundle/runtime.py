@@ -142,7 +142,7 @@ class Bundle:
         self._staging_thread: threading.Thread | None = None
         self._collect_threads: list[threading.Thread] = []  # see activate
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
-        self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+        self._update_sessions: dict[tuple[tuple[str, str], ...], ort.InferenceSession] = {}
         self._prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see stage)
         g = self._graphs[GRAPH_INFERENCE].graph
         consts = {t.name for t in g.initializer}
@@ -440,10 +440,10 @@ class Bundle:
                     raise UpdateError(f"weight {name!r} contains NaN or Inf")
         # Zero-size sources count as set when named, so a first full update can include them.
         sent = {n for n, a in feed.items() if a.size or (self._source_specs[n].nbytes == 0 and n in inputs)}
-        for a in sorted(sent & set(self.aliases)):  # tied names: one tensor, so both copies must agree
-            p = self.aliases[a]
-            if p in sent and not np.array_equal(np.asarray(feed[a], np.float64), np.asarray(feed[p], np.float64), equal_nan=True):
-                raise UpdateError(f"{a!r} and {p!r} are one tied tensor, but the values sent differ")
+        for alias in sorted(sent & set(self.aliases)):  # tied names: one tensor, so both copies must agree
+            p = self.aliases[alias]
+            if p in sent and not np.array_equal(np.asarray(feed[alias], np.float64), np.asarray(feed[p], np.float64), equal_nan=True):
+                raise UpdateError(f"{alias!r} and {p!r} are one tied tensor, but the values sent differ")
         pushed = {self.aliases.get(n, n) for n in sent}
         changed = self.changed_by(pushed)
         # A derived entry needs all its sources: those not pushed are kept sources, read from the
@@ -641,7 +641,7 @@ class Bundle:
         t.start()
 
     def _update_session(self, retype: dict[str, str]) -> ort.InferenceSession:
-        key = tuple(sorted(retype.items()))  # type: ignore[arg-type]
+        key = tuple(sorted(retype.items()))
         sess = self._update_sessions.get(key)
         if sess is None:
             proto = self._graphs[GRAPH_UPDATE]

@@ -23,6 +23,7 @@ from .runtime import Bundle
 from .repository import sweep_partial, write_version
 from .settings import ServingSettings
 from .store import default_root, sweep_stale
+from .format import raw_bytes
 from .transport import read_allowed_safetensors
 
 STORE_PREFIX = "weightbundle-"
@@ -321,7 +322,7 @@ class Service:
         if want and not allowed:
             raise ControlError("'checksums' need the update secret: send \"secret\" with the status command", reason="auth")
         if cur is not None and allowed and want is not False:
-            result["checksums"] = {v.name: f"{zlib.crc32(store.array(cur, v.name).reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
+            result["checksums"] = {v.name: f"{zlib.crc32(raw_bytes(store.array(cur, v.name))) & 0xFFFFFFFF:08x}"
                                    for v in self.bundle.variables}
         return result
 
@@ -348,6 +349,7 @@ class Service:
             if store.head() is None:
                 raise ControlError("nothing to commit: no weights yet")
             cur = store.check_expected(cmd.expected_version)
+            assert cur is not None  # head exists, under the lock
             folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
         return {"version": cur.number, "committed_version": cur.number, "model_version_folder": folder,
                 "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}
@@ -391,12 +393,12 @@ class Service:
         """Publish a staged version: one rename and one manifest write under the store lock,
         so every instance of this model serves it from their next request on."""
         self._no_weights(req)
-        v = self.bundle.activate(_version_arg(cmd, required=True), cmd.expected_version)
+        v = self.bundle.activate(_required_version(cmd), cmd.expected_version)
         return {"version": v.number, "activated": v.number}
 
     def _op_abort(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
-        st = self.bundle.abort(_version_arg(cmd, required=True))
+        st = self.bundle.abort(_required_version(cmd))
         return {"version": self.bundle.version, "aborted": st.number}
 
     def _warm_s3(self) -> None:
@@ -427,7 +429,7 @@ class Service:
             check_allowed(url, self.settings.s3_allowed_prefixes)
         cur = self.bundle.store.current()
         have = ((cur.origin or {}).get("sha256") if cur is not None else None) or {}
-        weights = {u.name: (u.dtype, tuple(u.shape or ())) for u in self.bundle.update_inputs}
+        weights = {u.name: (u.dtype, tuple(int(d) for d in u.shape or () if d is not None)) for u in self.bundle.update_inputs}
         return fetch_version(self._s3_client(), url, weights, have, self.settings.s3_spool_dir), url
 
     def catch_up(self) -> int | None:
@@ -481,6 +483,12 @@ class Service:
 
         self._follower = threading.Thread(target=run, name=f"weightbundle-follow-{self.model_name}", daemon=True)
         self._follower.start()
+
+
+def _required_version(cmd: Command) -> int:
+    v = _version_arg(cmd, required=True)
+    assert v is not None  # _version_arg raised otherwise
+    return v
 
 
 def _version_arg(cmd: Command, required: bool = False) -> int | None:

@@ -32,7 +32,7 @@ import numpy as np
 from . import packing
 from .fsutil import atomic_write, left_by_dead_process, pid_alive, unlink_quiet  # noqa: F401 (pid_alive: re-export)
 from .errors import BundleError, UpdateError, VersionConflictError, VersionOrderError
-from .format import VariableSpec
+from .format import VariableSpec, raw_bytes
 
 PAGE = 4096
 STAGING = "staging.bin"
@@ -433,7 +433,7 @@ class WeightStore:
                 for name, arr in items:
                     arr = np.ascontiguousarray(arr)
                     f.seek(off)
-                    f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                    f.write(raw_bytes(arr))
                     out[name] = (blob, off)
                     off = (off + arr.nbytes + PAGE - 1) // PAGE * PAGE
                 f.truncate(max(off, 1))

@@ -70,7 +70,7 @@ def running_seaweed(timeout: float = 90.0) -> Iterator[S3Server]:
                 break
             except Exception:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s:\n{open(log, errors='replace').read()[-3000:]}")
+                    raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s:\n{open(log, errors='replace').read()[-3000:]}") from None
                 time.sleep(0.5)
         yield srv
     finally:

@@ -15,7 +15,6 @@ import threading
 import time
 
 import numpy as np
-import onnx
 import pytest
 import tritonclient.http as httpclient
 from safetensors.numpy import save_file
@@ -23,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 import models
 import weightbundle as wb
-from triton_util import SECRET, SECRET_ENV, control, make_repo, result, running, tensor, version
+from triton_util import SECRET, control, make_repo, result, running, tensor, version
 from weightbundle.server import _group_pids, _shm_used_by
 
 pytestmark = pytest.mark.e2e
@@ -357,7 +356,7 @@ def test_checkpoint_truncated_during_a_push_is_a_clear_error_not_a_crash(env, cl
     w = np.random.default_rng(9).standard_normal((2048, 2048)).astype(np.float32)
     rng = random.Random(4)
     results = []
-    for i in range(12):
+    for _ in range(12):
         save_file({"fc1.weight": w}, str(path))
 
         def push() -> None:
@@ -424,7 +423,7 @@ def test_enospc_is_a_clear_error_and_leaves_no_temp_file(tmp_path, tiny_tmpfs):
 # -- defect 10: smaller holes ---------------------------------------------------------------------------
 def test_booleans_are_strict_and_checksums_need_the_secret(env, client):
     for bad in (1, "true", None, [True]):
-        refused(lambda: cmd(client, "hn", {"op": "update", "reject_nonfinite": bad}), "true or false")
+        refused(lambda bad=bad: cmd(client, "hn", {"op": "update", "reject_nonfinite": bad}), "true or false")
     st = status(client, "hn")
     assert "checksums" in st
     anon = result(cmd(client, "hn", {"op": "status"}, secret=False))

@@ -178,7 +178,7 @@ def test_commit_survives_restart_and_sigkill_never_leaves_a_half_written_version
         srv.start(timeout=90)
         dead_pid = srv.pid
         c = httpclient.InferenceServerClient(srv.http_url)
-        t = threading.Thread(target=lambda: _ignore(lambda: c.infer("m", [control(httpclient, {"op": "commit", "secret": SECRET}, False)])))
+        t = threading.Thread(target=lambda c=c: _ignore(lambda: c.infer("m", [control(httpclient, {"op": "commit", "secret": SECRET}, False)])))
         t.start()
         time.sleep(random.uniform(0.0, 0.15))
         srv.kill()
@@ -235,7 +235,7 @@ def test_updates_disabled_unless_enabled_and_metrics_move(tmp_path):
         for line in text.splitlines():
             if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{name} {labels} not on /metrics:\n" + "\n".join(l for l in text.splitlines() if "weightbundle" in l))
+        raise AssertionError(f"{name} {labels} not on /metrics:\n" + "\n".join(ln for ln in text.splitlines() if "weightbundle" in ln))
 
     assert metric("weightbundle_updates_applied_total", model="m", op="update") == 2
     assert metric("weightbundle_updates_rejected_total", model="m", reason="invalid") == 1

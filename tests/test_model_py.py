@@ -79,10 +79,24 @@ class _Metric:
         self.observed = getattr(self, "observed", []) + [v]
 
 
+class _Logger:
+    lines: list = []
+
+    @classmethod
+    def log_info(cls, msg):
+        cls.lines.append(("info", msg))
+
+    @classmethod
+    def log_warn(cls, msg):
+        cls.lines.append(("warn", msg))
+
+
 @pytest.fixture
 def model_py(tmp_path, monkeypatch):
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor, fake.InferenceResponse, fake.TritonError, fake.MetricFamily = _Tensor, _Response, _Error, _Family
+    fake.Logger = _Logger
+    _Logger.lines = []
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     path = os.path.join(os.path.dirname(wb.__file__), "triton", "model.py")
     spec = importlib.util.spec_from_file_location("wb_triton_model_under_test", path)
@@ -123,3 +137,5 @@ def test_execute_routes_inference_and_commands_and_records_metrics(model_py):
     assert [m.value for (name, _), m in reg.items() if name == "weightbundle_weights_version"] == [1]
     [hist] = [m for (name, _), m in reg.items() if name == "weightbundle_update_duration_seconds"]
     assert len(hist.observed) == 1 and hist.observed[0] > 0
+    # Version changes reach Triton's log as notes.
+    assert any(level == "info" and "update -> weights version 1" in msg for level, msg in _Logger.lines), _Logger.lines

@@ -28,6 +28,7 @@ Per model (the 4x(2048x2048) FP32 MLP at batch 32, and a conv net with BatchNorm
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -257,7 +258,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
 
     # (b) steady state, interleaved: each round visits baseline + every mode in rotated order
     keys = ["baked"] + [mode_name(m) for m in MODES]
-    runners = {"baked": lambda: baked.run(None, feeds)}
+    runners = {"baked": functools.partial(baked.run, None, feeds)}
     for m in MODES:
         runners[mode_name(m)] = (lambda b: (lambda: b.infer(feeds)))(bundles[m])
     for r in runners.values():  # warm-up
@@ -477,8 +478,8 @@ def bench_trainer(args, log) -> tuple[str, dict]:
     for batch in (32, 512):
         xb = np.tile(x1, (batch // 2, 1))
         sess = b.infer_session()[1]
-        fns = {"baked": lambda: base.run(None, {"x": xb}), "bundle": lambda: b.infer({"x": xb}),
-               "bundle_session": lambda: sess.run(None, {"x": xb})}  # the bundle's graph without Bundle.infer's checks
+        fns = {"baked": functools.partial(base.run, None, {"x": xb}), "bundle": functools.partial(b.infer, {"x": xb}),
+               "bundle_session": functools.partial(sess.run, None, {"x": xb})}  # the bundle's graph without Bundle.infer's checks
         times: dict = {k: [] for k in fns}
         reps = max(2, args.inner * (10 if batch == 32 else 2))
         for r in range(2 * rounds):

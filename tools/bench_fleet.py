@@ -141,7 +141,7 @@ def main() -> int:
 
                         errs: list[BaseException] = []
 
-                        def reload(u: str) -> None:
+                        def reload(u: str, errs: list[BaseException] = errs) -> None:
                             try:
                                 httpclient.InferenceServerClient(u, network_timeout=300).load_model("m")
                             except BaseException as e:  # reported below

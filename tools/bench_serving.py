@@ -76,11 +76,11 @@ from weightbundle.server import SHM_PATTERN, TritonServer  # noqa: E402
 
 MiB = 1 << 20
 SECRET_ENV = "WEIGHTBUNDLE_BENCH_SECRET"
-from weightbundle.serving import ServingSettings  # noqa: E402
+from weightbundle.settings import ServingSettings  # noqa: E402
 
 # Backend settings compared ("T" is the default configuration; hybrid only where the backend has it).
 MODES: dict[str, dict[str, str]] = {"T": {"prepack": "true"}}
-if "hybrid" in getattr(ServingSettings, "_PARAMS", {}):
+if "hybrid" in {f.name for f in ServingSettings.parameters()}:
     MODES["Tsync"] = {"prepack": "true", "hybrid": "false"}
 MODES["F"] = {"prepack": "false"}
 MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "F": "prepack=F"}
@@ -502,7 +502,7 @@ def p2_inprocess(art: Artifact, x: np.ndarray, n_req: int, block: int) -> dict:
         for k, b in bundles.items():
             fns[k] = (lambda b=b: b.infer({"x": x}))
         ref = baked.run(None, {"x": x})[0]
-        for k, b in bundles.items():  # same answers, or the comparison means nothing
+        for b in bundles.values():  # same answers, or the comparison means nothing
             np.testing.assert_allclose(b.infer({"x": x})[0]["y"], ref, rtol=1e-4, atol=1e-5)
         lat: dict[str, list[float]] = {k: [] for k in fns}
         names = list(fns)
@@ -1237,7 +1237,7 @@ def plot(R: dict, path: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        warnings.warn("matplotlib is not installed: skipping the plot (pip install matplotlib)", stacklevel=2)
         return None
     p1 = R["p1"]
     sizes = list(p1["median_ms"])

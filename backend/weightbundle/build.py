@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from onnx import numpy_helper
 
 from . import __version__
 from .convert import RefreshableGraphs, compile_inference, init_graph, is_placeholder
+from .fsutil import atomic_write
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, encode
 
 
@@ -41,30 +41,8 @@ def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize:
 
 
 def save_bundle(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` atomically: temp file in the same folder, fsync, rename.
+    """Write ``data`` atomically and durably: temp file in the same folder, fsync, rename.
 
     A crash leaves either the old file or the new one, never a half-written bundle.
     """
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bundle", dir=d)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from a server running as another user
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(os.fspath(path), data, durable=True)

@@ -96,7 +96,7 @@ def read_checkpoint(path: str, only: Sequence[str] | None = None) -> dict[str, n
 
     Uses the transport's validating header reader, then reads each tensor with ``pread``.
     """
-    from .transport import _np_dtype, _pread_exact, safetensors_header
+    from .transport import read_tensors, safetensors_header
 
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -105,13 +105,7 @@ def read_checkpoint(path: str, only: Sequence[str] | None = None) -> dict[str, n
         missing = [n for n in names if n not in header]
         if missing:
             raise ConvertError(f"{path} has no tensor(s) {missing[:10]}")
-        out = {}
-        for name in names:
-            e = header[name]
-            arr = np.empty([int(d) for d in e["shape"]], _np_dtype(e["dtype"]))
-            _pread_exact(fd, memoryview(arr.reshape(-1).view(np.uint8)), start + int(e["data_offsets"][0]))
-            out[name] = arr
-        return out
+        return read_tensors(fd, header, start, names)
     finally:
         os.close(fd)
 
@@ -159,7 +153,7 @@ def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[
         if b.size == a.size:
             if name not in fp_cache:
                 fp_cache[name] = _fingerprint(b)
-            if not _same_fp(fa, fp_cache[name]):
+            if fa is None or not _same_fp(fa, fp_cache[name]):
                 continue
             if b.shape == a.shape and np.array_equal(b, a):
                 out.append(Match((name,), "identity"))
@@ -179,9 +173,10 @@ def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[
         if b.ndim != a.ndim:
             continue
         # A slice of a fused tensor (in_proj_weight -> q, k, v), maybe transposed afterwards.
-        perms = [None] + ([p for p in itertools.permutations(range(a.ndim)) if list(p) != list(range(a.ndim))] if a.ndim >= 2 else [])
-        for perm in perms:
-            at = a if perm is None else a.transpose(np.argsort(perm))  # ``a`` in the source's layout
+        perms: list[tuple[int, ...] | None] = [None]
+        perms += [p for p in itertools.permutations(range(a.ndim)) if list(p) != list(range(a.ndim))] if a.ndim >= 2 else []
+        for order in perms:
+            at = a if order is None else a.transpose(np.argsort(order))  # ``a`` in the source's layout
             for ax in range(b.ndim):
                 if b.shape[ax] <= at.shape[ax] or any(b.shape[d] != at.shape[d] for d in range(b.ndim) if d != ax):
                     continue
@@ -192,7 +187,7 @@ def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[
                 starts = np.flatnonzero((bm[:k] == am[0]).reshape(k, -1).all(axis=1))
                 for start in starts.tolist():
                     if np.array_equal(bm[start:start + n], am):
-                        out.append(Match((name,), "slice", (ax, start, start + n, tuple(perm) if perm else None)))
+                        out.append(Match((name,), "slice", (ax, start, start + n, tuple(order) if order else None)))
     return out
 
 
@@ -222,7 +217,7 @@ def bn_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], groups: dict[str, di
     """``a`` as a Conv/Linear weight or bias with BatchNorm folded in (tolerance, not exact)."""
     out: list[Match] = []
     if a.ndim >= 2:
-        for p, g in groups.items():
+        for g in groups.values():
             if ck[g["weight"]].shape != (a.shape[0],):
                 continue
             for name, w in ck.items():
@@ -240,20 +235,20 @@ def bn_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], groups: dict[str, di
             if ck[g["weight"]].shape != a.shape:
                 continue
             biases: list[str | None] = [None]
-            paired = [w for w, grp in pairs.items() if grp == p]
-            for w in paired:
-                b = w[: -len("weight")] + "bias" if w.endswith("weight") else None
-                if b in ck:
-                    biases = [b]
+            paired = [wn for wn, grp in pairs.items() if grp == p]
+            for wn in paired:
+                bias = wn[: -len("weight")] + "bias" if wn.endswith("weight") else None
+                if bias in ck:
+                    biases = [bias]
             if not paired:
                 biases += [n for n, v in ck.items() if n.endswith("bias") and v.shape == a.shape and n not in g.values()]
-            for b in biases:
+            for bname in biases:
                 for eps in _EPS:
                     s = _bn_scale(ck, g, eps)
-                    bias = ck[b].astype(np.float64) if b else 0.0
-                    if _close((bias - ck[g["running_mean"]].astype(np.float64)) * s + ck[g["bias"]].astype(np.float64), a):
-                        srcs = ((b,) if b else ()) + (g["weight"], g["bias"], g["running_mean"], g["running_var"])
-                        out.append(Match(srcs, "bn_bias", (eps, b is not None)))
+                    conv_bias = ck[bname].astype(np.float64) if bname else 0.0
+                    if _close((conv_bias - ck[g["running_mean"]].astype(np.float64)) * s + ck[g["bias"]].astype(np.float64), a):
+                        srcs = ((bname,) if bname else ()) + (g["weight"], g["bias"], g["running_mean"], g["running_var"])
+                        out.append(Match(srcs, "bn_bias", (eps, bname is not None)))
                         break
     return out
 
@@ -370,13 +365,13 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
                                    "(identity, transpose, reshape, slice, cast, BatchNorm folding): is this the checkpoint the model was exported from?")
             report["constants"].append(n)
             continue
-        canon = {}
+        canon: dict[Any, Match] = {}
         for m in ms:
             key = (tuple(tie_of.get(s, s) for s in m.sources), m.op, m.args)
             canon.setdefault(key, Match(key[0], m.op, m.args))
         ms = list(canon.values())
         chosen: dict[int, Match] = {}
-        for k, (node, i) in enumerate(consumers[n]):
+        for k, (node, _) in enumerate(consumers[n]):
             hinted = [m for m in ms if set(m.sources) & {tie_of.get(h, h) for h in _hints(node, ck_by_token)}]
             pool = hinted or ms
             if len(pool) > 1:

@@ -124,7 +124,7 @@ def hoist(model: onnx.ModelProto, sources: Sequence[str], enabled: bool = True) 
 
 def _outer_refs(g: onnx.GraphProto) -> list[str]:
     """Names a subgraph reads (its own node inputs; a superset of outer-scope refs is fine here)."""
-    out = []
+    out: list[str] = []
     for n in g.node:
         out.extend(i for i in n.input if i)
         for a in n.attribute:

@@ -208,16 +208,16 @@ def push(servers: Sequence[str], model: str, version: int, source: str, *, secre
     t0 = time.perf_counter()
     results = _parallel(activate, servers, 60.0)
     report.activate_wall_ms = (time.perf_counter() - t0) * 1000
-    bad = []
-    for url, (r, e, _) in results.items():
-        if e is not None:
-            by_url[url].error = f"activate failed: {e}"
-            bad.append(url)
+    failed = []
+    for url, (r, err, _) in results.items():
+        if err is not None:
+            by_url[url].error = f"activate failed: {err}"
+            failed.append(url)
         else:
             by_url[url].after = r["version"]
-    if bad:
-        report.message = (f"version {version} is recorded as active and activated on {len(servers) - len(bad)} of {len(servers)} "
-                          f"servers; {', '.join(bad)} did not activate: they join at {version} on restart (catch-up) "
+    if failed:
+        report.message = (f"version {version} is recorded as active and activated on {len(servers) - len(failed)} of {len(servers)} "
+                          f"servers; {', '.join(failed)} did not activate: they join at {version} on restart (catch-up) "
                           f"or when this push is run again")
         raise FleetError(report.message, report)
     report.ok = True

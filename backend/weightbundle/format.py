@@ -43,9 +43,10 @@ def crc32(data: Any) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def _raw(arr: np.ndarray) -> memoryview:
-    """Bytes of a C-contiguous array; works for 0-d and zero-size shapes (memoryview.cast does not)."""
-    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+def raw_bytes(arr: np.ndarray) -> memoryview:
+    """Bytes of an array (C-contiguous copy if needed); works for 0-d and zero-size shapes
+    (memoryview.cast does not).  Writes go through to ``arr`` when it is contiguous."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy 1.x stubs lack __buffer__
 
 
 def _align(n: int, a: int) -> int:
@@ -158,12 +159,12 @@ def write(
         pos = at + memoryview(data).nbytes
 
     put(0, bytes(HEADER_SIZE + toc_len))  # header and TOC are written last, in place
-    for (name, blob), entry in zip(sections, toc["graphs"] + list(toc["extra"].values())):
+    for (_name, blob), entry in zip(sections, toc["graphs"] + list(toc["extra"].values())):
         put(entry["offset"], blob)
     if initial is not None:
         base = toc["weights"]["offset"]
         for row, v in zip(var_rows, variables):
-            data = _raw(initial[v.name])
+            data = raw_bytes(initial[v.name])
             if len(data) != v.nbytes:
                 raise ValueError(f"initial value of {v.name!r} has {len(data)} bytes, expected {v.nbytes}")
             row["crc32"] = crc32(data)
@@ -180,7 +181,7 @@ def write(
     return total
 
 
-def _require(cond: bool, msg: str) -> None:
+def _require(cond: object, msg: str) -> None:
     if not cond:
         raise FormatError(msg)
 

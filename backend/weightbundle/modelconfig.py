@@ -44,11 +44,11 @@ def _dims(spec: TensorSpec, batching: bool) -> list[int]:
 
 def weight_dims(spec: TensorSpec) -> list[int]:
     """A weight input's exact dims (Triton prepends the batch dim itself when the model batches)."""
-    return [int(d) for d in (spec.shape or ())] or [1]
+    return [int(d) for d in (spec.shape or ()) if d is not None] or [1]
 
 
 def _updates_on(parameters: Mapping[str, str]) -> bool:
-    from .serving import parse_bool  # one parser for the flag, shared with the backend
+    from .settings import parse_bool  # one parser for the flag, shared with the backend
 
     return parse_bool(parameters.get("allow_updates", "false"), "allow_updates")
 

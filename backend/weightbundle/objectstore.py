@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import BundleError
+from .format import raw_bytes
 from .transport import ST_DTYPES as _TRANSPORT_ST_DTYPES
 
 MANIFEST = "manifest.json"
@@ -281,7 +282,7 @@ def _read_header(path: str) -> tuple[int, dict]:
 def _tensor_sha(data: np.ndarray, start: int, end: int) -> str:
     h = hashlib.sha256()
     for off in range(start, end, 64 * CHUNK):
-        h.update(memoryview(data[off : min(end, off + 64 * CHUNK)]))
+        h.update(raw_bytes(data[off : min(end, off + 64 * CHUNK)]))
     return h.hexdigest()
 
 
@@ -307,7 +308,7 @@ def _write_safetensors(path: str, data: np.ndarray, base: int, header: dict, nam
         f.write(hb)
         for n in names:
             b, e = header[n]["data_offsets"]
-            f.write(memoryview(data[base + b : base + e]))
+            f.write(raw_bytes(data[base + b : base + e]))
 
 
 @dataclass
@@ -458,10 +459,10 @@ def _map_tensors(path: str, names: Sequence[str], where: str) -> dict[str, np.nd
     data = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for n in names:
-        e = header[n]
-        dt = _np_dtype(e["dtype"])  # the header check already refused unknown dtypes
-        begin, end = e["data_offsets"]
-        out[n] = data[start + begin : start + end].view(dt).reshape(e["shape"])
+        entry = header[n]
+        dt = _np_dtype(entry["dtype"])  # the header check already refused unknown dtypes
+        begin, end = entry["data_offsets"]
+        out[n] = data[start + begin : start + end].view(dt).reshape(entry["shape"])
     return out
 
 

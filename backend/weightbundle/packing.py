@@ -33,6 +33,8 @@ import tempfile
 import uuid
 from typing import Callable
 
+from .fsutil import unlink_quiet
+
 PREFIX = "packed-v"
 BUILDING = ".packing-"
 
@@ -70,7 +72,7 @@ def ensure(store_path: str, number: int, build: Callable[[str, str], None], veri
             os.rename(tmp_model, final)
         except BaseException:
             for p in (tmp_model, os.path.join(store_path, data_name(number))):
-                _unlink(p)
+                unlink_quiet(p)
             raise
         return final
     finally:
@@ -87,10 +89,3 @@ def packed_root() -> str:
 
 def is_building_leftover(name: str) -> bool:
     return name.startswith(BUILDING) and not name.endswith(".lock")
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -19,19 +19,13 @@ import shutil
 import uuid
 from typing import BinaryIO, Callable
 
+from .fsutil import fsync_dir
+
 PARTIAL_PREFIX = ".commit-"
 
 
 def version_folders(model_dir: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(model_dir) if n.isdigit() and os.path.isdir(os.path.join(model_dir, n)))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_version(model_dir: str, filename: str, writer: Callable[[BinaryIO], object]) -> int:
@@ -50,10 +44,10 @@ def write_version(model_dir: str, filename: str, writer: Callable[[BinaryIO], ob
             f.flush()
             os.fsync(f.fileno())
         os.chmod(path, 0o644)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         number = max(version_folders(model_dir), default=0) + 1
         os.rename(tmp, os.path.join(model_dir, str(number)))
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
         return number
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

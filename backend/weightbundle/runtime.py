@@ -137,11 +137,12 @@ class Bundle:
         self._finalizer = weakref.finalize(self, WeightStore.destroy, self._store) if self._owns_store else (lambda: None)
         self._lock = threading.Lock()
         self._infer: tuple[int, ort.InferenceSession] | None = None
-        self._builder = _Builder(self._swap_in)
+        self._builder = _Builder(self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed "
+                                                                      f"(its zero-copy session keeps serving it): {e!r}"))
         self._staging_thread: threading.Thread | None = None
         self._collect_threads: list[threading.Thread] = []  # see activate
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
-        self._update_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+        self._update_sessions: dict[tuple[tuple[str, str], ...], ort.InferenceSession] = {}
         self._prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see stage)
         g = self._graphs[GRAPH_INFERENCE].graph
         consts = {t.name for t in g.initializer}
@@ -439,10 +440,10 @@ class Bundle:
                     raise UpdateError(f"weight {name!r} contains NaN or Inf")
         # Zero-size sources count as set when named, so a first full update can include them.
         sent = {n for n, a in feed.items() if a.size or (self._source_specs[n].nbytes == 0 and n in inputs)}
-        for a in sorted(sent & set(self.aliases)):  # tied names: one tensor, so both copies must agree
-            p = self.aliases[a]
-            if p in sent and not np.array_equal(np.asarray(feed[a], np.float64), np.asarray(feed[p], np.float64), equal_nan=True):
-                raise UpdateError(f"{a!r} and {p!r} are one tied tensor, but the values sent differ")
+        for alias in sorted(sent & set(self.aliases)):  # tied names: one tensor, so both copies must agree
+            p = self.aliases[alias]
+            if p in sent and not np.array_equal(np.asarray(feed[alias], np.float64), np.asarray(feed[p], np.float64), equal_nan=True):
+                raise UpdateError(f"{alias!r} and {p!r} are one tied tensor, but the values sent differ")
         pushed = {self.aliases.get(n, n) for n in sent}
         changed = self.changed_by(pushed)
         # A derived entry needs all its sources: those not pushed are kept sources, read from the
@@ -640,7 +641,7 @@ class Bundle:
         t.start()
 
     def _update_session(self, retype: dict[str, str]) -> ort.InferenceSession:
-        key = tuple(sorted(retype.items()))  # type: ignore[arg-type]
+        key = tuple(sorted(retype.items()))
         sess = self._update_sessions.get(key)
         if sess is None:
             proto = self._graphs[GRAPH_UPDATE]
@@ -902,8 +903,9 @@ class _Builder:
     needs; the zero-copy session serves meanwhile.
     """
 
-    def __init__(self, build: Any):
+    def __init__(self, build: Any, on_error: Any = None):
         self._build = build
+        self._on_error = on_error or (lambda v, e: None)
         self._cv = threading.Condition()
         self._want: Version | None = None
         self._busy = False
@@ -946,8 +948,8 @@ class _Builder:
             t0 = time.perf_counter()
             try:
                 self._build(v)
-            except Exception:  # the zero-copy session keeps serving this version correctly
-                pass
+            except Exception as e:  # noqa: BLE001 - the zero-copy session keeps serving this version correctly
+                self._on_error(v, e)
             finally:
                 with self._cv:
                     self._build_s = min(max(time.perf_counter() - t0, 0.01), 2.0)

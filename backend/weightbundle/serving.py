@@ -1,4 +1,4 @@
-"""Serve a bundle: settings from a Triton model config, request routing, commands.
+"""Serve a bundle: request routing and commands (settings: ``settings.py``).
 
 Nothing here imports Triton: ``model.py`` turns Triton requests into dicts of
 numpy arrays, calls ``Service.handle`` and turns the replies back.  That keeps
@@ -19,113 +19,14 @@ import numpy as np
 
 from .control import CONTROL_INPUT, MUTATING, RESULT_OUTPUT, VERSION_OUTPUT, Authorizer, Command, ControlError, parse_command
 from .errors import BundleError, NotInitializedError, VersionConflictError
-from .runtime import Bundle, RuntimeOptions
+from .runtime import Bundle
 from .repository import sweep_partial, write_version
+from .settings import ServingSettings
 from .store import default_root, sweep_stale
+from .format import raw_bytes
 from .transport import read_allowed_safetensors
 
 STORE_PREFIX = "weightbundle-"
-
-
-def parse_bool(v: str, key: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "on", "enabled"):
-        return True
-    if s in ("0", "false", "no", "off", "disabled", ""):
-        return False
-    raise BundleError(f"model config parameter {key!r} must be true or false, got {v!r}")
-
-
-def _str(v: str, key: str) -> str:
-    return v
-
-
-def _int(v: str, key: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise BundleError(f"model config parameter {key!r} must be an integer, got {v!r}") from None
-
-
-def _paths(v: str, key: str) -> tuple[str, ...]:
-    return tuple(p for p in v.split(":") if p)
-
-
-def _float(v: str, key: str) -> float:
-    try:
-        return float(v)
-    except ValueError:
-        raise BundleError(f"model config parameter {key!r} must be a number, got {v!r}") from None
-
-
-def _list(v: str, key: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in v.split(",") if p.strip())
-
-
-@dataclass
-class ServingSettings:
-    """Everything a model's ``config.pbtxt`` can set (``parameters`` plus batching)."""
-
-    bundle_filename: str = "model.bundle"
-    allow_updates: bool = False
-    update_secret_env: str | None = None
-    update_secret_file: str | None = None
-    update_auth: str = "secret"  # "secret" or "none" (trusted networks / demos only)
-    history: int = 1
-    prepack: bool = True
-    hybrid: bool = True
-    staging: bool = True
-    share_packed: bool = True
-    optimization: str = "all"
-    intra_op_threads: int = 0
-    reject_nonfinite: bool = False
-    store_root: str | None = None
-    file_update_dirs: tuple[str, ...] = ()
-    max_batch_size: int = 0
-    # object store and fleets (docs/fleet.md)
-    s3_endpoint: str | None = None
-    s3_region: str = "us-east-1"
-    s3_allowed_prefixes: tuple[str, ...] = ()
-    s3_credentials_file: str | None = None
-    s3_spool_dir: str | None = None
-    weights_source: str | None = None
-    follow_seconds: float = 0.0
-    staged_ttl_seconds: float = 3600.0
-
-    _PARAMS = {
-        "bundle_filename": _str, "allow_updates": parse_bool, "update_secret_env": _str, "update_secret_file": _str,
-        "update_auth": _str, "history": _int, "prepack": parse_bool, "hybrid": parse_bool, "staging": parse_bool, "share_packed": parse_bool, "optimization": _str, "intra_op_threads": _int,
-        "reject_nonfinite": parse_bool, "store_root": _str, "file_update_dirs": _paths,
-        "s3_endpoint": _str, "s3_region": _str, "s3_allowed_prefixes": _list, "s3_credentials_file": _str, "s3_spool_dir": _str,
-        "weights_source": _str, "follow_seconds": _float, "staged_ttl_seconds": _float,
-    }
-
-    @classmethod
-    def from_model_config(cls, cfg: Mapping[str, Any]) -> "ServingSettings":
-        s = cls(max_batch_size=int(cfg.get("max_batch_size", 0)))
-        for key, val in (cfg.get("parameters") or {}).items():
-            if key not in cls._PARAMS:
-                raise BundleError(f"unknown model config parameter {key!r}; known: {sorted(cls._PARAMS)}")
-            raw = val.get("string_value", "") if isinstance(val, dict) else str(val)
-            setattr(s, key, cls._PARAMS[key](raw, key))
-        if s.update_auth not in ("secret", "none"):
-            raise BundleError(f"update_auth must be 'secret' or 'none', got {s.update_auth!r}")
-        if s.history < 1:
-            raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
-        if s.staged_ttl_seconds <= 0 or s.follow_seconds < 0:
-            raise BundleError("staged_ttl_seconds must be > 0 and follow_seconds >= 0")
-        if s.weights_source is not None:
-            from .objectstore import parse_url
-
-            parse_url(s.weights_source)  # fail the load now on a malformed url
-        elif s.follow_seconds:
-            raise BundleError("follow_seconds needs weights_source (the s3://bucket/prefix/model to follow)")
-        return s
-
-    def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
-        return RuntimeOptions(prepack=self.prepack, hybrid=self.hybrid, staging=self.staging, share_packed=self.share_packed,
-                              optimization=self.optimization, intra_op_threads=self.intra_op_threads,
-                              history=self.history, store_dir=store_dir)
 
 
 @dataclass
@@ -153,14 +54,15 @@ class Service:
 
     def __init__(self, bundle: Bundle, settings: ServingSettings, authorizer: Authorizer,
                  model_dir: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[..., None] | None = None):
         self.bundle = bundle
         self.settings = settings
         self.auth = authorizer
         self.model_dir = model_dir
         self.model_name = model_name
         self.on_event = on_event or (lambda e: None)
-        self.log = log or (lambda msg: None)  # model.py passes Triton's logger
+        # Triton's log (model.py): log(message) is a warning, log(message, "info") a note.
+        self.log: Callable[..., None] = log or (lambda message, level="warn": None)
         bundle._log = self.log
         self.weight_names = {u.name for u in bundle.update_inputs}
         self.input_names = {i.name for i in bundle.inputs}
@@ -175,7 +77,7 @@ class Service:
     @classmethod
     def open(cls, model_dir: str, version: str | int, settings: ServingSettings, model_name: str,
              on_event: Callable[[Event], None] | None = None, model_config: Mapping[str, Any] | None = None,
-             log: Callable[[str], None] | None = None) -> "Service":
+             log: Callable[..., None] | None = None) -> "Service":
         """Load ``<model_dir>/<version>/<bundle_filename>``, attach the shared store, init once.
 
         ``model_config`` (Triton's JSON form) is checked against the bundle: weight inputs
@@ -187,8 +89,7 @@ class Service:
         auth = Authorizer.from_sources(settings.allow_updates, settings.update_secret_env, settings.update_secret_file,
                                        settings.update_auth == "secret")
         root = settings.store_root or default_root()
-        sweep_stale(root, STORE_PREFIX)
-        sweep_partial(model_dir)
+        swept = sweep_stale(root, STORE_PREFIX) + sweep_partial(model_dir)
         # One store per (server process, model, version): every instance of it shares weights.
         tag = "".join(c if c.isalnum() or c in "._" else "_" for c in model_name)
         store_dir = os.path.join(root, f"{STORE_PREFIX}{os.getppid()}-{tag}-v{version}")
@@ -203,6 +104,8 @@ class Service:
 
                 check_config(bundle, model_config, settings.allow_updates)
             svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event, log)
+            if swept:
+                svc.log(f"{model_name}: removed what dead servers or commits left: {swept}", "info")
             if settings.allow_updates and settings.update_auth == "none":
                 svc.log(f"{model_name}: WARNING update_auth=none: anyone who can reach this server can change its weights")
             if settings.weights_source:
@@ -346,6 +249,7 @@ class Service:
         version = result.pop("version")
         if cmd.op in MUTATING:
             self._emit(Event("update_applied", cmd.op, seconds=time.perf_counter() - t0, version=version))
+            self.log(f"{self.model_name}: {cmd.op} -> weights version {version} ({(time.perf_counter() - t0) * 1000:.0f} ms)", "info")
             self._warm()
         body = json.dumps({"op": cmd.op, "version": version, **result}).encode()
         out = {RESULT_OUTPUT: np.array([body], dtype=object)}
@@ -418,7 +322,7 @@ class Service:
         if want and not allowed:
             raise ControlError("'checksums' need the update secret: send \"secret\" with the status command", reason="auth")
         if cur is not None and allowed and want is not False:
-            result["checksums"] = {v.name: f"{zlib.crc32(store.array(cur, v.name).reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
+            result["checksums"] = {v.name: f"{zlib.crc32(raw_bytes(store.array(cur, v.name))) & 0xFFFFFFFF:08x}"
                                    for v in self.bundle.variables}
         return result
 
@@ -445,6 +349,7 @@ class Service:
             if store.head() is None:
                 raise ControlError("nothing to commit: no weights yet")
             cur = store.check_expected(cmd.expected_version)
+            assert cur is not None  # head exists, under the lock
             folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
         return {"version": cur.number, "committed_version": cur.number, "model_version_folder": folder,
                 "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}
@@ -488,12 +393,12 @@ class Service:
         """Publish a staged version: one rename and one manifest write under the store lock,
         so every instance of this model serves it from their next request on."""
         self._no_weights(req)
-        v = self.bundle.activate(_version_arg(cmd, required=True), cmd.expected_version)
+        v = self.bundle.activate(_required_version(cmd), cmd.expected_version)
         return {"version": v.number, "activated": v.number}
 
     def _op_abort(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
-        st = self.bundle.abort(_version_arg(cmd, required=True))
+        st = self.bundle.abort(_required_version(cmd))
         return {"version": self.bundle.version, "aborted": st.number}
 
     def _warm_s3(self) -> None:
@@ -524,7 +429,7 @@ class Service:
             check_allowed(url, self.settings.s3_allowed_prefixes)
         cur = self.bundle.store.current()
         have = ((cur.origin or {}).get("sha256") if cur is not None else None) or {}
-        weights = {u.name: (u.dtype, tuple(u.shape or ())) for u in self.bundle.update_inputs}
+        weights = {u.name: (u.dtype, tuple(int(d) for d in u.shape or () if d is not None)) for u in self.bundle.update_inputs}
         return fetch_version(self._s3_client(), url, weights, have, self.settings.s3_spool_dir), url
 
     def catch_up(self) -> int | None:
@@ -578,6 +483,12 @@ class Service:
 
         self._follower = threading.Thread(target=run, name=f"weightbundle-follow-{self.model_name}", daemon=True)
         self._follower.start()
+
+
+def _required_version(cmd: Command) -> int:
+    v = _version_arg(cmd, required=True)
+    assert v is not None  # _version_arg raised otherwise
+    return v
 
 
 def _version_arg(cmd: Command, required: bool = False) -> int | None:

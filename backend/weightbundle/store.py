@@ -30,8 +30,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import packing
+from .fsutil import atomic_write, left_by_dead_process, pid_alive, unlink_quiet  # noqa: F401 (pid_alive: re-export)
 from .errors import BundleError, UpdateError, VersionConflictError, VersionOrderError
-from .format import VariableSpec
+from .format import VariableSpec, raw_bytes
 
 PAGE = 4096
 STAGING = "staging.bin"
@@ -205,7 +206,7 @@ class WeightStore:
             os.posix_fallocate(fd, 0, size)
         except OSError:  # no space on tmpfs: updates fall back to the plain write path
             os.close(fd)
-            _unlink(tmp)
+            unlink_quiet(tmp)
             return
         os.close(fd)
         self._return_staging(tmp)
@@ -224,7 +225,7 @@ class WeightStore:
             os.link(path, os.path.join(self.path, STAGING))  # fails if another one appeared meanwhile
         except FileExistsError:
             pass
-        _unlink(path)
+        unlink_quiet(path)
 
     def release_staging(self, path: str) -> None:
         """Give a claimed staging blob back unpublished (the update was rejected)."""
@@ -331,8 +332,8 @@ class WeightStore:
                      "expires": st.expires, "origin": origin}).encode())
                 return st
         finally:
-            _unlink(os.path.join(self.path, tmp))
-            _unlink(os.path.join(self.path, tmp + ".tmp"))
+            unlink_quiet(os.path.join(self.path, tmp))
+            unlink_quiet(os.path.join(self.path, tmp + ".tmp"))
 
     def staged(self, number: int) -> StagedVersion | None:
         try:
@@ -373,7 +374,7 @@ class WeightStore:
             entries = dict(cur.entries) if cur is not None and st.base is not None else {}
             entries.update({n: (blob, off) for n, (_, off) in st.entries.items()})
             origin = _merge_origin(cur.origin if cur is not None and st.base is not None else None, st)
-            _unlink(self._staged_path(number, "json"))
+            unlink_quiet(self._staged_path(number, "json"))
             return self._commit(number, st.op, entries, None if cur is None else cur.number, origin, collect)
 
     def abort(self, number: int) -> StagedVersion:
@@ -389,11 +390,11 @@ class WeightStore:
         return [st for st in (self.staged(n) for n in nums) if st is not None]
 
     def _drop_staged(self, number: int) -> None:
-        _unlink(self._staged_path(number, "json"))  # manifest first: a blob without one is never activated
-        _unlink(self._staged_path(number, "bin"))
+        unlink_quiet(self._staged_path(number, "json"))  # manifest first: a blob without one is never activated
+        unlink_quiet(self._staged_path(number, "bin"))
         # A packed copy built while staging is keyed by the number, which a later stage may reuse.
-        _unlink(packing.model_path(self.packed_path, number))
-        _unlink(os.path.join(self.packed_path, packing.data_name(number)))
+        unlink_quiet(packing.model_path(self.packed_path, number))
+        unlink_quiet(os.path.join(self.packed_path, packing.data_name(number)))
 
     def _expire_staged(self) -> None:
         """Under the lock: drop staged versions past their ttl."""
@@ -432,13 +433,13 @@ class WeightStore:
                 for name, arr in items:
                     arr = np.ascontiguousarray(arr)
                     f.seek(off)
-                    f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                    f.write(raw_bytes(arr))
                     out[name] = (blob, off)
                     off = (off + arr.nbytes + PAGE - 1) // PAGE * PAGE
                 f.truncate(max(off, 1))
             os.rename(tmp, os.path.join(self.path, blob))
         except BaseException:  # ENOSPC and friends: a half-written temp file must not keep the tmpfs full
-            _unlink(tmp)
+            unlink_quiet(tmp)
             raise
         return out
 
@@ -463,29 +464,22 @@ class WeightStore:
                 self._gc(head)
 
     def _atomic_write(self, name: str, data: bytes) -> None:
-        tmp = os.path.join(self.path, f".{name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.rename(tmp, os.path.join(self.path, name))
-        except BaseException:
-            _unlink(tmp)
-            raise
+        atomic_write(os.path.join(self.path, name), data)  # tmpfs: the rename is what matters
 
     def _gc(self, head: int) -> None:
         """Keep HEAD plus ``history`` older manifests; drop blobs nobody references."""
         keep = [n for n in self.versions() if n <= head][-(self.history + 1):]
         for n in self.versions():
             if n not in keep:
-                _unlink(os.path.join(self.path, f"v{n}.json"))
+                unlink_quiet(os.path.join(self.path, f"v{n}.json"))
         live = {b for n in keep for b, _ in self.version(n).entries.values()}
         for f in os.listdir(self.path):
             if f.startswith("blob-") and f not in live:
-                _unlink(os.path.join(self.path, f))
-            elif f.startswith(CLAIMED) and not pid_alive(int(f[len(CLAIMED):].split("-", 1)[0])):
-                _unlink(os.path.join(self.path, f))  # claimed by a process that died mid-update
-            elif f.startswith(STAGE_TMP) and not pid_alive(int(f[len(STAGE_TMP):].split("-", 1)[0])):
-                _unlink(os.path.join(self.path, f))  # a stage whose writer died
+                unlink_quiet(os.path.join(self.path, f))
+            elif left_by_dead_process(f, CLAIMED):
+                unlink_quiet(os.path.join(self.path, f))  # claimed by a process that died mid-update
+            elif left_by_dead_process(f, STAGE_TMP):
+                unlink_quiet(os.path.join(self.path, f))  # a stage whose writer died
         self._gc_packed(head)
 
     def _gc_packed(self, head: int) -> None:
@@ -496,11 +490,11 @@ class WeightStore:
             stem = f[len(packing.PREFIX):].split(".")[0] if f.startswith(packing.PREFIX) else ""
             lock_n = f[len(packing.BUILDING) + 1 : -len(".lock")] if f.startswith(packing.BUILDING) and f.endswith(".lock") else ""
             if stem.isdigit() and int(stem) != head:
-                _unlink(os.path.join(d, f))
+                unlink_quiet(os.path.join(d, f))
             elif lock_n.isdigit() and int(lock_n) < head:
-                _unlink(os.path.join(d, f))
-            elif packing.is_building_leftover(f) and not pid_alive(int(f[len(packing.BUILDING):].split("-", 1)[0])):
-                _unlink(os.path.join(d, f))
+                unlink_quiet(os.path.join(d, f))
+            elif packing.is_building_leftover(f) and left_by_dead_process(f, packing.BUILDING):
+                unlink_quiet(os.path.join(d, f))
 
     # -- sharing between processes ------------------------------------------------
     # Each attached process holds an flock on instances/<pid>; a lock that can be
@@ -526,7 +520,7 @@ class WeightStore:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _unlink(p)  # its owner died without cleaning up
+                unlink_quiet(p)  # its owner died without cleaning up
             except BlockingIOError:
                 alive += 1
             finally:
@@ -537,7 +531,7 @@ class WeightStore:
         """Detach this process; destroy the store if it was the last one. True if destroyed."""
         with self.locked():
             if self._instance_fd >= 0:
-                _unlink(os.path.join(self.path, "instances", self._instance_name))
+                unlink_quiet(os.path.join(self.path, "instances", self._instance_name))
                 os.close(self._instance_fd)
                 self._instance_fd = -1
             last = self.live_instances() == 0
@@ -575,12 +569,6 @@ def _merge_origin(base: dict | None, st: StagedVersion) -> dict | None:
     return {**st.origin, "sha256": sha}
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
 
 def sweep_stale(root: str, prefix: str) -> list[str]:
     """Remove stores under ``root`` named ``<prefix><pid>-...`` whose server pid is dead.
@@ -590,24 +578,11 @@ def sweep_stale(root: str, prefix: str) -> list[str]:
     removed = []
     for base in dict.fromkeys((root, packing.packed_root())):  # the stores, and their packed twins
         for name in os.listdir(base) if os.path.isdir(base) else []:
-            if not name.startswith(prefix):
-                continue
-            pid_s = name[len(prefix):].split("-", 1)[0]
-            if not pid_s.isdigit() or pid_alive(int(pid_s)):
+            if not left_by_dead_process(name, prefix):
                 continue
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
             removed.append(name)
     return removed
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> None:

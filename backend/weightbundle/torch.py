@@ -39,7 +39,7 @@ def export(module: Any, example_args: Sequence[Any], path: str | os.PathLike, *,
     module.eval()
     try:
         if dynamo:
-            shapes = tuple({0: torch.export.Dim("batch")} if dynamic_batch and getattr(a, "ndim", 0) else None for a in args)
+            shapes = tuple({0: torch.export.Dim("batch")} if dynamic_batch and int(getattr(a, "ndim", 0)) else None for a in args)
             torch.onnx.export(module, args, path, input_names=names, output_names=outs, dynamo=True, optimize=False,
                               external_data=False, dynamic_shapes=shapes if dynamic_batch else None)
         else:

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .control import ControlError
+from .format import raw_bytes
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
@@ -194,10 +195,21 @@ def safetensors_header(fd: int, size: int) -> tuple[dict[str, dict[str, Any]], i
                                f"and dtype, or lie outside the file")
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ControlError(f"safetensors tensors {n0!r:.80} and {n1!r:.80} overlap")
     return header, 8 + n
+
+
+def read_tensors(fd: int, header: dict[str, dict[str, Any]], start: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Copy the named tensors of a validated file (``safetensors_header``) out with ``pread``."""
+    out = {}
+    for name in names:
+        entry = header[name]
+        arr = np.empty([int(d) for d in entry["shape"]], _np_dtype(entry["dtype"]))
+        _pread_exact(fd, raw_bytes(arr), start + int(entry["data_offsets"][0]))
+        out[name] = arr
+    return out
 
 
 def read_allowed_safetensors(path: Any, allowed_dirs: Sequence[str], only: Sequence[str] | None) -> dict[str, np.ndarray]:
@@ -216,12 +228,7 @@ def read_allowed_safetensors(path: Any, allowed_dirs: Sequence[str], only: Seque
         missing = sorted(set(wanted) - set(header))
         if missing:
             raise ControlError(f"weights file {path!r} has no tensor(s) {missing[:10]}")
-        out = {}
-        for name in wanted:
-            e = header[name]
-            arr = np.empty([int(d) for d in e["shape"]], _np_dtype(e["dtype"]))
-            _pread_exact(fd, memoryview(arr.reshape(-1).view(np.uint8)), start + int(e["data_offsets"][0]))
-            out[name] = arr
+        out = read_tensors(fd, header, start, wanted)
         after = os.fstat(fd)
         # Size and mtime, not ctime: renaming a new checkpoint over this one unlinks it, which
         # changes its ctime, yet what we read stays whole and valid.

@@ -61,10 +61,10 @@ def _response(r):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(r.error, code))
 
 
-def _log(message):
+def _log(message, level="warn"):
     logger = getattr(pb_utils, "Logger", None)  # injected by the stub; absent in unit-test fakes
     if logger is not None:
-        logger.log_warn(message)
+        (logger.log_info if level == "info" else logger.log_warn)(message)
     else:
         print(message, file=sys.stderr, flush=True)
 

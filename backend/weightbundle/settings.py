@@ -1,0 +1,152 @@
+"""Model config parameters: one declaration per setting, with its type, default and doc.
+
+A model's ``config.pbtxt`` sets these under ``parameters`` (string values, as Triton
+carries them).  Each is declared once, below, as a field of ``ServingSettings``:
+parsing follows the field's type, the README's parameter table is generated from the
+docs (``python -m weightbundle.settings``; a test keeps the README in step), and the
+runtime options are the fields that ``RuntimeOptions`` shares by name.
+
+>>> s = ServingSettings.from_model_config({"parameters": {"history": {"string_value": "3"}}})
+>>> s.history
+3
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import BundleError
+from .runtime import RuntimeOptions
+
+
+def parse_bool(v: str, key: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on", "enabled"):
+        return True
+    if s in ("0", "false", "no", "off", "disabled", ""):
+        return False
+    raise BundleError(f"model config parameter {key!r} must be true or false, got {v!r}")
+
+
+def _number(kind: type, v: str, key: str) -> Any:
+    try:
+        return kind(v)
+    except ValueError:
+        raise BundleError(f"model config parameter {key!r} must be {'an integer' if kind is int else 'a number'}, got {v!r}") from None
+
+
+def param(default: Any, doc: str, *, sep: str = "", shown: str | None = None) -> Any:
+    """A model config parameter: ``doc`` goes to the README; ``sep`` splits a list value;
+    ``shown`` replaces the default in the README where the value is computed at run time."""
+    return field(default=default, metadata={"doc": doc, "sep": sep, "shown": shown})
+
+
+@dataclass
+class ServingSettings:
+    """Everything a model's ``config.pbtxt`` can set (``parameters`` plus batching)."""
+
+    bundle_filename: str = param("model.bundle", "file inside the version folder")
+    allow_updates: bool = param(False, "enable mutating ops; when off, `weightbundle config` declares no weight inputs")
+    update_secret_env: str | None = param(None, "environment variable that holds the update secret")
+    update_secret_file: str | None = param(None, "file that holds the update secret (instead of `update_secret_env`)")
+    update_auth: str = param("secret", "`none` disables the secret check (trusted networks only)")
+    history: int = param(1, "previous versions kept for rollback")
+    prepack: bool = param(True, "serve from ORT's pre-packed weights: fastest inference. `false`: sessions memory-map the "
+                                "shared store (zero-copy), so updates are cheaper and GEMMs slower on CPU")
+    hybrid: bool = param(True, "with `prepack`: serve a new version at once from a zero-copy session, switch to the "
+                               "pre-packed one when it is ready (its last bits may differ until then)")
+    share_packed: bool = param(True, "with `prepack`: one process packs each version once into a disk-backed file "
+                                     "(`/var/tmp`, or `WEIGHTBUNDLE_PACKED_ROOT`) that every instance maps")
+    staging: bool = param(True, "keep one pre-allocated staging blob (one model size of tmpfs) so an update is written "
+                                "once, straight from the update graph")
+    optimization: str = param("all", "ONNX Runtime level used when a version's session is built (`all` gives "
+                                     "Conv+BatchNorm folding and NCHWc, like a baked session)")
+    intra_op_threads: int = param(0, "threads per instance (0: ONNX Runtime's default)")
+    reject_nonfinite: bool = param(False, "refuse NaN/Inf in updates (checked after the cast to each weight's dtype)")
+    store_root: str | None = param(None, "where weight stores live", shown="/dev/shm")
+    file_update_dirs: tuple[str, ...] = param((), "`:`-separated allowlist for the file transport (off when unset)", sep=":")
+    # object store and fleets (docs/fleet.md)
+    s3_endpoint: str | None = param(None, "S3-compatible object store for `stage` from `s3` and catch-up")
+    s3_region: str = param("us-east-1", "region name sent to the object store")
+    s3_allowed_prefixes: tuple[str, ...] = param((), "comma-separated `bucket` or `bucket/prefix` allowlist for "
+                                                     "`source.s3` (S3 sources off when unset)", sep=",")
+    s3_credentials_file: str | None = param(None, "ini file with the S3 keys; otherwise `AWS_ACCESS_KEY_ID`/"
+                                                  "`AWS_SECRET_ACCESS_KEY` from the environment")
+    s3_spool_dir: str | None = param(None, "where fetched objects are verified before staging", shown="temp dir")
+    weights_source: str | None = param(None, "`s3://bucket/prefix/model`: at load, catch up to the fleet's `ACTIVE` "
+                                             "version before reporting ready")
+    follow_seconds: float = param(0.0, "with `weights_source`: poll `ACTIVE` this often and catch up (follow mode)")
+    staged_ttl_seconds: float = param(3600.0, "staged versions not activated or aborted by then are dropped")
+    max_batch_size: int = 0  # from the config itself, not a parameter
+
+    @classmethod
+    def parameters(cls) -> list[Field]:
+        return [f for f in fields(cls) if "doc" in f.metadata]
+
+    @classmethod
+    def from_model_config(cls, cfg: Mapping[str, Any]) -> "ServingSettings":
+        s = cls(max_batch_size=int(cfg.get("max_batch_size", 0)))
+        known = {f.name: f for f in cls.parameters()}
+        for key, val in (cfg.get("parameters") or {}).items():
+            if key not in known:
+                raise BundleError(f"unknown model config parameter {key!r}; known: {sorted(known)}")
+            raw = val.get("string_value", "") if isinstance(val, dict) else str(val)
+            setattr(s, key, _parse(known[key], raw))
+        s._check()
+        return s
+
+    def _check(self) -> None:
+        if self.update_auth not in ("secret", "none"):
+            raise BundleError(f"update_auth must be 'secret' or 'none', got {self.update_auth!r}")
+        if self.history < 1:
+            raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
+        if self.staged_ttl_seconds <= 0 or self.follow_seconds < 0:
+            raise BundleError("staged_ttl_seconds must be > 0 and follow_seconds >= 0")
+        if self.weights_source is not None:
+            from .objectstore import parse_url
+
+            parse_url(self.weights_source)  # fail the load now on a malformed url
+        elif self.follow_seconds:
+            raise BundleError("follow_seconds needs weights_source (the s3://bucket/prefix/model to follow)")
+
+    def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
+        """The settings ``RuntimeOptions`` shares by name, plus the store folder."""
+        shared = {f.name for f in fields(RuntimeOptions)} & {f.name for f in self.parameters()}
+        return RuntimeOptions(**{n: getattr(self, n) for n in sorted(shared)}, store_dir=store_dir)
+
+
+def _parse(f: Field, raw: str) -> Any:
+    kind = str(f.type)  # annotations are strings here (from __future__ import annotations)
+    if kind.startswith("bool"):
+        return parse_bool(raw, f.name)
+    if kind.startswith("int"):
+        return _number(int, raw, f.name)
+    if kind.startswith("float"):
+        return _number(float, raw, f.name)
+    if kind.startswith("tuple"):
+        return tuple(p.strip() for p in raw.split(f.metadata["sep"]) if p.strip())
+    return raw
+
+
+def _shown(f: Field) -> str:
+    if f.metadata["shown"]:
+        return f"`{f.metadata['shown']}`"
+    d = f.default if f.default is not MISSING else None
+    if d is None or d == ():
+        return "—"
+    if isinstance(d, bool):
+        return f"`{str(d).lower()}`"
+    if isinstance(d, float) and d.is_integer():
+        d = int(d)
+    return f"`{d}`"
+
+
+def markdown_table() -> str:
+    """The README's parameter table."""
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{f.name}` | {_shown(f)} | {f.metadata['doc']} |" for f in ServingSettings.parameters()]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m weightbundle.settings > table.md
+    print(markdown_table(), end="")

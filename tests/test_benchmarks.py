@@ -1,5 +1,6 @@
 """The benchmarks run in their quick modes so they cannot rot (figures are not asserted:
 speed targets live in the benchmarks' own reports, not in timed tests)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,7 @@ TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
 
 
 def _run(script: str, out: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(TOOLS, script), "--quick", "--out", out],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, os.path.join(TOOLS, script), "--quick", "--out", out], capture_output=True, text=True, timeout=timeout)
 
 
 def test_core_benchmark_quick(tmp_path):

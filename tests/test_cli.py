@@ -1,4 +1,5 @@
 """The ``weightbundle`` command line: build, inspect, config (serve and push run in the e2e tests)."""
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,7 @@ def test_config_writes_a_complete_pbtxt(onnx_path, tmp_path, capsys):
     out = str(tmp_path / "m.bundle")
     main(["build", onnx_path, "-o", out])
     cfg = tmp_path / "config.pbtxt"
-    assert main(["config", out, "--name", "m", "--max-batch-size", "8", "--instances", "3",
-                 "--parameter", "allow_updates=true", "-o", str(cfg)]) == 0
+    assert main(["config", out, "--name", "m", "--max-batch-size", "8", "--instances", "3", "--parameter", "allow_updates=true", "-o", str(cfg)]) == 0
     c = _parse_config(cfg.read_text())
     assert (c.name, c.backend, c.max_batch_size) == ("m", "weightbundle", 8)
     ins = {i.name: i for i in c.input}

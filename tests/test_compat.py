@@ -5,6 +5,7 @@ ONNX IR up to 11; the init graph then runs through its fallback path, and the ge
 graphs must not carry the installed onnx's newest IR. Both paths are checked here on
 whatever ONNX Runtime is installed, so the suite on 3.11+ also covers the 3.10 path.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ from weightbundle import runtime
 from weightbundle.convert import GRAPH_IR_VERSION
 from weightbundle.format import GRAPH_INIT, GRAPH_UPDATE
 
-MODELS = {"mlp": models.mlp, "mlp_fp16": lambda: models.mlp(dtype=np.float16), "convnet": models.convnet,
-          "with_int_initializers": models.with_int_initializers}
+MODELS = {"mlp": models.mlp, "mlp_fp16": lambda: models.mlp(dtype=np.float16), "convnet": models.convnet, "with_int_initializers": models.with_int_initializers}
 HAS_IN_MEMORY = hasattr(ort.SessionOptions(), "add_external_initializers_from_files_in_memory")
 
 
@@ -41,8 +41,7 @@ def init_path(request, monkeypatch):
     if request.param == "in_memory" and not HAS_IN_MEMORY:
         pytest.skip(f"onnxruntime {ort.__version__} has no add_external_initializers_from_files_in_memory")
     real = runtime.run_init_graph
-    monkeypatch.setattr(runtime, "run_init_graph",
-                        lambda proto, section, so: real(proto, section, so, in_memory=request.param == "in_memory"))
+    monkeypatch.setattr(runtime, "run_init_graph", lambda proto, section, so: real(proto, section, so, in_memory=request.param == "in_memory"))
     return request.param
 
 
@@ -92,7 +91,7 @@ def _pointed(b: wb.Bundle, proto: onnx.ModelProto) -> onnx.ModelProto:
     """The init graph with its constants pointed at the weight section, as Bundle.init does."""
     rows = {r["name"]: r for r in b._layout.toc["variables"]}
     for t in proto.graph.initializer:
-        name = t.name[len("init/"):]
+        name = t.name[len("init/") :]
         del t.external_data[:]
         t.data_location = onnx.TensorProto.EXTERNAL
         for k, val in (("location", "weights"), ("offset", rows[name]["offset"]), ("length", rows[name]["nbytes"])):
@@ -114,7 +113,6 @@ def test_generated_graphs_declare_the_ir_of_their_opset():
         b.unload()
 
 
-
 def test_update_graph_with_derived_variables_declares_a_loadable_ir():
     """Folding BatchNorm makes derived variables and an update graph on the model's own opset."""
     model = models.convnet()
@@ -128,6 +126,7 @@ def test_update_graph_with_derived_variables_declares_a_loadable_ir():
         assert b.update({src.name: np.zeros(src.shape, src.dtype)}) == v + 1
     finally:
         b.unload()
+
 
 # ---- model.py refuses a stub that misreads numpy (Triton 2.51's stubs under numpy 2) ---------------
 class _StubTensor:

@@ -6,6 +6,7 @@ inference graph, a runnable init graph, a real update graph with cast + shape ch
 and the variable order contract (variables order == update graph input order).
 Running the graphs inside a loaded bundle is tested in test_runtime.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,9 +29,20 @@ ALL_MODELS = {
 EXPECTED_DEFAULT = {
     "mlp": ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
     "convnet": [
-        "conv0.weight", "conv0.bias", "bn0.scale", "bn0.shift", "bn0.mean", "bn0.var",
-        "conv1.weight", "conv1.bias", "bn1.scale", "bn1.shift", "bn1.mean", "bn1.var",
-        "head.weight", "head.bias",
+        "conv0.weight",
+        "conv0.bias",
+        "bn0.scale",
+        "bn0.shift",
+        "bn0.mean",
+        "bn0.var",
+        "conv1.weight",
+        "conv1.bias",
+        "bn1.scale",
+        "bn1.shift",
+        "bn1.mean",
+        "bn1.var",
+        "head.weight",
+        "head.bias",
     ],
     "attention": ["embed.weight", "ln.gamma", "ln.beta", "q.weight", "k.weight", "v.weight", "o.weight"],
     "with_int_initializers": ["w", "b"],
@@ -113,8 +125,13 @@ def test_param_inputs_are_never_default_weights(op, n_inputs, param_index):
 def test_float_initializer_used_as_data_and_as_param_stays_constant():
     # "e" is the Pow exponent (a parameter) and also added as data: it must stay a constant.
     m = _small_model(
-        [helper.make_node("Pow", ["x", "e"], ["p"]), helper.make_node("Add", ["p", "e"], ["y"]),],
-        [_f32("x", [2, 3])], [_f32("y", [2, 3])], {"e": np.array([2.0, 2.0, 2.0], np.float32)},
+        [
+            helper.make_node("Pow", ["x", "e"], ["p"]),
+            helper.make_node("Add", ["p", "e"], ["y"]),
+        ],
+        [_f32("x", [2, 3])],
+        [_f32("y", [2, 3])],
+        {"e": np.array([2.0, 2.0, 2.0], np.float32)},
     )
     assert wb.default_weights(m) == []
     with pytest.raises(wb.ConvertError):
@@ -124,9 +141,9 @@ def test_float_initializer_used_as_data_and_as_param_stays_constant():
 def test_unused_and_scalar_initializers_are_not_default_weights():
     m = _small_model(
         [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Mul", ["m", "s"], ["y"])],
-        [_f32("x", [1, 3])], [_f32("y", [1, 3])],
-        {"w": np.eye(3, dtype=np.float32), "s": np.array(0.5, np.float32), "unused": np.ones(3, np.float32),
-         "i": np.arange(3, dtype=np.int64)},
+        [_f32("x", [1, 3])],
+        [_f32("y", [1, 3])],
+        {"w": np.eye(3, dtype=np.float32), "s": np.array(0.5, np.float32), "unused": np.ones(3, np.float32), "i": np.arange(3, dtype=np.int64)},
     )
     assert wb.default_weights(m) == ["w"]
 
@@ -135,7 +152,8 @@ def test_float64_and_float16_initializers_are_default_weights():
     m = _small_model(
         [helper.make_node("Add", ["x", "w"], ["y"])],
         [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3])], {"w": np.ones(3, np.float64)},
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3])],
+        {"w": np.ones(3, np.float64)},
     )
     g = wb.convert(m)
     assert [(v.name, v.dtype) for v in g.variables] == [("w", "float64")]
@@ -240,17 +258,14 @@ def test_empty_weight_list_raises(empty):
 def test_old_style_model_listing_initializers_as_inputs():
     """IR<4 models also list initializers as graph inputs; a variable must not stay an input."""
     m = models.mlp()
-    m.graph.input.extend(
-        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer
-    )
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
     g = wb.convert(m)
     assert [i.name for i in g.infer.graph.input] == ["x"]
     x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
     data = wb.build_bundle(g)
     with wb.Bundle.load_from_mem(data) as b:
         b.init()
-        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], models.ort_run(models.mlp(), {"x": x})["y"],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], models.ort_run(models.mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 The servers are shared by the tests of this module, which run in order and build on
 each other's versions (1, 2, then a failed 3, rollback to 4, a killed push of 5).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -63,8 +64,15 @@ class Fleet:
         try:
             for i in range(N_SERVERS):  # server 0 runs two instances: activation reaches both
                 repo = os.path.join(tmp, f"repo{i}")
-                make_repo(repo, "m", MODEL, instances=2 if i == 0 else 1, s3_endpoint=s3.endpoint,
-                          s3_allowed_prefixes=f"{bucket}/fleet", weights_source=f"s3://{bucket}/fleet/m")
+                make_repo(
+                    repo,
+                    "m",
+                    MODEL,
+                    instances=2 if i == 0 else 1,
+                    s3_endpoint=s3.endpoint,
+                    s3_allowed_prefixes=f"{bucket}/fleet",
+                    weights_source=f"s3://{bucket}/fleet/m",
+                )
                 self.repos.append(repo)
                 self.servers.append(self.stack.enter_context(running(repo)))
         except BaseException:
@@ -124,8 +132,7 @@ def test_push_stages_everywhere_then_activates(fl):
     assert pub.parent is None
     rep = fleet.push(fl.urls, "m", 1, f"s3://{fl.bucket}/fleet", secret=SECRET, deadline=60, s3=fl.s3.client())
     REFS[1] = ref(W1)
-    assert rep.ok and rep.active_written and all(s.before == 0 and s.after == 1 and s.stage_ms and s.activate_ms is not None
-                                                 for s in rep.servers), rep.table()
+    assert rep.ok and rep.active_written and all(s.before == 0 and s.after == 1 and s.stage_ms and s.activate_ms is not None for s in rep.servers), rep.table()
     assert len({s.digest for s in rep.servers}) == 1
     got = round_robin(fl, 12)
     assert all(v == 1 and close(y, REFS[1]) for v, y in got)
@@ -165,9 +172,29 @@ def test_readers_during_a_delta_switch_see_labelled_versions_only(fl):
     try:
         time.sleep(0.3)
         env = dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET)
-        cli = subprocess.run([sys.executable, "-m", "weightbundle.cli", "fleet", "push", "--servers", ",".join(fl.urls), "--model", "m",
-                              "--version", "2", "--from", f"s3://{fl.bucket}/fleet", "--endpoint", fl.s3.endpoint],
-                             env=env, capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "weightbundle.cli",
+                "fleet",
+                "push",
+                "--servers",
+                ",".join(fl.urls),
+                "--model",
+                "m",
+                "--version",
+                "2",
+                "--from",
+                f"s3://{fl.bucket}/fleet",
+                "--endpoint",
+                fl.s3.endpoint,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 0, cli.stderr + cli.stdout
         after = len(seen)
         time.sleep(0.3)
@@ -175,11 +202,11 @@ def test_readers_during_a_delta_switch_see_labelled_versions_only(fl):
         stop.set()
         [t.join() for t in threads]
     assert "activate" in cli.stdout and "fleet at version 2" in cli.stdout
-    for line in cli.stdout.splitlines()[1:1 + N_SERVERS]:  # only the changed tensor was fetched by each server
+    for line in cli.stdout.splitlines()[1 : 1 + N_SERVERS]:  # only the changed tensor was fetched by each server
         kib = re.search(r"(\d+\.\d) KiB", line)
         assert kib and nbytes <= float(kib.group(1)) * 1024 + 52 < nbytes + 1100, cli.stdout
     assert not bad, bad[:3]
-    assert 1 in seen[:after] and set(seen[after:]) == {2}, (seen[:5], seen[after:after + 5])
+    assert 1 in seen[:after] and set(seen[after:]) == {2}, (seen[:5], seen[after : after + 5])
     assert all(v == 2 and close(y, REFS[2]) for v, y in round_robin(fl, 9))
 
 

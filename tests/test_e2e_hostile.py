@@ -2,6 +2,7 @@
 
 Each test names the defect it pins (issue 8).  Every one of them failed on b33624b.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -40,8 +41,8 @@ def env(tmp_path_factory):
         d.mkdir()
     repo = str(root / "repo")
     dirs = f"{allowed}:{nonascii}"
-    make_repo(repo, "hb", SMALL, max_batch_size=8, instances=2, file_update_dirs=dirs)   # dynamic batching
-    make_repo(repo, "hn", SMALL, instances=4, history="3", file_update_dirs=dirs)        # 4 instances, no batching
+    make_repo(repo, "hb", SMALL, max_batch_size=8, instances=2, file_update_dirs=dirs)  # dynamic batching
+    make_repo(repo, "hn", SMALL, instances=4, history="3", file_update_dirs=dirs)  # 4 instances, no batching
     make_repo(repo, "big", BIG, max_batch_size=0, file_update_dirs=dirs)
     make_repo(repo, "off", SMALL, allow_updates="false")
     with running(repo) as srv:
@@ -137,8 +138,11 @@ def test_backend_refuses_a_config_that_does_not_fit_the_bundle(tmp_path):
     with open(os.path.join(repo, "loose", "config.pbtxt")) as f:
         text = f.read()
     with open(os.path.join(repo, "loose", "config.pbtxt"), "w") as f:
-        f.write(text.replace('name: "fc1.weight"\n  data_type: TYPE_FP32\n  dims: 64\n  dims: 64',
-                             'name: "fc1.weight"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: -1'))
+        f.write(
+            text.replace(
+                'name: "fc1.weight"\n  data_type: TYPE_FP32\n  dims: 64\n  dims: 64', 'name: "fc1.weight"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: -1'
+            )
+        )
     with open(os.path.join(repo, "loose", "config.pbtxt")) as f:
         assert "dims: -1\n  dims: -1" in f.read()
     with open(os.path.join(repo, "sneaky", "config.pbtxt"), "a") as f:
@@ -159,19 +163,18 @@ def test_oversized_or_unauthenticated_weights_do_not_grow_memory(env, client):
     before = region_bytes(srv)
     huge = np.ones((4096, 2048), np.float32)  # 32 MiB, twice fc1.weight; 16 of them in all
     for _ in range(8):
-        refused(lambda: client.infer("big", [control(httpclient, {"op": "update", "secret": "wrong"}, False),
-                                             tensor(httpclient, "fc1.weight", huge)]), "shape")
+        refused(lambda: client.infer("big", [control(httpclient, {"op": "update", "secret": "wrong"}, False), tensor(httpclient, "fc1.weight", huge)]), "shape")
         refused(lambda: client.infer("big", [tensor(httpclient, "fc1.weight", huge)]), "shape")
-        refused(lambda: client.infer("off", [control(httpclient, {"op": "update"}, False),
-                                             tensor(httpclient, "fc1.weight", np.ones((64, 64), np.float32))]))
+        refused(lambda: client.infer("off", [control(httpclient, {"op": "update"}, False), tensor(httpclient, "fc1.weight", np.ones((64, 64), np.float32))]))
     grown = region_bytes(srv) - before
     print(f"16 oversized unauthenticated requests: python-backend regions {before / 2**20:.1f} -> {(before + grown) / 2**20:.1f} MiB")
     assert grown < 4 * 2**20, f"python-backend regions grew by {grown / 2**20:.1f} MiB"
     # A right-sized tensor with a wrong secret is copied once (the documented bound), never accumulated.
     right = np.ones((2048, 2048), np.float32)
     for _ in range(3):
-        refused(lambda: client.infer("big", [control(httpclient, {"op": "update", "secret": "wrong"}, False),
-                                             tensor(httpclient, "fc1.weight", right)]), "secret")
+        refused(
+            lambda: client.infer("big", [control(httpclient, {"op": "update", "secret": "wrong"}, False), tensor(httpclient, "fc1.weight", right)]), "secret"
+        )
     grown = region_bytes(srv) - before
     assert grown < right.nbytes + 4 * 2**20, f"regions grew by {grown / 2**20:.1f} MiB for a {right.nbytes / 2**20:.0f} MiB tensor"
     alive(srv, client, "big")
@@ -216,7 +219,7 @@ def test_attacks_get_their_own_clear_errors_and_batch_neighbours_are_served(env)
         bad = [ex.submit(attack, i) for i in range(140)]
         good = [ex.submit(legit, i) for i in range(140)]
         msgs = [f.result() for f in bad]  # each raises if it was not a clean 400
-        [f.result() for f in good]        # each raises if a legitimate call failed
+        [f.result() for f in good]  # each raises if a legitimate call failed
     assert any("UTF-8" in m for m in msgs) and any("nests too deeply" in m for m in msgs)
     assert any("true or false" in m for m in msgs)
 
@@ -299,8 +302,10 @@ def test_fifo_swapped_in_after_the_check_is_refused_at_once(env):
     path = allowed / "fifo-race.safetensors"
     shutil.copyfile(good, path)
     a, b = allowed / ".fifo-a", allowed / ".fifo-b"
-    swapper = _swapper(f"    shutil.copyfile({str(good)!r}, {str(a)!r}); os.replace({str(a)!r}, {str(path)!r})\n"
-                       f"    os.mkfifo({str(b)!r}); os.replace({str(b)!r}, {str(path)!r})\n")
+    swapper = _swapper(
+        f"    shutil.copyfile({str(good)!r}, {str(a)!r}); os.replace({str(a)!r}, {str(path)!r})\n"
+        f"    os.mkfifo({str(b)!r}); os.replace({str(b)!r}, {str(path)!r})\n"
+    )
     c = httpclient.InferenceServerClient(env[0].http_url, network_timeout=15)
     outcomes = {"ok": 0, "refused": 0}
     try:
@@ -327,10 +332,12 @@ def test_symlink_swapped_during_pushes_never_loads_an_outside_file(env, client):
     save_file({"fc2.bias": good}, str(allowed / "good.safetensors"))
     save_file({"fc2.bias": np.full(8, 666.0, np.float32)}, str(outside / "evil.safetensors"))
     link = allowed / "latest.safetensors"
-    swapper = _swapper(f"    tmp = {str(allowed)!r} + '/.swap-%d' % (i % 2)\n"
-                       f"    if os.path.islink(tmp): os.unlink(tmp)\n"
-                       f"    os.symlink('good.safetensors' if i % 2 else {str(outside / 'evil.safetensors')!r}, tmp)\n"
-                       f"    os.replace(tmp, {str(link)!r})\n")
+    swapper = _swapper(
+        f"    tmp = {str(allowed)!r} + '/.swap-%d' % (i % 2)\n"
+        f"    if os.path.islink(tmp): os.unlink(tmp)\n"
+        f"    os.symlink('good.safetensors' if i % 2 else {str(outside / 'evil.safetensors')!r}, tmp)\n"
+        f"    os.replace(tmp, {str(link)!r})\n"
+    )
     outcomes = {"ok": 0, "refused": 0}
     try:
         for _ in range(40):
@@ -453,14 +460,16 @@ def test_fuzz_control_documents_and_tensors(env):
     c = httpclient.InferenceServerClient(srv.http_url)
     shapes = {n: a.shape for n, a in models.initializers(SMALL).items()}
     names = sorted(shapes) + ["x", "bogus", "CONTROL_RESULT"]
-    json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
-                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-                               max_leaves=12)
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=12,
+    )
     fields = st.sampled_from(["expected_version", "reject_nonfinite", "checksums", "source", "secret", "only", "file", "zzz"])
     ops = st.one_of(*(st.just(o) for o in ("update", "status", "status", "reset", "rollback", "commit")), st.sampled_from(["", "explode"]) | json_values)
-    docs = st.fixed_dictionaries({"op": ops},
-                                 optional={"secret": st.sampled_from([SECRET, "wrong", "\ud800", ""]) | json_values}) \
-        .flatmap(lambda d: (st.just({}) | st.dictionaries(fields, json_values, max_size=3)).map(lambda extra: {**extra, **d}))
+    docs = st.fixed_dictionaries({"op": ops}, optional={"secret": st.sampled_from([SECRET, "wrong", "\ud800", ""]) | json_values}).flatmap(
+        lambda d: (st.just({}) | st.dictionaries(fields, json_values, max_size=3)).map(lambda extra: {**extra, **d})
+    )
     doc_bytes = docs.map(lambda d: json.dumps(d).encode())
     raw = st.one_of(doc_bytes, doc_bytes, doc_bytes, st.binary(max_size=64))
     dtypes = st.sampled_from([np.float32, np.float64, np.int32, np.float16])

@@ -3,6 +3,7 @@
 Every test bounds its waits and stops its server in a ``finally`` (killpg of the
 server's own process group), so no tritonserver, stub or /dev/shm file is left.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ def _read(path: str) -> str:
 
 def _alive(pid: int) -> bool:
     stat = _read(f"/proc/{pid}/stat")
-    return bool(stat) and stat[stat.rfind(")") + 2:].split()[0] != "Z"
+    return bool(stat) and stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 def _wchar(pid: int) -> int:
@@ -54,7 +55,7 @@ def _wchar(pid: int) -> int:
 
 def _cpu_ticks(pid: int) -> int:
     f = _read(f"/proc/{pid}/stat")
-    f = f[f.rfind(")") + 2:].split()
+    f = f[f.rfind(")") + 2 :].split()
     return int(f[11]) + int(f[12]) if len(f) > 12 else 0
 
 
@@ -90,8 +91,7 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
             return sum(_wchar(p) for p in stubs)
 
         w0 = written()
-        t = threading.Thread(target=lambda: _ignore(lambda: client.infer(
-            "m", [control(httpclient, {"op": "commit", "secret": SECRET}, False)])), daemon=True)
+        t = threading.Thread(target=lambda: _ignore(lambda: client.infer("m", [control(httpclient, {"op": "commit", "secret": SECRET}, False)])), daemon=True)
         t.start()
         assert _wait(lambda: written() - w0 > 4 << 20, 30, 0.001), "the commit never started writing"
         os.kill(srv.pid, signal.SIGSTOP)
@@ -108,8 +108,11 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
         srv.wait(10)
         t0 = time.monotonic()
         exited = _wait(lambda: not any(_alive(p) for p in stubs), 10)
-        print(f"stubs exited {time.monotonic() - t0:.2f} s after the server's SIGKILL" if exited else
-              f"stubs still alive 10 s after the server's SIGKILL: {[p for p in stubs if _alive(p)]}")
+        print(
+            f"stubs exited {time.monotonic() - t0:.2f} s after the server's SIGKILL"
+            if exited
+            else f"stubs still alive 10 s after the server's SIGKILL: {[p for p in stubs if _alive(p)]}"
+        )
         assert exited, "a stub whose server died must exit promptly"
     finally:
         client.close()
@@ -178,8 +181,7 @@ def test_a_stub_removes_regions_of_stubs_killed_with_their_server(tmp_path):
         time.sleep(2.1)  # regions changed in the last 2 s are spared
         nxt = TritonServer(repo, env=_env(), log_file=str(tmp_path / "next.log"), sweep=False)  # no launcher sweep
         nxt.start(timeout=90)
-        assert _wait(lambda: not any(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), 10), \
-            "the next stub did not remove the dead stub's region"
+        assert _wait(lambda: not any(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), 10), "the next stub did not remove the dead stub's region"
         assert S._shm_used_by(_stubs(nxt.pid))  # its own region is untouched
         assert _infer_ok(nxt.http_port)
     finally:
@@ -215,8 +217,7 @@ def test_shutdown_with_an_idle_client_connection(tmp_path, mode):
     repo = str(tmp_path / "repo")
     make_repo(repo, "m", models.mlp(), store_root=str(stores))
     log = tmp_path / "triton.log"
-    srv = TritonServer(repo, env=_env(), log_file=str(log), model_control_mode=mode,
-                       load_models=["m"] if mode == "explicit" else ())
+    srv = TritonServer(repo, env=_env(), log_file=str(log), model_control_mode=mode, load_models=["m"] if mode == "explicit" else ())
     srv.start(timeout=90)
     conn = None
     try:
@@ -244,12 +245,15 @@ def _kill_stub_with_a_huge_empty_input(port: int, model: str = "m", name: str = 
     import http.client
     import json
 
-    header = json.dumps({"inputs": [{"name": name, "shape": [2 ** 62, 16], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 0}}]}).encode()
+    header = json.dumps({"inputs": [{"name": name, "shape": [2**62, 16], "datatype": "FP32", "parameters": {"binary_data_size": 0}}]}).encode()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        c.request("POST", f"/v2/models/{model}/infer", body=header,
-                  headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"})
+        c.request(
+            "POST",
+            f"/v2/models/{model}/infer",
+            body=header,
+            headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+        )
         r = c.getresponse()
         r.read()
         return r.status
@@ -313,8 +317,20 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
     repo = str(tmp_path / "repo")
     make_repo(repo, "m", models.mlp())
     http, grpc, metrics = S._free_ports(3)
-    args = [sys.executable, "-m", "weightbundle.server", repo, "--http-port", str(http), "--grpc-port", str(grpc),
-            "--metrics-port", str(metrics), "--log-file", str(tmp_path / "triton.log")]
+    args = [
+        sys.executable,
+        "-m",
+        "weightbundle.server",
+        repo,
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+        "--log-file",
+        str(tmp_path / "triton.log"),
+    ]
     if policy != "exit":  # exit is the default
         args += ["--on-stub-death", policy, "--model-control-mode", "explicit", "--load-model", "m"]
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -327,8 +343,7 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
         pid = int("".join(lines).split("(pid ")[1].split(")")[0])
         assert _infer_ok(http)
         c = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-        r = c.infer("m", [control(httpclient, {"op": "update", "secret": SECRET}, False),
-                          tensor(httpclient, "fc2.bias", np.full(8, 3.0, np.float32))])
+        r = c.infer("m", [control(httpclient, {"op": "update", "secret": SECRET}, False), tensor(httpclient, "fc2.bias", np.full(8, 3.0, np.float32))])
         assert version(r) == 1
         c.close()
         _kill_stub_with_a_huge_empty_input(http)

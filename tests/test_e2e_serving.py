@@ -3,6 +3,7 @@
 One server per module (start-up costs ~1 s); every test leaves the weights as it
 found them or checks versions relative to what it saw first.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -27,8 +28,8 @@ ORIG = models.initializers(MODEL)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = str(tmp_path_factory.mktemp("repo"))
-    make_repo(repo, "mlp", MODEL, max_batch_size=8)       # batching: weights travel as [1, ...]
-    make_repo(repo, "mlp_nb", MODEL, max_batch_size=0)    # no batching: weights travel as-is
+    make_repo(repo, "mlp", MODEL, max_batch_size=8)  # batching: weights travel as [1, ...]
+    make_repo(repo, "mlp_nb", MODEL, max_batch_size=0)  # no batching: weights travel as-is
     with running(repo, model_control_mode="explicit", load_models=["mlp", "mlp_nb"]) as srv:
         yield srv
 
@@ -87,8 +88,7 @@ def test_served_inference_equals_runtime_and_ort(fresh, model):
 def test_update_changes_the_next_answer(fresh, model):
     mod, c = fresh
     _, v0 = infer(mod, c, model)
-    new = {"fc0.weight": np.random.default_rng(7).standard_normal((16, 32)).astype(np.float32),
-           "fc2.bias": np.full(8, 3.0, np.float32)}
+    new = {"fc0.weight": np.random.default_rng(7).standard_normal((16, 32)).astype(np.float32), "fc2.bias": np.full(8, 3.0, np.float32)}
     r = update(mod, c, new, model)
     assert version(r) == v0 + 1
     y, v = infer(mod, c, model)
@@ -103,8 +103,14 @@ def test_partial_update_keeps_weights_not_sent(fresh):
     # Over Triton, "keep" is an absent input: weight inputs carry exact shapes, so Triton itself
     # refuses an empty (or any wrong-sized) tensor before copying it, and nothing changes.
     with pytest.raises(InferenceServerException, match="shape"):
-        c.infer("mlp", [control(mod, {"op": "update", "secret": SECRET}, True), tensor(mod, "fc1.weight", new_w[None]),
-                        tensor(mod, "fc0.weight", np.empty((1, 0, 32), np.float32))])
+        c.infer(
+            "mlp",
+            [
+                control(mod, {"op": "update", "secret": SECRET}, True),
+                tensor(mod, "fc1.weight", new_w[None]),
+                tensor(mod, "fc0.weight", np.empty((1, 0, 32), np.float32)),
+            ],
+        )
     assert status(mod, c)["checksums"] == before
     c.infer("mlp", [control(mod, {"op": "update", "secret": SECRET}, True), tensor(mod, "fc1.weight", new_w[None])])
     after = status(mod, c)["checksums"]
@@ -139,8 +145,7 @@ def _bad(mod, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["wrong_shape", "wrong_dtype", "unknown_op", "malformed_json", "non_string_control",
-                                  "no_secret", "wrong_secret"])
+@pytest.mark.parametrize("kind", ["wrong_shape", "wrong_dtype", "unknown_op", "malformed_json", "non_string_control", "no_secret", "wrong_secret"])
 def test_bad_command_errors_and_weights_stay_byte_identical(fresh, kind):
     mod, c = fresh
     before = status(mod, c)

@@ -3,6 +3,7 @@
 Fast (one server start, one explicit reload), so CI runs it on every Python the README
 names (``pytest -m smoke``); the full suite covers the same commands in depth on the main one.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,7 @@ def test_update_rollback_commit_through_tritonserver(tmp_path):
     repo = str(tmp_path / "repo")
     make_repo(repo, "mlp", MODEL, max_batch_size=8)  # batching: every input has a leading batch dim of 1
     x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
-    new = {"fc0.weight": np.random.default_rng(6).standard_normal((16, 32)).astype(np.float32),
-           "fc2.bias": np.full(8, 3.0, np.float32)}
+    new = {"fc0.weight": np.random.default_rng(6).standard_normal((16, 32)).astype(np.float32), "fc2.bias": np.full(8, 3.0, np.float32)}
     before = models.ort_run(MODEL, {"x": x})["y"]
     after = models.ort_run(models.with_weights(MODEL, new), {"x": x})["y"]
     assert not np.allclose(before, after, **TOL)
@@ -37,6 +37,7 @@ def test_update_rollback_commit_through_tritonserver(tmp_path):
         http = httpclient.InferenceServerClient(srv.http_url)
         grpc = grpcclient.InferenceServerClient(srv.grpc_url)
         try:
+
             def infer(c, mod):
                 r = c.infer("mlp", [tensor(mod, "x", x)])
                 return r.as_numpy("y"), version(r)
@@ -46,8 +47,7 @@ def test_update_rollback_commit_through_tritonserver(tmp_path):
             np.testing.assert_allclose(y, before, **TOL)
 
             # update over HTTP: the next answer (over either protocol) uses the new weights
-            r = http.infer("mlp", [ctl(httpclient, "update", expected_version=0)]
-                           + [tensor(httpclient, n, a[None]) for n, a in new.items()])
+            r = http.infer("mlp", [ctl(httpclient, "update", expected_version=0)] + [tensor(httpclient, n, a[None]) for n, a in new.items()])
             assert result(r)["version"] == 1 and sorted(result(r)["updated"]) == sorted(new)
             for c, mod in ((http, httpclient), (grpc, grpcclient)):
                 y, v = infer(c, mod)

@@ -4,6 +4,7 @@ The transformer fixture, exported by TorchScript with default flags (anonymous t
 weights, deduplicated LayerNorm params), built with ``--checkpoint``; the trained
 state_dict pushed via ``file`` and ``shm`` serves torch's outputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,9 @@ def save_bf16(path: str, tensors: dict[str, np.ndarray]) -> None:
     save_file({k: v.astype(ml_dtypes.bfloat16).view(np.uint16) for k, v in tensors.items()}, path)
     raw = open(path, "rb").read()
     n = int.from_bytes(raw[:8], "little")
-    hdr = raw[8:8 + n].replace(b'"U16"', b'"BF16"')
+    hdr = raw[8 : 8 + n].replace(b'"U16"', b'"BF16"')
     with open(path, "wb") as f:
-        f.write(len(hdr).to_bytes(8, "little") + hdr + raw[8 + n:])
+        f.write(len(hdr).to_bytes(8, "little") + hdr + raw[8 + n :])
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def env(tmp_path_factory):
     path = str(d / "model.bundle")
     wb.save_bundle(path, wb.build_bundle(wb.convert(os.path.join(FIX, "transformer.ts.onnx"), checkpoint=BEFORE)))
     with wb.Bundle.load_from_file(path) as b:
-        text = make_config(b, "tf", 0, 2, parameters={"allow_updates": "true", "update_secret_env": SECRET_ENV,
-                                                      "file_update_dirs": str(allowed), "reject_nonfinite": "true"})
+        text = make_config(
+            b, "tf", 0, 2, parameters={"allow_updates": "true", "update_secret_env": SECRET_ENV, "file_update_dirs": str(allowed), "reject_nonfinite": "true"}
+        )
     (repo / "tf" / "config.pbtxt").write_text(text)
     with running(str(repo)) as srv:
         yield srv, allowed
@@ -106,11 +108,21 @@ def test_strict_push_refuses_unknown_names_and_changes_nothing(env, client):
     r = client.push_file(p, via="file", strict=False)
     assert r.ignored == ["enc.num_batches_tracked"] and "ignored 1" in r.summary()
     close(served(client), IO["y_after"])
-    out = subprocess.run([sys.executable, "-m", "weightbundle.cli", "push", env[0].http_url, "tf", p, "--via", "file", "-q"],
-                         env=dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "weightbundle.cli", "push", env[0].http_url, "tf", p, "--via", "file", "-q"],
+        env=dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "enc.num_batches_tracked" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "weightbundle.cli", "push", env[0].http_url, "tf", p, "--via", "file", "-q", "--no-strict", "--require-all"],
-                         env=dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "weightbundle.cli", "push", env[0].http_url, "tf", p, "--via", "file", "-q", "--no-strict", "--require-all"],
+        env=dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "updated 17" in out.stdout and "ignored 1 (not update inputs): enc.num_batches_tracked" in out.stdout
 

@@ -1,4 +1,5 @@
 """Weight pushes over each transport against a real tritonserver, plus the push CLI."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,7 @@ def test_tensor_transports_update_and_keep_the_rest(client, via):
     r = client.update(new, via=via)
     assert r.version == before["version"] + 1 and r.via == via and r.bytes == new["fc1.weight"].nbytes
     after = client.status()
-    assert {k: v for k, v in after["checksums"].items() if k != "fc1.weight"} == \
-           {k: v for k, v in before["checksums"].items() if k != "fc1.weight"}
+    assert {k: v for k, v in after["checksums"].items() if k != "fc1.weight"} == {k: v for k, v in before["checksums"].items() if k != "fc1.weight"}
     assert check_serving(client, new) == r.version
     new2 = {"fc1.weight": rand("fc1.weight", 2)}
     client.update(new2, via=via)  # a second push reuses the client's region

@@ -1,4 +1,5 @@
 """Updates under real serving: several instances, soak, restarts, commit, SIGKILL, metrics."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -175,8 +176,7 @@ def test_commit_survives_restart_and_sigkill_never_leaves_a_half_written_version
         c.close()
     # 2) SIGKILL while commits are in flight: every numeric folder is a complete bundle.
     for attempt in range(4):
-        srv = TritonServer(repo, env=dict(os.environ, WEIGHTBUNDLE_E2E_SECRET=SECRET),
-                           log_file=str(tmp_path / f"killed-{attempt}.log"))
+        srv = TritonServer(repo, env=dict(os.environ, WEIGHTBUNDLE_E2E_SECRET=SECRET), log_file=str(tmp_path / f"killed-{attempt}.log"))
         srv.start(timeout=90)
         dead_pid = srv.pid
         c = httpclient.InferenceServerClient(srv.http_url)
@@ -215,8 +215,7 @@ def test_updates_disabled_unless_enabled_and_metrics_move(tmp_path):
         c = httpclient.InferenceServerClient(srv.http_url)
         # Updates off: the config declares no weight inputs, so Triton refuses the tensor itself...
         with pytest.raises(InferenceServerException, match="unexpected inference input"):
-            c.infer("locked", [control(httpclient, {"op": "update", "secret": SECRET}, False),
-                               tensor(httpclient, "fc0.bias", np.ones(64, np.float32))])
+            c.infer("locked", [control(httpclient, {"op": "update", "secret": SECRET}, False), tensor(httpclient, "fc0.bias", np.ones(64, np.float32))])
         # ...and the backend refuses every mutating command.
         with pytest.raises(InferenceServerException, match="disabled"):
             c.infer("locked", [control(httpclient, {"op": "reset", "secret": SECRET}, False)])
@@ -224,7 +223,7 @@ def test_updates_disabled_unless_enabled_and_metrics_move(tmp_path):
         push(c, {"fc0.bias": np.ones(64, np.float32)})
         with pytest.raises(InferenceServerException, match="shape"):  # Triton's own check: never reaches the backend
             push(c, {"fc0.bias": np.ones(63, np.float32)})
-        with pytest.raises(InferenceServerException, match="NaN"):     # the backend's: counted as invalid
+        with pytest.raises(InferenceServerException, match="NaN"):  # the backend's: counted as invalid
             push(c, {"fc0.bias": np.full(64, np.nan, np.float32)}, reject_nonfinite=True)
         with pytest.raises(InferenceServerException):
             c.infer("m", [control(httpclient, {"op": "update", "secret": "bad"}, False)])

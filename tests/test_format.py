@@ -5,6 +5,7 @@ round trip, the no-init size saving, atomic saves, and above all that every trun
 corrupted or inconsistent file raises a specific ``BundleError`` subclass with a useful
 message -- by hand for each kind of damage and by hypothesis for random damage.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,7 @@ from weightbundle.format import VariableSpec
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _graphs(name: str = "mlp", weights: tuple[str, ...] | None = None) -> wb.RefreshableGraphs:
-    factory = {"mlp": lambda: models.mlp(sizes=(4, 8, 3)), "mlp_default": models.mlp, "convnet": models.convnet,
-               "ints": models.with_int_initializers}[name]
+    factory = {"mlp": lambda: models.mlp(sizes=(4, 8, 3)), "mlp_default": models.mlp, "convnet": models.convnet, "ints": models.with_int_initializers}[name]
     return wb.convert(factory(), weights=list(weights) if weights else None)
 
 
@@ -42,8 +42,7 @@ def small_bundle(include_init: bool = True) -> bytes:
 
 def _header(data: bytes) -> dict:
     magic, major, minor, flags, toc_off, toc_len, toc_crc, file_len = fmt._HEADER.unpack_from(data, 0)
-    return dict(magic=magic, major=major, minor=minor, flags=flags, toc_off=toc_off, toc_len=toc_len, toc_crc=toc_crc,
-                file_len=file_len)
+    return dict(magic=magic, major=major, minor=minor, flags=flags, toc_off=toc_off, toc_len=toc_len, toc_crc=toc_crc, file_len=file_len)
 
 
 def _toc(data: bytes) -> dict:
@@ -115,8 +114,7 @@ def test_graph_and_variable_tables():
     for e in toc["graphs"]:
         assert e["crc32"] == fmt.crc32(data[e["offset"] : e["offset"] + e["length"]])
     rows = toc["variables"]
-    assert [(r["name"], r["dtype"], tuple(r["shape"]), r["nbytes"]) for r in rows] == [
-        (v.name, v.dtype, v.shape, v.nbytes) for v in g.variables]
+    assert [(r["name"], r["dtype"], tuple(r["shape"]), r["nbytes"]) for r in rows] == [(v.name, v.dtype, v.shape, v.nbytes) for v in g.variables]
     assert all("crc32" in r and "offset" in r for r in rows)
 
 
@@ -182,7 +180,8 @@ def test_no_init_bundle_is_smaller_by_the_initial_weights():
 @given(
     specs=st.lists(
         st.tuples(st.sampled_from(sorted(fmt.DTYPES)), st.lists(st.integers(1, 5), min_size=0, max_size=3)),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     ),
     seed=st.integers(0, 2**32 - 1),
     with_initial=st.booleans(),
@@ -191,8 +190,7 @@ def test_encode_decode_property(specs, seed, with_initial):
     """Any variable table (all dtypes, rank 0..3) survives encode -> decode bit-exactly."""
     rng = np.random.default_rng(seed)
     variables = [VariableSpec(f"v{i}", dt, tuple(shape)) for i, (dt, shape) in enumerate(specs)]
-    initial = {v.name: rng.integers(0, 256, v.nbytes, dtype=np.uint8).view(v.np_dtype).reshape(v.shape)
-               for v in variables} if with_initial else None
+    initial = {v.name: rng.integers(0, 256, v.nbytes, dtype=np.uint8).view(v.np_dtype).reshape(v.shape) for v in variables} if with_initial else None
     graphs = {0: rng.bytes(int(rng.integers(0, 300))), 2: rng.bytes(int(rng.integers(0, 300)))}
     if with_initial:
         graphs[1] = rng.bytes(17)
@@ -224,12 +222,14 @@ def test_build_model_with_zero_size_float_initializer():
     """A (0, 4) float initializer used as data is a variable under the default rule; it must build and run."""
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(np.zeros((0, 4), np.float32), "pad_rows"),
-             numpy_helper.from_array(np.ones((4,), np.float32), "b")]
+    inits = [numpy_helper.from_array(np.zeros((0, 4), np.float32), "pad_rows"), numpy_helper.from_array(np.ones((4,), np.float32), "b")]
     g = helper.make_graph(
         [helper.make_node("Concat", ["x", "pad_rows"], ["c"], axis=0), helper.make_node("Add", ["c", "b"], ["y"])],
-        "zero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+        "zero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     graphs = wb.convert(m)
@@ -658,8 +658,7 @@ def test_streaming_write_equals_encode_and_decodes(tmp_path):
 
     specs = [fmt.VariableSpec("a", "float32", (3, 5)), fmt.VariableSpec("b", "float16", (7,)), fmt.VariableSpec("z", "float32", (0, 4))]
     rng = np.random.default_rng(0)
-    initial = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float16),
-               "z": np.zeros((0, 4), np.float32)}
+    initial = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float16), "z": np.zeros((0, 4), np.float32)}
     graphs = {0: b"g0" * 10, 1: b"g1", 2: b"g2" * 3}
     data = fmt.encode(graphs, specs, initial, {"producer": "t"}, {"x": b"extra"})
     p = tmp_path / "s.bundle"

@@ -1,4 +1,5 @@
 """fsutil: atomic writes leave nothing half-written, and process-named leftovers are recognised."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """weightbundle.lifecycle without a server: the kernel facts it relies on, and its nets."""
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ def _alive(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 def _wait(cond, timeout: float) -> bool:
@@ -84,8 +85,9 @@ time.sleep(60)
 @pytest.mark.parametrize("arm", [True, False])
 def test_a_child_holding_the_gil_exits_when_its_parent_is_killed_only_with_pdeathsig(arm):
     child_code = textwrap.dedent(CHILD.format(arm=arm))
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT.format(child=child_code))],
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(PARENT.format(child=child_code))], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         first = parent.stdout.readline()
         pid = int(first.split()[1])
@@ -110,8 +112,7 @@ def test_the_watchdog_alone_ends_a_child_whose_main_thread_is_idle(tmp_path):
         lifecycle.watch_parent(arm=False, grace=0.2)
         time.sleep(60)
     """)
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT.format(child=code))],
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT.format(child=code))], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         pid = int(parent.stdout.readline().split()[1])
         time.sleep(0.5)
@@ -138,8 +139,7 @@ def test_sweep_leftovers_spares_used_fresh_and_foreign_regions(tmp_path, monkeyp
     monkeypatch.setattr("weightbundle.store.default_root", lambda: str(tmp_path / "stores"))
     removed = S.sweep_leftovers(None, min_age=0.3)
     assert removed == [str(shm / "triton_python_backend_shm_region_dead")]
-    assert sorted(os.listdir(shm)) == ["not_a_region", "triton_python_backend_shm_region_fresh",
-                                       "triton_python_backend_shm_region_used"]
+    assert sorted(os.listdir(shm)) == ["not_a_region", "triton_python_backend_shm_region_fresh", "triton_python_backend_shm_region_used"]
 
 
 def test_config_store_roots(tmp_path):
@@ -158,7 +158,8 @@ def test_serve_lifecycle_arguments(capsys, tmp_path):
     import argparse
 
     args = S.add_serve_arguments(argparse.ArgumentParser()).parse_args(
-        ["repo", "--exit-timeout-secs", "30", "--on-stub-death", "reload", "--model-control-mode", "explicit"])
+        ["repo", "--exit-timeout-secs", "30", "--on-stub-death", "reload", "--model-control-mode", "explicit"]
+    )
     assert (args.exit_timeout_secs, args.on_stub_death) == (30, "reload")
     defaults = S.add_serve_arguments(argparse.ArgumentParser()).parse_args([])
     assert (defaults.exit_timeout_secs, defaults.on_stub_death) == (5, "exit")

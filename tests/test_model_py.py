@@ -2,6 +2,7 @@
 
 Fast and server-free; the same paths run for real in test_e2e_*.py.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -109,11 +110,26 @@ def model_py(tmp_path, monkeypatch):
     with wb.Bundle.load_from_file(d / "1" / "model.bundle") as b:
         cfg_text = make_config(b, "m", 0, 1)
     assert 'backend: "weightbundle"' in cfg_text
-    cfg = {"max_batch_size": 0, "parameters": {"allow_updates": {"string_value": "true"}, "update_secret_env": {"string_value": "WB_UNIT_SECRET"},
-                                               "store_root": {"string_value": str(tmp_path)}}}
+    cfg = {
+        "max_batch_size": 0,
+        "parameters": {
+            "allow_updates": {"string_value": "true"},
+            "update_secret_env": {"string_value": "WB_UNIT_SECRET"},
+            "store_root": {"string_value": str(tmp_path)},
+        },
+    }
     m = mod.TritonPythonModel()
-    m.initialize({"model_config": json.dumps(cfg), "model_repository": str(d), "model_version": "1", "model_name": "m",
-                  "model_instance_kind": "CPU", "model_instance_name": "m_0", "model_instance_device_id": "0"})
+    m.initialize(
+        {
+            "model_config": json.dumps(cfg),
+            "model_repository": str(d),
+            "model_version": "1",
+            "model_name": "m",
+            "model_instance_kind": "CPU",
+            "model_instance_name": "m_0",
+            "model_instance_device_id": "0",
+        }
+    )
     yield m
     m.finalize()
 
@@ -122,13 +138,13 @@ def test_execute_routes_inference_and_commands_and_records_metrics(model_py):
     x = np.ones((2, 16), np.float32)
     ctl = lambda body: np.array([json.dumps(body).encode()], dtype=object)  # noqa: E731
     w = np.zeros((16, 32), np.float32)
-    out = model_py.execute([_Request(x=x), _Request(CONTROL=ctl({"op": "update", "secret": "s"}), **{"fc0.weight": w}),
-                            _Request(x=x), _Request(CONTROL=ctl({"op": "update"}))])
+    out = model_py.execute(
+        [_Request(x=x), _Request(CONTROL=ctl({"op": "update", "secret": "s"}), **{"fc0.weight": w}), _Request(x=x), _Request(CONTROL=ctl({"op": "update"}))]
+    )
     assert out[0].error is None and out[0].outputs["WEIGHTS_VERSION"].tolist() == [0]
     np.testing.assert_allclose(out[0].outputs["y"], models.ort_run(models.mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
     assert json.loads(out[1].outputs["CONTROL_RESULT"][0])["version"] == 1
-    np.testing.assert_allclose(out[2].outputs["y"], models.ort_run(models.with_weights(models.mlp(), {"fc0.weight": w}), {"x": x})["y"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[2].outputs["y"], models.ort_run(models.with_weights(models.mlp(), {"fc0.weight": w}), {"x": x})["y"], rtol=1e-5, atol=1e-6)
     assert out[3].error is not None and "secret" in out[3].error.msg and out[3].error.code == "INVALID_ARG"
     reg = _Family.registry
     applied = [m.value for (name, labels), m in reg.items() if name == "weightbundle_updates_applied_total"]

@@ -1,4 +1,5 @@
 """Publish to and stage from a real S3-compatible server (SeaweedFS on 127.0.0.1), in-process Service."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,14 @@ def open_service(tmp_path, s3, bucket: str, **params: str) -> Service:
         (d / "1").mkdir(parents=True)
         wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(wb.convert(MODEL)))
         (tmp_path / "shm").mkdir()
-    p = {"allow_updates": "true", "update_secret_env": "WB_TEST_SECRET", "store_root": str(tmp_path / "shm"),
-         "s3_endpoint": s3.endpoint, "s3_allowed_prefixes": f"{bucket}/fleet", **params}
+    p = {
+        "allow_updates": "true",
+        "update_secret_env": "WB_TEST_SECRET",
+        "store_root": str(tmp_path / "shm"),
+        "s3_endpoint": s3.endpoint,
+        "s3_allowed_prefixes": f"{bucket}/fleet",
+        **params,
+    }
     cfg = {"max_batch_size": 0, "parameters": {k: {"string_value": v} for k, v in p.items()}}
     os.environ["WB_TEST_SECRET"] = SECRET
     return Service.open(str(d), 1, ServingSettings.from_model_config(cfg), "m")
@@ -115,8 +122,9 @@ def test_two_publishers_racing_for_one_version_exactly_one_wins(s3, tmp_path):
     [t.join() for t in ts]
     wins = [o for o in outcome if isinstance(o, osx.PublishResult)]
     assert len(wins) == 1, outcome
-    assert "already published" in str([o for o in outcome if isinstance(o, ObjectStoreError)][0]) or \
-        "published by someone else" in str([o for o in outcome if isinstance(o, ObjectStoreError)][0])
+    assert "already published" in str([o for o in outcome if isinstance(o, ObjectStoreError)][0]) or "published by someone else" in str(
+        [o for o in outcome if isinstance(o, ObjectStoreError)][0]
+    )
     # the loser left no objects behind; the manifest names only the winner's
     keys = [o["Key"] for o in c.list_objects_v2(Bucket=b)["Contents"]]
     m = osx.read_manifest(c, dest.child("m"), 5)
@@ -257,8 +265,12 @@ def test_urls_allowlist_and_manifest_validation_without_a_server():
             osx.check_allowed(osx.parse_url(url), ["bkt/team"])
     with pytest.raises(ObjectStoreError, match="disabled"):
         osx.check_allowed(osx.parse_url("s3://bkt/team"), [])
-    good = {"format": osx.FORMAT, "version": 1, "tensors": {"w": {"dtype": "F32", "shape": [2], "sha256": "0" * 64, "object": "o"}},
-            "objects": {"o": {"sha256": "1" * 64, "size": 8}}}
+    good = {
+        "format": osx.FORMAT,
+        "version": 1,
+        "tensors": {"w": {"dtype": "F32", "shape": [2], "sha256": "0" * 64, "object": "o"}},
+        "objects": {"o": {"sha256": "1" * 64, "size": 8}},
+    }
     osx.validate_manifest(good, "here", 1)
     with pytest.raises(ObjectStoreError, match="does not match its location"):
         osx.validate_manifest(good, "here", 2)
@@ -296,8 +308,7 @@ def test_publish_cli_progress_and_refusal(s3, tmp_path):
     b = s3.bucket()
     path = ckpt(tmp_path, weights(7))
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-    cmdline = [sys.executable, "-m", "weightbundle.cli", "publish", path, f"s3://{b}/fleet", "--model", "m", "--version", "7",
-               "--endpoint", s3.endpoint]
+    cmdline = [sys.executable, "-m", "weightbundle.cli", "publish", path, f"s3://{b}/fleet", "--model", "m", "--version", "7", "--endpoint", s3.endpoint]
     p = subprocess.run(cmdline, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert f"published s3://{b}/fleet/m/v7" in p.stdout and "100.0%" in p.stderr

@@ -1,4 +1,5 @@
 """One shared pre-packed copy per weight version (packing.py), in-process with two "instances"."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ partial updates; update semantics (empty = keep, absent = keep, casts, all-or-no
 compare-and-swap); versions; bundles without an init graph; the CANN-style surface
 (model_num, model_id, execute, unload, context manager) and its errors.
 """
+
 from __future__ import annotations
 
 import gc
@@ -90,8 +91,7 @@ _BUNDLES: dict = {}
 def bundle_bytes(name: str = "mlp", include_init: bool = True, optimize="extended", weights=None) -> bytes:
     key = (name, include_init, optimize, tuple(weights) if weights else None)
     if key not in _BUNDLES:
-        _BUNDLES[key] = wb.build_bundle(wb.convert(MODELS[name](), weights=weights), include_init=include_init,
-                                        optimize=optimize)
+        _BUNDLES[key] = wb.build_bundle(wb.convert(MODELS[name](), weights=weights), include_init=include_init, optimize=optimize)
     return _BUNDLES[key]
 
 
@@ -158,8 +158,13 @@ def test_exact_after_init_full_and_partial_updates(name, load):
 
 @pytest.mark.parametrize(
     "options, optimize",
-    [(wb.RuntimeOptions(prepack=False), "extended"), (wb.RuntimeOptions(optimization="none"), "extended"),
-     (wb.RuntimeOptions(optimization="all"), "extended"), (wb.RuntimeOptions(), None), (wb.RuntimeOptions(), "basic")],
+    [
+        (wb.RuntimeOptions(prepack=False), "extended"),
+        (wb.RuntimeOptions(optimization="none"), "extended"),
+        (wb.RuntimeOptions(optimization="all"), "extended"),
+        (wb.RuntimeOptions(), None),
+        (wb.RuntimeOptions(), "basic"),
+    ],
     ids=["no-prepack", "opt-none", "opt-all", "uncompiled", "compiled-basic"],
 )
 @pytest.mark.parametrize("name", ["mlp", "convnet", "attention"])
@@ -267,8 +272,9 @@ def test_inference_never_torn_during_concurrent_updates(mlp):
         for _ in range(60):
             y = mlp.execute(0, feeds)["y"]
             if mlp.version >= 1:
-                assert any(np.allclose(y, r, **FP32_TOL) for r in refs) or np.allclose(
-                    y, models.ort_run(model, feeds)["y"], **FP32_TOL), "inference mixed two weight versions"
+                assert any(np.allclose(y, r, **FP32_TOL) for r in refs) or np.allclose(y, models.ort_run(model, feeds)["y"], **FP32_TOL), (
+                    "inference mixed two weight versions"
+                )
     finally:
         stop.set()
         t.join()
@@ -348,8 +354,7 @@ def test_cast_into_fp16_variable(load, src):
         assert current(b)[n] == a.astype(np.float16).tobytes(), n
     assert_matches(b, models.with_weights(_mlp16(), new), feeds_for("mlp_fp16", rng), FP16_TOL)
     # mixed dtypes in one update
-    part = {"fc0.bias": np.full(32, 0.25, np.float64), "fc1.bias": np.full(32, -0.5, np.float32),
-            "fc2.bias": np.full(8, 2.0, np.float16)}
+    part = {"fc0.bias": np.full(32, 0.25, np.float64), "fc1.bias": np.full(32, -0.5, np.float32), "fc2.bias": np.full(8, 2.0, np.float16)}
     b.update(part)
     for n, a in part.items():
         assert current(b)[n] == a.astype(np.float16).tobytes(), n
@@ -521,9 +526,11 @@ def test_load_from_file(tmp_path):
             b.unload()
 
 
-@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview, lambda d: memoryview(bytearray(d)),
-                                  lambda d: memoryview(b"\0" * 7 + d)[7:]],
-                         ids=["bytes", "bytearray", "memoryview", "memoryview-rw", "memoryview-offset"])
+@pytest.mark.parametrize(
+    "wrap",
+    [bytes, bytearray, memoryview, lambda d: memoryview(bytearray(d)), lambda d: memoryview(b"\0" * 7 + d)[7:]],
+    ids=["bytes", "bytearray", "memoryview", "memoryview-rw", "memoryview-offset"],
+)
 def test_load_from_mem(wrap, load):
     b = load(wrap(bundle_bytes("mlp")))
     assert b.model_num == 3 and b.has_init
@@ -583,8 +590,7 @@ def test_inference_accepts_non_contiguous_and_empty_batches(mlp):
     rng = np.random.default_rng(8)
     x = rng.standard_normal((16, 5)).astype(np.float32).T
     assert not x.flags.c_contiguous
-    np.testing.assert_allclose(mlp.execute(0, {"x": x})["y"],
-                               models.ort_run(models.mlp(), {"x": np.ascontiguousarray(x)})["y"], **FP32_TOL)
+    np.testing.assert_allclose(mlp.execute(0, {"x": x})["y"], models.ort_run(models.mlp(), {"x": np.ascontiguousarray(x)})["y"], **FP32_TOL)
     assert mlp.execute(0, {"x": np.zeros((0, 16), np.float32)})["y"].shape == (0, 8)
 
 

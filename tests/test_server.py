@@ -4,6 +4,7 @@ The server-starting tests use a tiny *stock* python-backend model ("double": OUT
 INPUT0 * 2), so they depend only on server.py, not on the weightbundle backend.
 Every wait is bounded and every server is stopped by a finalizer, even on failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ output [{{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] }}]
 instance_group [{{ count: 1, kind: KIND_CPU }}]
 """
 
-DOUBLE_MODEL = '''
+DOUBLE_MODEL = """
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -55,16 +56,16 @@ class TritonPythonModel:
             out = pb_utils.Tensor("OUTPUT0", (x * 2).astype(np.float32))
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         return responses
-'''
+"""
 
-BROKEN_MODEL = '''
+BROKEN_MODEL = """
 class TritonPythonModel:
     def initialize(self, args):
         raise RuntimeError("deliberately broken model: initialize refuses")
 
     def execute(self, requests):
         return []
-'''
+"""
 
 
 def _write_model(repo, name: str, model_py: str) -> None:
@@ -125,7 +126,7 @@ def _pid_alive(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] != b"Z"  # a zombie has exited already
+    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"  # a zombie has exited already
 
 
 def _children(pid: int):
@@ -138,7 +139,7 @@ def _children(pid: int):
                     stat = f.read()
             except OSError:
                 continue
-            if int(stat[stat.rfind(b")") + 2:].split()[1]) == pid:
+            if int(stat[stat.rfind(b")") + 2 :].split()[1]) == pid:
                 kids.append(int(d))
     return kids
 
@@ -151,7 +152,7 @@ def _mapped_regions(pids):
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
                     if "/dev/shm/triton_" in line and "_backend_shm_region_" in line:
-                        names.add(line[line.index("/dev/shm/") + len("/dev/shm/"):].split()[0])
+                        names.add(line[line.index("/dev/shm/") + len("/dev/shm/") :].split()[0])
         except OSError:
             pass
     return names
@@ -280,8 +281,20 @@ def test_serve_arguments():
     import argparse
 
     args = S.add_serve_arguments(argparse.ArgumentParser()).parse_args(
-        ["repo", "--http-port", "1", "--load-model", "a", "--load-model", "b", "--model-control-mode", "explicit",
-         "--backend-config", "python,shm-default-byte-size=1"])
+        [
+            "repo",
+            "--http-port",
+            "1",
+            "--load-model",
+            "a",
+            "--load-model",
+            "b",
+            "--model-control-mode",
+            "explicit",
+            "--backend-config",
+            "python,shm-default-byte-size=1",
+        ]
+    )
     assert (args.repository, args.http_port, args.grpc_port, args.metrics_port) == ("repo", 1, 8001, 8002)
     assert args.load_model == ["a", "b"] and args.backend_config == ["python,shm-default-byte-size=1"]
     assert S.add_serve_arguments(argparse.ArgumentParser()).parse_args([]).repository == "model_repository"
@@ -442,7 +455,7 @@ def test_auto_port_taken_meanwhile_is_retried(make_server, repo, monkeypatch):
     assert srv.stop() == 0
 
 
-PYTHON_BASED_BACKEND = '''
+PYTHON_BASED_BACKEND = """
 import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -458,7 +471,7 @@ class TritonPythonModel:
     def execute(self, requests):
         return [pb_utils.InferenceResponse([pb_utils.Tensor(
             "OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy() * self.factor)]) for r in requests]
-'''
+"""
 
 
 @pytest.mark.e2e
@@ -470,8 +483,7 @@ def test_python_based_backend_and_its_shm_cleanup(make_server, tmp_path):
         f.write(PYTHON_BASED_BACKEND)
     repo = tmp_path / "repo"
     (repo / "tripled" / "1").mkdir(parents=True)
-    (repo / "tripled" / "config.pbtxt").write_text(DOUBLE_CONFIG.format(name="tripled").replace(
-        'backend: "python"', 'backend: "doubler"'))
+    (repo / "tripled" / "config.pbtxt").write_text(DOUBLE_CONFIG.format(name="tripled").replace('backend: "python"', 'backend: "doubler"'))
     (repo / "tripled" / "1" / "factor.txt").write_text("3")
 
     srv = make_server(repo, backend_dir=be).start(timeout=START_TIMEOUT)
@@ -487,8 +499,7 @@ def test_python_based_backend_and_its_shm_cleanup(make_server, tmp_path):
 
 
 def _run_python(code: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:

@@ -2,6 +2,7 @@
 
 The same behaviours are exercised against a real tritonserver in test_e2e_*.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,7 @@ def _repo(tmp_path, model=None, batching=8, **params):
 @pytest.fixture
 def service(tmp_path, monkeypatch):
     monkeypatch.setenv("WB_TEST_SECRET", SECRET)
-    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", history="2",
-                   store_root=str(tmp_path / "shm"))
+    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", history="2", store_root=str(tmp_path / "shm"))
     (tmp_path / "shm").mkdir()
     svc = Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
     yield svc
@@ -79,15 +79,18 @@ def test_bad_request_in_a_batch_does_not_fail_its_neighbours(service):
     assert "dtype" in replies[1].error
 
 
-@pytest.mark.parametrize("control, needle", [
-    (np.array([[b"{not json"]], dtype=object), "not valid JSON"),
-    (np.array([[b'{"op": "explode"}']], dtype=object), "unknown op"),
-    (np.array([[b'["update"]']], dtype=object), "JSON object"),
-    (np.array([[1.0]], dtype=np.float32), "TYPE_STRING"),
-    (np.array([[b'{"op":"update"}', b'{"op":"update"}']], dtype=object), "exactly one element"),
-    (np.array([[b'{"op":"update","expected_version":"x"}']], dtype=object), "expected_version"),
-    (np.array([[b'{"op":"update","bogus":1}']], dtype=object), "does not take"),
-])
+@pytest.mark.parametrize(
+    "control, needle",
+    [
+        (np.array([[b"{not json"]], dtype=object), "not valid JSON"),
+        (np.array([[b'{"op": "explode"}']], dtype=object), "unknown op"),
+        (np.array([[b'["update"]']], dtype=object), "JSON object"),
+        (np.array([[1.0]], dtype=np.float32), "TYPE_STRING"),
+        (np.array([[b'{"op":"update"}', b'{"op":"update"}']], dtype=object), "exactly one element"),
+        (np.array([[b'{"op":"update","expected_version":"x"}']], dtype=object), "expected_version"),
+        (np.array([[b'{"op":"update","bogus":1}']], dtype=object), "does not take"),
+    ],
+)
 def test_malformed_commands_are_rejected_and_change_nothing(service, control, needle):
     before = service.handle([{"CONTROL": ctl(op="status", secret=SECRET)}])[0].outputs["CONTROL_RESULT"]
     [r] = service.handle([{"CONTROL": control, "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
@@ -96,12 +99,15 @@ def test_malformed_commands_are_rejected_and_change_nothing(service, control, ne
     assert before.tolist() == after.tolist()
 
 
-@pytest.mark.parametrize("weights, needle", [
-    ({"fc0.weight": np.zeros((1, 16, 31), np.float32)}, "shape"),
-    ({"fc0.weight": np.zeros((1, 16, 32), np.int32)}, "cannot be cast"),
-    ({"fc0.weight": np.zeros((2, 16, 32), np.float32)}, "leading dimension must be 1"),
-    ({"x": x()}, "non-weight input"),
-])
+@pytest.mark.parametrize(
+    "weights, needle",
+    [
+        ({"fc0.weight": np.zeros((1, 16, 31), np.float32)}, "shape"),
+        ({"fc0.weight": np.zeros((1, 16, 32), np.int32)}, "cannot be cast"),
+        ({"fc0.weight": np.zeros((2, 16, 32), np.float32)}, "leading dimension must be 1"),
+        ({"x": x()}, "non-weight input"),
+    ],
+)
 def test_bad_update_is_all_or_nothing(service, weights, needle):
     ok = {"fc1.weight": np.ones((1, 32, 32), np.float32)}
     [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET), **ok, **weights}])
@@ -183,15 +189,22 @@ def test_no_init_bundle_serves_after_first_full_update(tmp_path, monkeypatch):
     (d / "1").mkdir(parents=True)
     g = wb.convert(models.mlp())
     wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(g, include_init=False))
-    cfg = {"max_batch_size": 0, "parameters": {"allow_updates": {"string_value": "true"}, "update_secret_env": {"string_value": "WB_TEST_SECRET"},
-                                               "store_root": {"string_value": str(tmp_path)}}}
+    cfg = {
+        "max_batch_size": 0,
+        "parameters": {
+            "allow_updates": {"string_value": "true"},
+            "update_secret_env": {"string_value": "WB_TEST_SECRET"},
+            "store_root": {"string_value": str(tmp_path)},
+        },
+    }
     svc = Service.open(str(d), 1, ServingSettings.from_model_config(cfg), "m")
     try:
         [r] = svc.handle([{"x": x()}])
         assert "not initialised" in r.error and r.code == "UNAVAILABLE"
         inits = models.initializers(models.mlp())
-        [r] = svc.handle([{"CONTROL": np.array([json.dumps({"op": "update", "secret": SECRET}).encode()], dtype=object),
-                           **{v.name: inits[v.name] for v in g.variables}}])
+        [r] = svc.handle(
+            [{"CONTROL": np.array([json.dumps({"op": "update", "secret": SECRET}).encode()], dtype=object), **{v.name: inits[v.name] for v in g.variables}}]
+        )
         assert r.error is None and r.outputs["WEIGHTS_VERSION"].tolist() == [0]
         [r] = svc.handle([{"x": x()}])
         np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
@@ -244,8 +257,8 @@ def test_sweep_partial_removes_only_commits_nobody_is_writing(tmp_path):
 
     from weightbundle.repository import sweep_partial
 
-    live = tmp_path / ".commit-999999999-abc"        # a writer holds its lock, whatever the pid says
-    dead = tmp_path / f".commit-{os.getpid()}-def"   # pid alive, but nobody holds the lock: writer died
+    live = tmp_path / ".commit-999999999-abc"  # a writer holds its lock, whatever the pid says
+    dead = tmp_path / f".commit-{os.getpid()}-def"  # pid alive, but nobody holds the lock: writer died
     legacy = tmp_path / ".commit-nopid"
     for d in (live, dead, legacy):
         d.mkdir()
@@ -262,8 +275,7 @@ def test_sweep_partial_removes_only_commits_nobody_is_writing(tmp_path):
 def test_reject_nonfinite_from_config_and_per_command(tmp_path, monkeypatch):
     monkeypatch.setenv("WB_TEST_SECRET", SECRET)
     (tmp_path / "shm").mkdir()
-    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", reject_nonfinite="true",
-                   store_root=str(tmp_path / "shm"))
+    d, cfg = _repo(tmp_path, allow_updates="true", update_secret_env="WB_TEST_SECRET", reject_nonfinite="true", store_root=str(tmp_path / "shm"))
     svc = Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
     try:
         bad = np.ones((1, 8), np.float32)

@@ -1,4 +1,5 @@
 """Model config parameters: parsing follows the declarations, and the README's table is generated from them."""
+
 from __future__ import annotations
 
 import os
@@ -25,17 +26,24 @@ def test_the_readme_table_is_the_generated_one():
 
 
 def test_values_parse_by_declared_type():
-    s = ServingSettings.from_model_config(cfg(allow_updates="yes", history="3", follow_seconds="0", staged_ttl_seconds="2.5",
-                                              file_update_dirs="/a::/b", s3_allowed_prefixes="bkt, bkt2/p ,"))
+    s = ServingSettings.from_model_config(
+        cfg(allow_updates="yes", history="3", follow_seconds="0", staged_ttl_seconds="2.5", file_update_dirs="/a::/b", s3_allowed_prefixes="bkt, bkt2/p ,")
+    )
     assert (s.allow_updates, s.history, s.staged_ttl_seconds, s.max_batch_size) == (True, 3, 2.5, 4)
     assert s.file_update_dirs == ("/a", "/b") and s.s3_allowed_prefixes == ("bkt", "bkt2/p")
 
 
-@pytest.mark.parametrize("params, needle", [
-    ({"history": "two"}, "integer"), ({"prepack": "maybe"}, "true or false"), ({"staged_ttl_seconds": "x"}, "number"),
-    ({"alow_updates": "true"}, "unknown model config parameter"), ({"update_auth": "off"}, "update_auth"),
-    ({"history": "0"}, "history"),
-])
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"history": "two"}, "integer"),
+        ({"prepack": "maybe"}, "true or false"),
+        ({"staged_ttl_seconds": "x"}, "number"),
+        ({"alow_updates": "true"}, "unknown model config parameter"),
+        ({"update_auth": "off"}, "update_auth"),
+        ({"history": "0"}, "history"),
+    ],
+)
 def test_bad_values_name_the_parameter(params, needle):
     with pytest.raises(BundleError, match=needle):
         ServingSettings.from_model_config(cfg(**params))

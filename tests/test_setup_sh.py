@@ -3,6 +3,7 @@
 Fake interpreters (shell scripts answering the version probe) stand in for unsupported
 Pythons; an unusable VENV stops setup right after its choice, so nothing is installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,8 +94,9 @@ def test_a_venv_made_by_another_python_is_recreated(tmp_path):
     offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull, "PIP_EXTRA_INDEX_URL": ""}
     p, _ = _run({"PYTHON": sys.executable, "VENV": venv, **offline}, tmp_path)
     assert f"{venv} was made by another Python (3.9.0 /elsewhere); recreating it with {sys.executable}" in p.stderr, p.stderr
-    out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import sys; print(sys.prefix)"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [os.path.join(venv, "bin", "python"), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert os.path.samefile(out, venv)  # a real venv of this interpreter now
     assert p.returncode != 0  # (the offline pip install then fails, as arranged)
 

@@ -1,4 +1,5 @@
 """Staged versions and publisher-chosen version numbers, in-process (store + Bundle)."""
+
 from __future__ import annotations
 
 import os

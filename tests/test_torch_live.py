@@ -3,6 +3,7 @@
 Skips when torch is not installed; the fixture tests (test_trainer.py) cover the same
 paths on committed exports, so CI never needs torch.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,11 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0, the CPU wheel): "
-                                            "the live export check is skipped; tests/test_trainer.py covers the same paths on fixtures")
+torch = pytest.importorskip(
+    "torch",
+    reason="torch is not installed (pip install torch==2.13.0, the CPU wheel): "
+    "the live export check is skipped; tests/test_trainer.py covers the same paths on fixtures",
+)
 
 import weightbundle as wb  # noqa: E402
 from weightbundle.torch import export, state_dict  # noqa: E402
@@ -39,8 +43,15 @@ def test_train_three_steps_and_push(name, how, tmp_path):
         export(m, (x,), path)
         graphs = wb.convert(path, checkpoint=state_dict(m))
     else:
-        torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"], dynamo=how == "dynamo_default",
-                          **({} if how == "dynamo_default" else {"dynamic_axes": {"x": {0: "batch"}}}))
+        torch.onnx.export(
+            m,
+            (x,),
+            path,
+            input_names=["x"],
+            output_names=["y"],
+            dynamo=how == "dynamo_default",
+            **({} if how == "dynamo_default" else {"dynamic_axes": {"x": {0: "batch"}}}),
+        )
         graphs = wb.convert(path, checkpoint=m.state_dict())  # torch tensors as they are; tied names share storage
     with wb.Bundle.load_from_mem(wb.build_bundle(graphs)) as b:
         b.init()

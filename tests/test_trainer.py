@@ -4,6 +4,7 @@ Fixtures (tests/fixtures/torch, written by tools/make_torch_fixtures.py) hold fo
 PyTorch models exported by both exporters with folding on and off, their state_dicts
 before and after 3 SGD steps, and torch's outputs for both.  No torch needed here.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,11 @@ TIED = [["emb.weight", "lm_head.weight"]]  # the tied model's embedding is its o
 
 
 def fixture(name: str) -> tuple[dict, dict, dict]:
-    return (load_file(os.path.join(FIX, f"{name}.before.safetensors")), load_file(os.path.join(FIX, f"{name}.after.safetensors")),
-            load_file(os.path.join(FIX, f"{name}.io.safetensors")))
+    return (
+        load_file(os.path.join(FIX, f"{name}.before.safetensors")),
+        load_file(os.path.join(FIX, f"{name}.after.safetensors")),
+        load_file(os.path.join(FIX, f"{name}.io.safetensors")),
+    )
 
 
 def assert_torch_close(got: np.ndarray, want: np.ndarray) -> None:
@@ -179,8 +183,7 @@ def test_format_1_0_bundles_still_load(monkeypatch, bundles):
     monkeypatch.setattr(fmt, "FORMAT_MINOR", 0)
     layout = fmt.decode(wb.build_bundle(graphs))
     meta = {k: v for k, v in layout.toc.items() if k not in ("graphs", "variables", "weights", "extra", "sources", "derived")}
-    old = fmt.encode({k: bytes(v) for k, v in layout.graphs.items()}, layout.variables, layout.initial, meta,
-                     {k: bytes(v) for k, v in layout.extra.items()})
+    old = fmt.encode({k: bytes(v) for k, v in layout.graphs.items()}, layout.variables, layout.initial, meta, {k: bytes(v) for k, v in layout.extra.items()})
     monkeypatch.undo()
     assert fmt.decode(old).toc.get("sources") is None
     b = wb.Bundle.load_from_mem(old)
@@ -197,26 +200,53 @@ def test_format_1_0_bundles_still_load(monkeypatch, bundles):
 def _hoist_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x[b,4] through weights preprocessed by Split/Transpose, Gather/Unsqueeze, Cast, Mul/Add/Div, Concat, Reshape, Identity."""
     rng = np.random.default_rng(7)
-    w = {"qkv": rng.standard_normal((12, 4)).astype(np.float32), "table": rng.standard_normal((5, 4)).astype(np.float32),
-         "half": rng.standard_normal((4,)).astype(np.float16), "a": rng.standard_normal((2, 4)).astype(np.float32),
-         "b": rng.standard_normal((2, 4)).astype(np.float32), "flat": rng.standard_normal((16,)).astype(np.float32)}
-    consts = {"split": np.array([4, 4, 4], np.int64), "row": np.array(3, np.int64), "ax0": np.array([0], np.int64),
-              "two": np.array(2.0, np.float32), "one": np.array(1.0, np.float32), "three": np.array(3.0, np.float32),
-              "shape44": np.array([4, 4], np.int64)}
+    w = {
+        "qkv": rng.standard_normal((12, 4)).astype(np.float32),
+        "table": rng.standard_normal((5, 4)).astype(np.float32),
+        "half": rng.standard_normal((4,)).astype(np.float16),
+        "a": rng.standard_normal((2, 4)).astype(np.float32),
+        "b": rng.standard_normal((2, 4)).astype(np.float32),
+        "flat": rng.standard_normal((16,)).astype(np.float32),
+    }
+    consts = {
+        "split": np.array([4, 4, 4], np.int64),
+        "row": np.array(3, np.int64),
+        "ax0": np.array([0], np.int64),
+        "two": np.array(2.0, np.float32),
+        "one": np.array(1.0, np.float32),
+        "three": np.array(3.0, np.float32),
+        "shape44": np.array([4, 4], np.int64),
+    }
     n = helper.make_node
     nodes = [
-        n("Split", ["qkv", "split"], ["q", "k", "v"], axis=0), n("Transpose", ["q"], ["qT"], perm=[1, 0]),
-        n("Transpose", ["k"], ["kT"], perm=[1, 0]), n("MatMul", ["x", "qT"], ["h1"]), n("MatMul", ["h1", "kT"], ["h2"]),
+        n("Split", ["qkv", "split"], ["q", "k", "v"], axis=0),
+        n("Transpose", ["q"], ["qT"], perm=[1, 0]),
+        n("Transpose", ["k"], ["kT"], perm=[1, 0]),
+        n("MatMul", ["x", "qT"], ["h1"]),
+        n("MatMul", ["h1", "kT"], ["h2"]),
         n("MatMul", ["h2", "v"], ["h3"]),  # v used as [4,4] directly
-        n("Gather", ["table", "row"], ["r"], axis=0), n("Unsqueeze", ["r", "ax0"], ["r1"]), n("Add", ["h3", "r1"], ["h4"]),
-        n("Cast", ["half"], ["half32"], to=TensorProto.FLOAT), n("Mul", ["half32", "two"], ["hm"]), n("Add", ["hm", "one"], ["ha"]),
-        n("Div", ["ha", "three"], ["hd"]), n("Mul", ["h4", "hd"], ["h5"]),
-        n("Concat", ["a", "b"], ["ab"], axis=0), n("MatMul", ["h5", "ab"], ["h6"]),
-        n("Reshape", ["flat", "shape44"], ["f44"]), n("Identity", ["f44"], ["f44i"]), n("MatMul", ["h6", "f44i"], ["y"]),
+        n("Gather", ["table", "row"], ["r"], axis=0),
+        n("Unsqueeze", ["r", "ax0"], ["r1"]),
+        n("Add", ["h3", "r1"], ["h4"]),
+        n("Cast", ["half"], ["half32"], to=TensorProto.FLOAT),
+        n("Mul", ["half32", "two"], ["hm"]),
+        n("Add", ["hm", "one"], ["ha"]),
+        n("Div", ["ha", "three"], ["hd"]),
+        n("Mul", ["h4", "hd"], ["h5"]),
+        n("Concat", ["a", "b"], ["ab"], axis=0),
+        n("MatMul", ["h5", "ab"], ["h6"]),
+        n("Reshape", ["flat", "shape44"], ["f44"]),
+        n("Identity", ["f44"], ["f44i"]),
+        n("MatMul", ["h6", "f44i"], ["y"]),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in {**w, **consts}.items()]
-    g = helper.make_graph(nodes, "hoist", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], inits)
+    g = helper.make_graph(
+        nodes,
+        "hoist",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m, w
@@ -272,13 +302,22 @@ def test_hoisting_of_one_source_feeding_two_uses_tied(bundles):
 def _anon_slices_model(ck: dict[str, np.ndarray]) -> onnx.ModelProto:
     """What a folding exporter makes of a fused in_proj: three anonymous transposed slices."""
     w = ck["attn.in_proj_weight"]
-    inits = [numpy_helper.from_array(np.ascontiguousarray(w[i * 4:(i + 1) * 4].T), f"onnx::MatMul_{i}") for i in range(3)]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w[i * 4 : (i + 1) * 4].T), f"onnx::MatMul_{i}") for i in range(3)]
     inits.append(numpy_helper.from_array(ck["norm.weight"], "norm.weight"))
     n = helper.make_node
-    nodes = [n("MatMul", ["x", "onnx::MatMul_0"], ["q"]), n("MatMul", ["q", "onnx::MatMul_1"], ["k"]),
-             n("MatMul", ["k", "onnx::MatMul_2"], ["v"]), n("Mul", ["v", "norm.weight"], ["y"])]
-    g = helper.make_graph(nodes, "slices", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], inits)
+    nodes = [
+        n("MatMul", ["x", "onnx::MatMul_0"], ["q"]),
+        n("MatMul", ["q", "onnx::MatMul_1"], ["k"]),
+        n("MatMul", ["k", "onnx::MatMul_2"], ["v"]),
+        n("Mul", ["v", "norm.weight"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "slices",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -302,8 +341,10 @@ def test_recovery_of_transposed_slices_of_a_fused_tensor(bundles):
 
 def test_recovery_casts_a_bf16_checkpoint(bundles):
     rng = np.random.default_rng(4)
-    ck32 = {"attn.in_proj_weight": rng.standard_normal((12, 4)).astype(ml_dtypes.bfloat16).astype(np.float32),
-            "norm.weight": rng.standard_normal(4).astype(ml_dtypes.bfloat16).astype(np.float32)}
+    ck32 = {
+        "attn.in_proj_weight": rng.standard_normal((12, 4)).astype(ml_dtypes.bfloat16).astype(np.float32),
+        "norm.weight": rng.standard_normal(4).astype(ml_dtypes.bfloat16).astype(np.float32),
+    }
     ck16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in ck32.items()}
     graphs = wb.convert(_anon_slices_model(ck32), checkpoint=ck16)
     assert [s.dtype for s in graphs.sources] == ["float32", "float32"]
@@ -312,9 +353,13 @@ def test_recovery_casts_a_bf16_checkpoint(bundles):
 def test_ambiguous_checkpoint_fails_naming_the_candidates():
     ck = {"ln1.weight": np.ones(4, np.float32), "ln2.weight": np.ones(4, np.float32), "w": np.eye(4, dtype=np.float32) * 2}
     n = helper.make_node
-    g = helper.make_graph([n("MatMul", ["x", "w"], ["h"]), n("Mul", ["h", "onnx::Mul_7"], ["y"])], "amb",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-                          [numpy_helper.from_array(ck["w"], "w"), numpy_helper.from_array(np.ones(4, np.float32), "onnx::Mul_7")])
+    g = helper.make_graph(
+        [n("MatMul", ["x", "w"], ["h"]), n("Mul", ["h", "onnx::Mul_7"], ["y"])],
+        "amb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        [numpy_helper.from_array(ck["w"], "w"), numpy_helper.from_array(np.ones(4, np.float32), "onnx::Mul_7")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(wb.ConvertError, match=r"'onnx::Mul_7'.*ln1\.weight.*ln2\.weight"):
         wb.convert(m, checkpoint=ck)
@@ -399,8 +444,8 @@ def test_bf16_checkpoint_file_and_nan_rejected(bundles, tmp_path):
     save_file({k: v.astype(ml_dtypes.bfloat16).view(np.uint16) for k, v in after.items()}, str(p))
     raw = p.read_bytes()  # safetensors.numpy has no bfloat16: relabel U16 as BF16 in the header
     n = int.from_bytes(raw[:8], "little")
-    hdr = raw[8:8 + n].replace(b'"U16"', b'"BF16"')
-    p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + raw[8 + n:])
+    hdr = raw[8 : 8 + n].replace(b'"U16"', b'"BF16"')
+    p.write_bytes(len(hdr).to_bytes(8, "little") + hdr + raw[8 + n :])
     tensors = read_checkpoint(str(p))
     assert tensors["head.weight"].dtype.name == "bfloat16"
     b.load_state_dict(tensors)
@@ -482,10 +527,14 @@ def test_derived_variables_take_the_staging_fast_path(bundles, monkeypatch):
     ck = {"attn.in_proj_weight": rng.standard_normal((1536, 512)).astype(np.float32)}
     w = ck["attn.in_proj_weight"]
     n = helper.make_node
-    inits = [numpy_helper.from_array(np.ascontiguousarray(w[i * 512:(i + 1) * 512].T), f"onnx::MatMul_{i}") for i in range(3)]
-    g = helper.make_graph([n("MatMul", ["x", "onnx::MatMul_0"], ["q"]), n("MatMul", ["q", "onnx::MatMul_1"], ["k"]),
-                           n("MatMul", ["k", "onnx::MatMul_2"], ["y"])], "big",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 512])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 512])], inits)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w[i * 512 : (i + 1) * 512].T), f"onnx::MatMul_{i}") for i in range(3)]
+    g = helper.make_graph(
+        [n("MatMul", ["x", "onnx::MatMul_0"], ["q"]), n("MatMul", ["q", "onnx::MatMul_1"], ["k"]), n("MatMul", ["k", "onnx::MatMul_2"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 512])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m, checkpoint={"attn.in_proj_weight": w})))

@@ -1,4 +1,5 @@
 """Helpers for end-to-end tests against a real tritonserver (see weightbundle.server)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ SECRET = "e2e-secret-value"
 SECRET_ENV = "WEIGHTBUNDLE_E2E_SECRET"
 
 
-def make_repo(root: str, name: str, model: onnx.ModelProto, *, max_batch_size: int = 0, instances: int = 1,
-              include_init: bool = True, **params: str) -> str:
+def make_repo(root: str, name: str, model: onnx.ModelProto, *, max_batch_size: int = 0, instances: int = 1, include_init: bool = True, **params: str) -> str:
     """A model repository folder with one weightbundle model at version 1."""
     d = os.path.join(root, name)
     os.makedirs(os.path.join(d, "1"), exist_ok=True)

@@ -25,6 +25,7 @@ Per model (the 4x(2048x2048) FP32 MLP at batch 32, and a conv net with BatchNorm
     python tools/bench_core.py            # full: about 2-4 minutes on 2 cores
     python tools/bench_core.py --quick    # tiny models, seconds: keeps the script from rotting
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,12 @@ def model_specs(quick: bool) -> list[dict]:
         ]
     return [
         {"name": "mlp", "desc": "4x(2048x2048) FP32 MLP, batch 32", "make": ["big_mlp", {}], "x": [32, 2048]},
-        {"name": "conv", "desc": "conv net Conv-BN-Relu-MaxPool x4, channels (3,64,128,256,512), 64x64, 1000 classes, batch 4",
-         "make": ["bench_convnet", {}], "x": [4, 3, 64, 64]},
+        {
+            "name": "conv",
+            "desc": "conv net Conv-BN-Relu-MaxPool x4, channels (3,64,128,256,512), 64x64, 1000 classes, batch 4",
+            "make": ["bench_convnet", {}],
+            "x": [4, 3, 64, 64],
+        },
     ]
 
 
@@ -182,8 +187,14 @@ def probe(req: dict) -> dict:
     m_ss = mem_now()
     store = dir_bytes(b.store.path)
     b.unload()
-    return {"mem_before": m0, "mem_loaded": m_load, "mem_first": m_v0, "mem_steady": m_ss, "store_bytes": store,
-            "weight_set_bytes": int(sum(a.nbytes for a in sets[0].values()))}
+    return {
+        "mem_before": m0,
+        "mem_loaded": m_load,
+        "mem_first": m_v0,
+        "mem_steady": m_ss,
+        "store_bytes": store,
+        "weight_set_bytes": int(sum(a.nbytes for a in sets[0].values())),
+    }
 
 
 def run_probe(req: dict) -> dict:
@@ -215,8 +226,13 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     wb.save_bundle(bundle_path, data)
     del data
 
-    R: dict = {"name": spec["name"], "desc": spec["desc"], "input_shape": spec["x"], "build_bundle_s": build_s,
-               "bundle_file_bytes": os.path.getsize(bundle_path)}
+    R: dict = {
+        "name": spec["name"],
+        "desc": spec["desc"],
+        "input_shape": spec["x"],
+        "build_bundle_s": build_s,
+        "bundle_file_bytes": os.path.getsize(bundle_path),
+    }
 
     # (a) baseline: plain ORT, baked initializers. Creation timed a few times.
     creates = []
@@ -260,7 +276,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     keys = ["baked"] + [mode_name(m) for m in MODES]
     runners = {"baked": functools.partial(baked.run, None, feeds)}
     for m in MODES:
-        runners[mode_name(m)] = (lambda b: (lambda: b.infer(feeds)))(bundles[m])
+        runners[mode_name(m)] = (lambda b: lambda: b.infer(feeds))(bundles[m])
     for r in runners.values():  # warm-up
         r()
     # Each visit: untimed warm-up calls first. ORT worker threads spin for a while after a run;
@@ -269,7 +285,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     steady: dict[str, list[float]] = {k: [] for k in keys}
     paired: dict[str, list[float]] = {k: [] for k in keys}  # per round: median(mode) / median(baked)
     for rnd in range(iters * 2):
-        order = keys[rnd % len(keys):] + keys[: rnd % len(keys)]
+        order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
         this = {}
         for k in order:
             fn = runners[k]
@@ -300,7 +316,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     mkeys = ["memcpy", "tmpfs"] + [mode_name(m) for m in MODES]
     for rnd in range(iters):
         w = sets[rnd % 2]
-        order = mkeys[rnd % len(mkeys):] + mkeys[: rnd % len(mkeys)]
+        order = mkeys[rnd % len(mkeys) :] + mkeys[: rnd % len(mkeys)]
         for k in order:
             gc.collect()
             time.sleep(QUIESCE_S)
@@ -365,11 +381,16 @@ def summarize(R: dict) -> dict:
         build = med([b - c for b, c in zip(u["first_infer"], u["post_steady"])])
         mem = R["mem"].get(key, {})
         rows[key] = {
-            "steady_ms": st * 1e3, "steady_ratio": med(R["steady_paired_ratio"][key]),
+            "steady_ms": st * 1e3,
+            "steady_ratio": med(R["steady_paired_ratio"][key]),
             "steady_ratio_unpaired": st / base,
             "steady_ratio_p10": float(np.percentile(R["steady_s"][key], 10)) / base_p10,
-            "update_ms": med(u["update"]) * 1e3, "first_infer_ms": med(u["first_infer"]) * 1e3, "build_ms": build * 1e3,
-            "latency_ms": lat * 1e3, "latency_x_memcpy": lat / floor, "update_x_memcpy": med(u["update"]) / floor,
+            "update_ms": med(u["update"]) * 1e3,
+            "first_infer_ms": med(u["first_infer"]) * 1e3,
+            "build_ms": build * 1e3,
+            "latency_ms": lat * 1e3,
+            "latency_x_memcpy": lat / floor,
+            "update_x_memcpy": med(u["update"]) / floor,
             "cold_build_ms": (R["setup"][key]["first_infer_after_init_s"] - st) * 1e3,
             "rss_growth_mib": mem["mem_steady"]["rss"] - mem["mem_before"]["rss"] if "mem_steady" in mem else None,
             "anon_growth_mib": mem["mem_steady"].get("anon", float("nan")) - mem["mem_before"].get("anon", float("nan")) if "mem_steady" in mem else None,
@@ -378,7 +399,9 @@ def summarize(R: dict) -> dict:
         }
     bm = R["mem"].get("baked", {})
     return {
-        "baked_ms": base * 1e3, "memcpy_ms": floor * 1e3, "tmpfs_ms": med(R["floor_s"]["tmpfs_new_file"]) * 1e3,
+        "baked_ms": base * 1e3,
+        "memcpy_ms": floor * 1e3,
+        "tmpfs_ms": med(R["floor_s"]["tmpfs_new_file"]) * 1e3,
         "memcpy_gbps": R["weights"]["bytes"] / floor / 1e9,
         "baked_create_ms": med(R["baked_create_s"]) * 1e3,
         "baked_rss_growth_mib": bm["mem_steady"]["rss"] - bm["mem_before"]["rss"] if "mem_steady" in bm else None,
@@ -395,21 +418,29 @@ def fmt(v, spec=".2f", suffix=""):
 
 def markdown(results: list[dict], summaries: list[dict]) -> str:
     out = []
-    out.append("| model | mode | steady ms | vs baked (p10) | update() ms (vs memcpy) | 1st infer ms | build ms | update→served ms | vs memcpy | RSS +MiB (anon) | store MiB |")
+    out.append(
+        "| model | mode | steady ms | vs baked (p10) | update() ms (vs memcpy) | 1st infer ms | build ms | update→served ms | vs memcpy | RSS +MiB (anon) | store MiB |"
+    )
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for R, S in zip(results, summaries):
-        out.append(f"| {R['name']} | (a) baked ORT | {S['baked_ms']:.2f} | 1.00 | | | {S['baked_create_ms']:.0f} (create) | | | "
-                   f"{fmt(S['baked_rss_growth_mib'], '.0f')} ({fmt(S['baked_anon_growth_mib'], '.0f')}) | |")
+        out.append(
+            f"| {R['name']} | (a) baked ORT | {S['baked_ms']:.2f} | 1.00 | | | {S['baked_create_ms']:.0f} (create) | | | "
+            f"{fmt(S['baked_rss_growth_mib'], '.0f')} ({fmt(S['baked_anon_growth_mib'], '.0f')}) | |"
+        )
         for key, r in S["rows"].items():
-            out.append(f"| {R['name']} | {key} | {r['steady_ms']:.2f} | {r['steady_ratio']:.2f}x ({r['steady_ratio_p10']:.2f}x) | {r['update_ms']:.1f} ({r['update_x_memcpy']:.1f}x) | {r['first_infer_ms']:.1f} | "
-                       f"{r['build_ms']:.1f} | {r['latency_ms']:.1f} | {r['latency_x_memcpy']:.1f}x | "
-                       f"{fmt(r['rss_growth_mib'], '.0f')} ({fmt(r['anon_growth_mib'], '.0f')}) | {fmt(r['store_mib'], '.0f')} |")
+            out.append(
+                f"| {R['name']} | {key} | {r['steady_ms']:.2f} | {r['steady_ratio']:.2f}x ({r['steady_ratio_p10']:.2f}x) | {r['update_ms']:.1f} ({r['update_x_memcpy']:.1f}x) | {r['first_infer_ms']:.1f} | "
+                f"{r['build_ms']:.1f} | {r['latency_ms']:.1f} | {r['latency_x_memcpy']:.1f}x | "
+                f"{fmt(r['rss_growth_mib'], '.0f')} ({fmt(r['anon_growth_mib'], '.0f')}) | {fmt(r['store_mib'], '.0f')} |"
+            )
     out.append("")
     out.append("| model | weights | memcpy floor | tmpfs new-file floor | load_from_file | init (prepack=T opt=all) | build_bundle |")
     out.append("|---|---:|---:|---:|---:|---:|---:|")
     for R, S in zip(results, summaries):
-        out.append(f"| {R['name']} | {R['weights']['count']} tensors, {R['weights']['bytes'] / MiB:.1f} MiB | {S['memcpy_ms']:.2f} ms ({S['memcpy_gbps']:.1f} GB/s) | "
-                   f"{S['tmpfs_ms']:.2f} ms | {S['load_from_file_ms']:.2f} ms | {S['init_ms'].get('prepack=T opt=all', float('nan')):.1f} ms | {R['build_bundle_s'] * 1e3:.0f} ms |")
+        out.append(
+            f"| {R['name']} | {R['weights']['count']} tensors, {R['weights']['bytes'] / MiB:.1f} MiB | {S['memcpy_ms']:.2f} ms ({S['memcpy_gbps']:.1f} GB/s) | "
+            f"{S['tmpfs_ms']:.2f} ms | {S['load_from_file_ms']:.2f} ms | {S['init_ms'].get('prepack=T opt=all', float('nan')):.1f} ms | {R['build_bundle_s'] * 1e3:.0f} ms |"
+        )
     return "\n".join(out)
 
 
@@ -424,9 +455,16 @@ def machine() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "cpu": cpu, "onnxruntime": ort.__version__, "numpy": np.__version__, "onnx": onnx.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu": cpu,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "onnx": onnx.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 FIX = ROOT / "tests" / "fixtures" / "torch"
@@ -446,8 +484,13 @@ def _linear_stack(n: int, layers: int, exported: bool, seed: int = 0) -> tuple[o
         nodes += [helper.make_node("MatMul", [x, name], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
         x = f"r{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], inits)
+    g = helper.make_graph(
+        nodes,
+        "stack",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m, ck if exported else {k: np.ascontiguousarray(v.T) for k, v in ck.items()}
@@ -478,12 +521,15 @@ def bench_trainer(args, log) -> tuple[str, dict]:
     for batch in (32, 512):
         xb = np.tile(x1, (batch // 2, 1))
         sess = b.infer_session()[1]
-        fns = {"baked": functools.partial(base.run, None, {"x": xb}), "bundle": functools.partial(b.infer, {"x": xb}),
-               "bundle_session": functools.partial(sess.run, None, {"x": xb})}  # the bundle's graph without Bundle.infer's checks
+        fns = {
+            "baked": functools.partial(base.run, None, {"x": xb}),
+            "bundle": functools.partial(b.infer, {"x": xb}),
+            "bundle_session": functools.partial(sess.run, None, {"x": xb}),
+        }  # the bundle's graph without Bundle.infer's checks
         times: dict = {k: [] for k in fns}
         reps = max(2, args.inner * (10 if batch == 32 else 2))
         for r in range(2 * rounds):
-            keys = list(fns)[r % 3:] + list(fns)[:r % 3]
+            keys = list(fns)[r % 3 :] + list(fns)[: r % 3]
             for k in keys:
                 t0 = now()
                 for _ in range(reps):
@@ -491,9 +537,13 @@ def bench_trainer(args, log) -> tuple[str, dict]:
                 times[k].append((now() - t0) / reps)
         ratio = [w / bk for w, bk in zip(times["bundle"], times["baked"])]
         ratio_s = [w / bk for w, bk in zip(times["bundle_session"], times["baked"])]
-        out["transformer_steady"][batch] = {"baked_ms": med(times["baked"]) * 1e3, "bundle_ms": med(times["bundle"]) * 1e3,
-                                            "ratio": med(ratio), "ratio_p10": float(np.percentile(times["bundle"], 10) / np.percentile(times["baked"], 10)),
-                                            "session_ratio": med(ratio_s)}
+        out["transformer_steady"][batch] = {
+            "baked_ms": med(times["baked"]) * 1e3,
+            "bundle_ms": med(times["bundle"]) * 1e3,
+            "ratio": med(ratio),
+            "ratio_p10": float(np.percentile(times["bundle"], 10) / np.percentile(times["baked"], 10)),
+            "session_ratio": med(ratio_s),
+        }
     b.unload()
 
     def update_cost(bundle_bytes: bytes, push: dict, xin: np.ndarray) -> list[float]:
@@ -525,30 +575,39 @@ def bench_trainer(args, log) -> tuple[str, dict]:
             t0 = now()
             off = 0
             for v in push.values():
-                np.copyto(buf[off:off + v.nbytes], v.reshape(-1).view(np.uint8))
+                np.copyto(buf[off : off + v.nbytes], v.reshape(-1).view(np.uint8))
                 off += v.nbytes
             cp.append(now() - t0)
         ts = update_cost(wb.build_bundle(graphs), push, xin)
-        rows[label] = {"derived": len(graphs.derived), "ms": med(ts) * 1e3, "memcpy_ms": med(cp) * 1e3, "x_memcpy": med(ts) / med(cp),
-                       "mib": buf.nbytes / MiB}
+        rows[label] = {"derived": len(graphs.derived), "ms": med(ts) * 1e3, "memcpy_ms": med(cp) * 1e3, "x_memcpy": med(ts) / med(cp), "mib": buf.nbytes / MiB}
         log(f"trainer update cost, {label}: {rows[label]['ms']:.1f} ms")
     fx = {}
-    for label, tag, kw in (("transformer fixture, --checkpoint (derived)", "ts", {"checkpoint": before}),
-                           ("transformer fixture, names kept, --no-hoist (no derived)", "ts_nofold", {"hoist": False})):
+    for label, tag, kw in (
+        ("transformer fixture, --checkpoint (derived)", "ts", {"checkpoint": before}),
+        ("transformer fixture, names kept, --no-hoist (no derived)", "ts_nofold", {"hoist": False}),
+    ):
         graphs = wb.convert(str(FIX / f"transformer.{tag}.onnx"), **kw)
         names = {s.name for s in graphs.sources}
         ts = update_cost(wb.build_bundle(graphs), {k: v for k, v in after.items() if k in names}, x)
         fx[label] = {"derived": len(graphs.derived), "ms": med(ts) * 1e3}
     out["update_cost"] = rows
     out["update_cost_fixture"] = fx
-    md = ["", "**Trainer pushes (issue 9)**", "",
-          "| steady inference, transformer fixture (TorchScript default export, built with `--checkpoint`) | ORT on the folded export ms | bundle ms | bundle / ORT (p10) | bundle's session alone / ORT |",
-          "|---|---:|---:|---:|---:|"]
+    md = [
+        "",
+        "**Trainer pushes (issue 9)**",
+        "",
+        "| steady inference, transformer fixture (TorchScript default export, built with `--checkpoint`) | ORT on the folded export ms | bundle ms | bundle / ORT (p10) | bundle's session alone / ORT |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for batch, st in out["transformer_steady"].items():
-        md.append(f"| batch {batch} | {st['baked_ms']:.3f} | {st['bundle_ms']:.3f} | **{st['ratio']:.2f}x** ({st['ratio_p10']:.2f}x) | {st['session_ratio']:.2f}x |")
-    md += ["",
-          f"| full state_dict push → first inference serving it ({n}x{n} x {layers} FP32 Linear stack) | derived | ms | memcpy floor ms | x memcpy |",
-          "|---|---:|---:|---:|---:|"]
+        md.append(
+            f"| batch {batch} | {st['baked_ms']:.3f} | {st['bundle_ms']:.3f} | **{st['ratio']:.2f}x** ({st['ratio_p10']:.2f}x) | {st['session_ratio']:.2f}x |"
+        )
+    md += [
+        "",
+        f"| full state_dict push → first inference serving it ({n}x{n} x {layers} FP32 Linear stack) | derived | ms | memcpy floor ms | x memcpy |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, r in rows.items():
         md.append(f"| {label} | {r['derived']} | {r['ms']:.1f} | {r['memcpy_ms']:.2f} ({r['mib']:.0f} MiB) | {r['x_memcpy']:.1f}x |")
     for label, r in fx.items():
@@ -583,7 +642,7 @@ def main(argv=None) -> int:
     results, summaries = [], []
     workdir = tempfile.mkdtemp(prefix="bench-core-")
     try:
-        for spec in ([] if args.trainer_only else model_specs(args.quick)):
+        for spec in [] if args.trainer_only else model_specs(args.quick):
             R = bench_model(spec, args, workdir, log)
             results.append(R)
             summaries.append(summarize(R))
@@ -596,29 +655,49 @@ def main(argv=None) -> int:
     table = markdown(results, summaries) if results else ""
     trainer_md, trainer = bench_trainer(args, log)
     table += "\n" + trainer_md
-    header = (f"command: `{command}` (cwd {os.getcwd()})\n"
-              f"machine: {mach['cpu_count']} CPUs ({mach['cpu']}), onnxruntime {mach['onnxruntime']}, numpy {mach['numpy']}, "
-              f"python {mach['python']}, {mach['platform']}\n"
-              f"threads {args.threads}, {args.iters} update rounds, {2 * args.iters}x{args.inner} steady samples per mode, "
-              f"medians; total {elapsed:.0f} s\n"
-              f"noise: load average {fmt_load(load_start)} at start, {fmt_load(load_end)} at end; IQR/median of baked steady "
-              + ", ".join(f"{k} {v:.0%}" for k, v in noise.items()) + " (when the paired median and p10 ratios disagree, the "
-              "machine was contended: trust p10)\n")
-    notes = ("\nsteady: Bundle.infer; vs baked: median over rounds of the per-round ratio to (a) (p10: ratio of 10th percentiles, "
-             "closer to an uncontended machine). update→served: update() + first infer of the new version - the steady infer "
-             "that follows it (paired per round); vs memcpy: over np.copyto of the same bytes in this run. build: first infer - steady. "
-             "RSS: growth of a fresh process from before load to after init + 2 full updates (anon = private copies, e.g. pre-packed "
-             "weights; the rest is mapped tmpfs blobs, shared with the store). store: tmpfs bytes the store holds (history=1).")
+    header = (
+        f"command: `{command}` (cwd {os.getcwd()})\n"
+        f"machine: {mach['cpu_count']} CPUs ({mach['cpu']}), onnxruntime {mach['onnxruntime']}, numpy {mach['numpy']}, "
+        f"python {mach['python']}, {mach['platform']}\n"
+        f"threads {args.threads}, {args.iters} update rounds, {2 * args.iters}x{args.inner} steady samples per mode, "
+        f"medians; total {elapsed:.0f} s\n"
+        f"noise: load average {fmt_load(load_start)} at start, {fmt_load(load_end)} at end; IQR/median of baked steady "
+        + ", ".join(f"{k} {v:.0%}" for k, v in noise.items())
+        + " (when the paired median and p10 ratios disagree, the "
+        "machine was contended: trust p10)\n"
+    )
+    notes = (
+        "\nsteady: Bundle.infer; vs baked: median over rounds of the per-round ratio to (a) (p10: ratio of 10th percentiles, "
+        "closer to an uncontended machine). update→served: update() + first infer of the new version - the steady infer "
+        "that follows it (paired per round); vs memcpy: over np.copyto of the same bytes in this run. build: first infer - steady. "
+        "RSS: growth of a fresh process from before load to after init + 2 full updates (anon = private copies, e.g. pre-packed "
+        "weights; the rest is mapped tmpfs blobs, shared with the store). store: tmpfs bytes the store holds (history=1)."
+    )
     print(header)
     print(table)
     print(notes)
     os.makedirs(args.out, exist_ok=True)
     stem = ("bench_core-quick" if args.quick else "bench_core") + ("-trainer" if args.trainer_only else "")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"command": command, "cwd": os.getcwd(), "machine": mach, "loadavg_start": load_start, "loadavg_end": load_end,
-                   "baked_steady_iqr_over_median": noise, "threads": args.threads, "iters": args.iters,
-                   "inner": args.inner, "elapsed_s": elapsed, "summary": {R["name"]: S for R, S in zip(results, summaries)},
-                   "raw": results, "trainer": trainer}, f, indent=1)
+        json.dump(
+            {
+                "command": command,
+                "cwd": os.getcwd(),
+                "machine": mach,
+                "loadavg_start": load_start,
+                "loadavg_end": load_end,
+                "baked_steady_iqr_over_median": noise,
+                "threads": args.threads,
+                "iters": args.iters,
+                "inner": args.inner,
+                "elapsed_s": elapsed,
+                "summary": {R["name"]: S for R, S in zip(results, summaries)},
+                "raw": results,
+                "trainer": trainer,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(header + "\n" + table + "\n" + notes + "\n")
     log(f"wrote {os.path.join(args.out, stem + '.json')} and .md")

@@ -22,6 +22,7 @@ Model: ``tests/models.big_mlp``: 4 x (2048 x 2048) FP32, 64 MiB (``--quick``: 2 
 
 Stops every server and SeaweedFS and removes its temp files, on errors too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,14 +89,18 @@ def main() -> int:
                 os.makedirs(os.path.join(repo, "m", "1"))
                 with open(os.path.join(repo, "m", "1", "model.bundle"), "wb") as f:
                     f.write(bundle_bytes)
-                params = {"allow_updates": "true", "update_secret_env": SECRET_ENV, "s3_endpoint": s3.endpoint,
-                          "s3_allowed_prefixes": f"{bucket}/fleet", "file_update_dirs": tmp}
+                params = {
+                    "allow_updates": "true",
+                    "update_secret_env": SECRET_ENV,
+                    "s3_endpoint": s3.endpoint,
+                    "s3_allowed_prefixes": f"{bucket}/fleet",
+                    "file_update_dirs": tmp,
+                }
                 with wb.Bundle.load_from_mem(bundle_bytes) as b:
                     cfg = make_config(b, "m", 0, 1, parameters=params)
                 with open(os.path.join(repo, "m", "config.pbtxt"), "w") as f:
                     f.write(cfg)
-                srv = TritonServer(repo, model_control_mode="explicit", load_models=["m"], allow_metrics=False,
-                                   log_file=os.path.join(tmp, f"server{i}.log"))
+                srv = TritonServer(repo, model_control_mode="explicit", load_models=["m"], allow_metrics=False, log_file=os.path.join(tmp, f"server{i}.log"))
                 stack.callback(srv.stop)
                 srv.start(timeout=180)
                 repos.append(repo)
@@ -117,8 +122,16 @@ def main() -> int:
                 note("fleet_stage_s", rep.stage_wall_ms / 1000)
                 note("fleet_activate_s", rep.activate_wall_ms / 1000)
                 for s in rep.servers:
-                    per_server.append({"round": r, "server": s.url, "stage_ms": s.stage_ms, "fetch_ms": s.fetch_ms,
-                                       "activate_ms": s.activate_ms, "fetched_bytes": s.fetched_bytes})
+                    per_server.append(
+                        {
+                            "round": r,
+                            "server": s.url,
+                            "stage_ms": s.stage_ms,
+                            "fetch_ms": s.fetch_ms,
+                            "activate_ms": s.activate_ms,
+                            "fetched_bytes": s.fetched_bytes,
+                        }
+                    )
                     note("server_stage_s", (s.stage_ms or 0) / 1000)
                     note("server_fetch_s", (s.fetch_ms or 0) / 1000)
                     note("server_activate_s", (s.activate_ms or 0) / 1000)
@@ -171,8 +184,12 @@ def main() -> int:
         ("3 sequential per-server pushes (`file`)", med["sequential_push_s"], f"{med['sequential_push_s'] / push:.2f}"),
         ("3 Triton reloads (new version folder + load_model, in parallel)", med["triton_reload_s"], f"{med['triton_reload_s'] / push:.2f}"),
     ]
-    md = [f"# Fleet push benchmark: {nbytes / MiB:.1f} MiB of weights, 3 tritonservers, SeaweedFS, {rounds} round(s), medians",
-          "", "| what | ms | ÷ fleet push |", "|---|---:|---:|"]
+    md = [
+        f"# Fleet push benchmark: {nbytes / MiB:.1f} MiB of weights, 3 tritonservers, SeaweedFS, {rounds} round(s), medians",
+        "",
+        "| what | ms | ÷ fleet push |",
+        "|---|---:|---:|",
+    ]
     md += [f"| {k} | {v * 1000:.1f} | {ratio} |" for k, v, ratio in rows]
     text = "\n".join(md) + "\n"
     print(text)

@@ -7,6 +7,7 @@ model) it starts one server per instance count, measures the tritonserver proces
 (PSS: anonymous + file-backed) plus the server's /dev/shm, idle and after one update,
 subtracts a tiny-weights probe's per-process overhead, and reports weight copies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         growth = d.get("update_growth_x4", {}).get("total_copies")
         after = "" if growth is None else f"{r['total_copies'] + growth:.2f}"
-        print(f"| {kind} | {r['total_copies']:.2f} | {r['store_copies']:.2f} | {r['file_copies']:.2f} | {r['anon_copies']:.2f} | "
-              f"{d['weight_copies_est']:.2f} | {after} |")
+        print(
+            f"| {kind} | {r['total_copies']:.2f} | {r['store_copies']:.2f} | {r['file_copies']:.2f} | {r['anon_copies']:.2f} | "
+            f"{d['weight_copies_est']:.2f} | {after} |"
+        )
     return 1 if res.leaks() else 0
 
 

@@ -41,6 +41,7 @@ P4  under load: 8 client threads inferring for ~15 s (2 instances) while an upda
 
 Cleans up every server, temp repository, shm region and file it made, on Ctrl-C too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -129,6 +130,8 @@ def quiesce(pid: int, window: float = 0.05, busy: float = 0.1, timeout: float = 
             break
         last = c
     return time.monotonic() - t0
+
+
 TRANSPORTS = ("request", "shm", "shm-staged", "file")
 P4_SCALES = (1.0, 0.5, 2.0, 0.25)
 _PRIVATE_STORES: list[str] = []  # in-process bundles' stores: checked gone at the end  # layer-0 scale per state: outputs differ by >= 2x between states
@@ -159,11 +162,13 @@ class TritonPythonModel:
 
 
 def plain_config(name: str, n: int, instances: int) -> str:
-    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
-            f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ -1, {n} ] }} ]\n'
-            f'output [ {{ name: "y" data_type: TYPE_FP32 dims: [ -1, {n} ] }},\n'
-            f'         {{ name: "WEIGHTS_VERSION" data_type: TYPE_UINT64 dims: [ 1 ] }} ]\n'
-            f'instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n')
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+        f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ -1, {n} ] }} ]\n'
+        f'output [ {{ name: "y" data_type: TYPE_FP32 dims: [ -1, {n} ] }},\n'
+        f'         {{ name: "WEIGHTS_VERSION" data_type: TYPE_UINT64 dims: [ 1 ] }} ]\n'
+        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+    )
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -394,10 +399,16 @@ def machine(triton_version: str | None) -> dict:
     except OSError:
         pass
     return {
-        "cpus": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False), "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "cpu_model": cpu_model,
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "triton_server": triton_version, "platform": platform.platform(), "weightbundle_commit": _git_rev(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "triton_server": triton_version,
+        "platform": platform.platform(),
+        "weightbundle_commit": _git_rev(),
     }
 
 
@@ -406,8 +417,7 @@ def _git_rev() -> str:
 
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "backend"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "backend"], capture_output=True, text=True, timeout=10).stdout.strip()
         return rev + (" + uncommitted changes in backend/" if dirty else "") if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -473,7 +483,7 @@ def tree_memory(pid: int) -> dict:
                 for ln in f:
                     i = ln.find("/dev/shm/")
                     if i >= 0:
-                        name = ln[i + 9:].split()[0]
+                        name = ln[i + 9 :].split()[0]
                         if SHM_PATTERN.match(name):
                             regions.add(name)
         except OSError:
@@ -500,7 +510,7 @@ def p2_inprocess(art: Artifact, x: np.ndarray, n_req: int, block: int) -> dict:
             wait_optimised(b)
         fns: dict[str, Callable[[], Any]] = {"ORT baked": lambda: baked.run(None, {"x": x})}
         for k, b in bundles.items():
-            fns[k] = (lambda b=b: b.infer({"x": x}))
+            fns[k] = lambda b=b: b.infer({"x": x})
         ref = baked.run(None, {"x": x})[0]
         for b in bundles.values():  # same answers, or the comparison means nothing
             np.testing.assert_allclose(b.infer({"x": x})[0]["y"], ref, rtol=1e-4, atol=1e-5)
@@ -664,12 +674,10 @@ class P1Server:
             s = {}
             for m in methods:
                 rows = raw[a.label][m]
-                s[m] = {k: med([row[k] for row in rows]) * (1 if k == "probes" else 1e3)
-                        for k in rows[0] if k != "probes"}
+                s[m] = {k: med([row[k] for row in rows]) * (1 if k == "probes" else 1e3) for k in rows[0] if k != "probes"}
                 s[m]["probes_max"] = max(row.get("probes", 1) for row in rows)
             summary[a.label] = s
-        return {"methods": methods, "raw_s": raw, "median_ms": summary,
-                "bytes": {a.label: a.nbytes for a in self.arts}}
+        return {"methods": methods, "raw_s": raw, "median_ms": summary, "bytes": {a.label: a.nbytes for a in self.arts}}
 
     def _floor(self, a: Artifact) -> tuple[np.ndarray, np.ndarray]:
         src = np.ones(a.nbytes // 4, np.float32)
@@ -729,8 +737,7 @@ def p2_triton(res: Resources, art: Artifact, env: dict, x: np.ndarray, n_req: in
                     t0 = now()
                     c.infer(n, [inp], outputs=outs)
                     lat[n].append(now() - t0)
-        return ({"samples_s": lat, "p50_ms": {n: med(v) * 1e3 for n, v in lat.items()},
-                 "p90_ms": {n: pct(v, 90) * 1e3 for n, v in lat.items()}}, srv)
+        return ({"samples_s": lat, "p50_ms": {n: med(v) * 1e3 for n, v in lat.items()}, "p90_ms": {n: pct(v, 90) * 1e3 for n, v in lat.items()}}, srv)
     finally:
         c.close()
 
@@ -770,8 +777,17 @@ def concurrent_infer(url: str, model: str, x: np.ndarray, threads: int, per_thre
     return seen
 
 
-def p3(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, instance_counts: tuple[int, ...],
-       parallel: bool, pending: threading.Thread | None = None, tiny: Artifact | None = None) -> dict:
+def p3(
+    res: Resources,
+    art: Artifact,
+    env: dict,
+    secret: str,
+    x: np.ndarray,
+    instance_counts: tuple[int, ...],
+    parallel: bool,
+    pending: threading.Thread | None = None,
+    tiny: Artifact | None = None,
+) -> dict:
     """One server per config.  Sequential (full mode): each server is measured alone, its
     shutdown overlapping the next start.  ``parallel`` (--quick): all at once, for speed;
     shared-library pages are then split between more processes, so PSS is a bit lower.
@@ -861,8 +877,7 @@ def p3_summary(p3r: dict, instance_counts: tuple[int, ...], wbytes: int) -> dict
         if f"{kind} x{hi}" not in p3r:
             continue
         a, b = p3r[f"{kind} x{lo}"]["idle"], p3r[f"{kind} x{hi}"]["idle"]
-        per[kind] = {"footprint_mib": (b["footprint"] - a["footprint"]) / (hi - lo) / MiB,
-                     "anon_mib": (b["pss_anon"] - a["pss_anon"]) / (hi - lo) / MiB}
+        per[kind] = {"footprint_mib": (b["footprint"] - a["footprint"]) / (hi - lo) / MiB, "anon_mib": (b["pss_anon"] - a["pss_anon"]) / (hi - lo) / MiB}
     probe = per.get("overhead probe")
     pb = p3r.get(f"overhead probe x{hi}", {}).get("idle")
     for kind, d in per.items():
@@ -924,8 +939,7 @@ class P4Model:
         self.w0 = [art.A["w0"] * np.float32(s) for s in P4_SCALES]
 
 
-def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, clients: int,
-             period: float | None) -> dict:
+def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, clients: int, period: float | None) -> dict:
     stop = threading.Event()
     lock = threading.Lock()
     lat: list[float] = []
@@ -1003,12 +1017,20 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
         for t in threads:
             t.join(120)
     wall = now() - t_start
-    return {"lat_s": lat, "failed": failed, "torn": torn, "exact": exact[0], "unknown": unknown[0],
-            "updates": len(upd_lat), "update_failed": upd_fail, "update_lat_s": upd_lat, "wall_s": wall}
+    return {
+        "lat_s": lat,
+        "failed": failed,
+        "torn": torn,
+        "exact": exact[0],
+        "unknown": unknown[0],
+        "updates": len(upd_lat),
+        "update_failed": upd_fail,
+        "update_lat_s": upd_lat,
+        "wall_s": wall,
+    }
 
 
-def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, seconds: float, clients: int,
-       period: float, instances: int) -> dict:
+def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, seconds: float, clients: int, period: float, instances: int) -> dict:
     refs = p4_refs(art, x)
     repo = res.tempdir("wb-bench-p4-")
     r = os.path.join(repo, "repo")
@@ -1028,8 +1050,10 @@ def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, sec
                 quiesce(srv.pid)
                 ph = p4_phase(state[m], x, refs[m], seconds / halves, clients, period if upd else None)
                 acc[f"{m}:{'updates' if upd else 'no updates'}"].append(ph)
-                log(f"P4 {MODE_LABEL[m]} {'updates' if upd else 'no updates'}: {len(ph['lat_s'])} responses, "
-                    f"{ph['updates']} updates, {len(ph['failed'])} failed, {len(ph['torn'])} torn")
+                log(
+                    f"P4 {MODE_LABEL[m]} {'updates' if upd else 'no updates'}: {len(ph['lat_s'])} responses, "
+                    f"{ph['updates']} updates, {len(ph['failed'])} failed, {len(ph['torn'])} torn"
+                )
                 time.sleep(0.3)
         out = {}
         for key, parts in acc.items():
@@ -1037,16 +1061,25 @@ def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, sec
             upd = [v for p in parts for v in p["update_lat_s"]]
             wall = sum(p["wall_s"] for p in parts)
             out[key] = {
-                "responses": len(lat), "throughput_rps": len(lat) / wall if wall else float("nan"),
-                "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else float("nan"),
-                "failed": sum(len(p["failed"]) for p in parts), "failed_examples": [e for p in parts for e in p["failed"]][:5],
-                "torn": sum(len(p["torn"]) for p in parts), "torn_examples": [e for p in parts for e in p["torn"]][:5],
-                "bitwise_equal": sum(p["exact"] for p in parts), "unknown_version": sum(p["unknown"] for p in parts),
-                "updates": len(upd), "updates_per_s": len(upd) / wall if wall else 0.0,
+                "responses": len(lat),
+                "throughput_rps": len(lat) / wall if wall else float("nan"),
+                "p50_ms": pct(lat, 50) * 1e3,
+                "p99_ms": pct(lat, 99) * 1e3,
+                "max_ms": max(lat) * 1e3 if lat else float("nan"),
+                "failed": sum(len(p["failed"]) for p in parts),
+                "failed_examples": [e for p in parts for e in p["failed"]][:5],
+                "torn": sum(len(p["torn"]) for p in parts),
+                "torn_examples": [e for p in parts for e in p["torn"]][:5],
+                "bitwise_equal": sum(p["exact"] for p in parts),
+                "unknown_version": sum(p["unknown"] for p in parts),
+                "updates": len(upd),
+                "updates_per_s": len(upd) / wall if wall else 0.0,
                 "update_failed": sum(len(p["update_failed"]) for p in parts),
                 "update_failed_examples": [e for p in parts for e in p["update_failed"]][:5],
-                "update_ack_p50_ms": pct(upd, 50) * 1e3, "update_ack_p99_ms": pct(upd, 99) * 1e3,
-                "seconds": wall, "lat_s": lat,
+                "update_ack_p50_ms": pct(upd, 50) * 1e3,
+                "update_ack_p99_ms": pct(upd, 99) * 1e3,
+                "seconds": wall,
+                "lat_s": lat,
             }
         return out
     finally:
@@ -1062,16 +1095,21 @@ def markdown(R: dict) -> str:
     L: list[str] = []
     cfg, mach = R["config"], R["machine"]
     L.append(f"command: `{R['command']}` (cwd {R['cwd']})")
-    L.append(f"machine: {mach['cpus']} CPUs ({mach['physical_cores']} physical, {mach['cpu_model']}), {mach['memory_gib']} GiB, "
-             f"Triton server {mach['triton_server']}, onnxruntime {mach['onnxruntime']}, numpy {mach['numpy']}, "
-             f"python {mach['python']}, {mach['platform']}; weightbundle at commit {mach.get('weightbundle_commit')}")
+    L.append(
+        f"machine: {mach['cpus']} CPUs ({mach['physical_cores']} physical, {mach['cpu_model']}), {mach['memory_gib']} GiB, "
+        f"Triton server {mach['triton_server']}, onnxruntime {mach['onnxruntime']}, numpy {mach['numpy']}, "
+        f"python {mach['python']}, {mach['platform']}; weightbundle at commit {mach.get('weightbundle_commit')}"
+    )
     ld0, ld1 = R["load_before"], R["load_after"]
-    L.append(f"other load: loadavg {ld0['loadavg']} before, {ld1['loadavg']} after; other tritonservers running: "
-             f"{ld0['other_tritonservers']} before, {ld1['other_tritonservers']} after"
-             + (f"; busy: {'; '.join(ld0['busy_processes'])}" if ld0["busy_processes"] else ""))
-    L.append(f"model: big_mlp n={cfg['n']}, batch {cfg['batch']}, max_batch_size 0, ORT default threads; "
-             f"{cfg['p1_reps']} P1 rounds; total {R['total_s']:.0f} s"
-             + ("; **--quick: tiny sizes, figures are not meaningful**" if cfg["quick"] else ""))
+    L.append(
+        f"other load: loadavg {ld0['loadavg']} before, {ld1['loadavg']} after; other tritonservers running: "
+        f"{ld0['other_tritonservers']} before, {ld1['other_tritonservers']} after"
+        + (f"; busy: {'; '.join(ld0['busy_processes'])}" if ld0["busy_processes"] else "")
+    )
+    L.append(
+        f"model: big_mlp n={cfg['n']}, batch {cfg['batch']}, max_batch_size 0, ORT default threads; "
+        f"{cfg['p1_reps']} P1 rounds; total {R['total_s']:.0f} s" + ("; **--quick: tiny sizes, figures are not meaningful**" if cfg["quick"] else "")
+    )
     L.append("")
     # P1
     p1 = R["p1"]
@@ -1087,11 +1125,12 @@ def markdown(R: dict) -> str:
         vs_floor = "/".join(f"{p1['median_ms'][s][m]['total'] / p1['median_ms'][s]['memcpy']['total']:.1f}" for s in sizes)
         vs_reload = "/".join(f"{p1['median_ms'][s]['reload']['total'] / p1['median_ms'][s][m]['total']:.1f}" for s in sizes)
         label = names.get(m) or f"{m.split(':')[0]}, {MODE_LABEL[m.split(':')[1]]}"
-        L.append(f"| {label} | " + " | ".join(cells) + f" | {vs_floor if m != 'memcpy' else '1'} | "
-                 + ("" if m in ("memcpy", "reload") else vs_reload) + " |")
+        L.append(f"| {label} | " + " | ".join(cells) + f" | {vs_floor if m != 'memcpy' else '1'} | " + ("" if m in ("memcpy", "reload") else vs_reload) + " |")
     L.append("")
-    L.append("Parts (median ms, " + "/".join(sizes) + "): *ack* = the update call (or load_model) returning; "
-             "*write* = the client writing the safetensors file (file) or the version folder (reload), not included above.")
+    L.append(
+        "Parts (median ms, " + "/".join(sizes) + "): *ack* = the update call (or load_model) returning; "
+        "*write* = the client writing the safetensors file (file) or the version folder (reload), not included above."
+    )
     L.append("")
     L.append("| method | ack | write | probes to see the new version (max) |")
     L.append("|---|---:|---:|---:|")
@@ -1125,33 +1164,40 @@ def markdown(R: dict) -> str:
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for cname, row in R["p3"].items():
         for state, m in row.items():
-            L.append(f"| {cname} | {state.replace('_', ' ')} | {m['processes']} | {m['rss'] / MiB:.0f} | {m['pss'] / MiB:.0f} | "
-                     f"{m['pss_anon'] / MiB:.0f} | {m['shm_store'] / MiB:.0f} | {m['shm_regions'] / MiB:.0f} ({m['shm_region_count']}) | "
-                     f"{m['footprint'] / MiB:.0f} |")
+            L.append(
+                f"| {cname} | {state.replace('_', ' ')} | {m['processes']} | {m['rss'] / MiB:.0f} | {m['pss'] / MiB:.0f} | "
+                f"{m['pss_anon'] / MiB:.0f} | {m['shm_store'] / MiB:.0f} | {m['shm_regions'] / MiB:.0f} ({m['shm_region_count']}) | "
+                f"{m['footprint'] / MiB:.0f} |"
+            )
     L.append("")
     ps = R["p3_summary"]
     lo, hi = cfg["p3_instances"][0], cfg["p3_instances"][-1]
-    L.append("footprint = anon + file PSS of the tree + this server's /dev/shm bytes, each tmpfs page counted once. "
-             "\"overhead probe\" is the weightbundle backend with tiny weights (128x128, prepack=F): per-process overhead.")
+    L.append(
+        "footprint = anon + file PSS of the tree + this server's /dev/shm bytes, each tmpfs page counted once. "
+        '"overhead probe" is the weightbundle backend with tiny weights (128x128, prepack=F): per-process overhead.'
+    )
     L.append("")
-    L.append(f"| config | per extra instance (x{lo} -> x{hi}): footprint MiB | anon MiB | weight copies per extra instance | "
-             f"resident at x{hi}, idle, in weight copies = store + file + anon + regions | "
-             f"after 1 update (x{hi}): growth = store + regions + anon |")
+    L.append(
+        f"| config | per extra instance (x{lo} -> x{hi}): footprint MiB | anon MiB | weight copies per extra instance | "
+        f"resident at x{hi}, idle, in weight copies = store + file + anon + regions | "
+        f"after 1 update (x{hi}): growth = store + regions + anon |"
+    )
     L.append("|---|---:|---:|---:|---|---|")
     for kind, d in ps.items():
         g = d.get(f"update_growth_x{hi}")
-        gs = (f"{g['total_copies']:.2f} = {g['store_copies']:.2f} + {g['regions_copies']:.2f} + {g['anon_copies']:.2f}" if g else "")
+        gs = f"{g['total_copies']:.2f} = {g['store_copies']:.2f} + {g['regions_copies']:.2f} + {g['anon_copies']:.2f}" if g else ""
         r = d.get(f"resident_x{hi}")
-        rs = (f"{r['total_copies']:.2f} = {r['store_copies']:.2f} + {r['file_copies']:.2f} + {r['anon_copies']:.2f} + {r['regions_copies']:.2f}"
-              if r else "")
+        rs = f"{r['total_copies']:.2f} = {r['store_copies']:.2f} + {r['file_copies']:.2f} + {r['anon_copies']:.2f} + {r['regions_copies']:.2f}" if r else ""
         L.append(f"| {kind} | {d['footprint_mib']:.0f} | {d['anon_mib']:.0f} | {fmt(d['weight_copies_est'], '.2f')} | {rs} | {gs} |")
     if cfg["quick"]:
         L.append("")
         L.append("With --quick the weights are tiny: these figures are per-process overhead only.")
     L.append("")
     # P4
-    L.append(f"### P4: {cfg['p4_clients']} clients, {cfg['p4_instances']} instances, {R['p4_model']} model, "
-             f"update of one layer every {cfg['p4_period'] * 1e3:.0f} ms via shm ({cfg['p4_seconds']:.0f} s per condition, 2 interleaved halves)")
+    L.append(
+        f"### P4: {cfg['p4_clients']} clients, {cfg['p4_instances']} instances, {R['p4_model']} model, "
+        f"update of one layer every {cfg['p4_period'] * 1e3:.0f} ms via shm ({cfg['p4_seconds']:.0f} s per condition, 2 interleaved halves)"
+    )
     L.append("")
     L.append("| prepack | updates | responses | req/s | p50 ms | p99 ms | p99 vs no-update | failed | torn | updates applied (/s) | update ack p50/p99 ms |")
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -1159,10 +1205,16 @@ def markdown(R: dict) -> str:
         b = R["p4"][f"{m}:no updates"]
         for cond in ("no updates", "updates"):
             d = R["p4"][f"{m}:{cond}"]
-            L.append(f"| {MODE_LABEL[m]} | {cond} | {d['responses']} | {d['throughput_rps']:.0f} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | "
-                     f"{d['p99_ms'] / b['p99_ms']:.2f}x | {d['failed']} | {d['torn']} | "
-                     + (f"{d['updates']} ({d['updates_per_s']:.1f}/s, {d['update_failed']} failed) | "
-                        f"{fmt(d['update_ack_p50_ms'], '.0f')}/{fmt(d['update_ack_p99_ms'], '.0f')} |" if cond == "updates" else " | |"))
+            L.append(
+                f"| {MODE_LABEL[m]} | {cond} | {d['responses']} | {d['throughput_rps']:.0f} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | "
+                f"{d['p99_ms'] / b['p99_ms']:.2f}x | {d['failed']} | {d['torn']} | "
+                + (
+                    f"{d['updates']} ({d['updates_per_s']:.1f}/s, {d['update_failed']} failed) | "
+                    f"{fmt(d['update_ack_p50_ms'], '.0f')}/{fmt(d['update_ack_p99_ms'], '.0f')} |"
+                    if cond == "updates"
+                    else " | |"
+                )
+            )
     unverified = {k: d["unknown_version"] for k, d in R["p4"].items() if d["unknown_version"]}
     if unverified:
         L.append(f"responses with a version the updater never announced (not verifiable): {unverified}")
@@ -1187,21 +1239,31 @@ def targets(R: dict) -> list[dict]:
             continue
         tot = p1[mid][m]["total"]
         lab = f"{m.split(':')[0]}, {MODE_LABEL[m.split(':')[1]]}"
-        out.append({"target": f"{mid} update ({lab}) within 3x memcpy floor", "figure": f"{tot:.1f} ms = {tot / floor:.1f}x of {floor:.1f} ms",
-                    "met": tot <= 3 * floor})
-        out.append({"target": f"{mid} update ({lab}) >= 20x faster than Triton reload", "figure": f"{reload:.0f} / {tot:.1f} ms = {reload / tot:.1f}x",
-                    "met": reload / tot >= 20})
+        out.append(
+            {
+                "target": f"{mid} update ({lab}) within 3x memcpy floor",
+                "figure": f"{tot:.1f} ms = {tot / floor:.1f}x of {floor:.1f} ms",
+                "met": tot <= 3 * floor,
+            }
+        )
+        out.append(
+            {
+                "target": f"{mid} update ({lab}) >= 20x faster than Triton reload",
+                "figure": f"{reload:.0f} / {tot:.1f} ms = {reload / tot:.1f}x",
+                "met": reload / tot >= 20,
+            }
+        )
     t = R["p2_triton"]["p50_ms"]
     base = next(v for k, v in t.items() if k.startswith("plain"))
     for k, v in t.items():
         if k.startswith("wb"):
-            out.append({"target": f"Triton inference {k} within 1.05x of plain baked", "figure": f"{v:.2f} / {base:.2f} ms = {v / base:.2f}x",
-                        "met": v / base <= 1.05})
+            out.append(
+                {"target": f"Triton inference {k} within 1.05x of plain baked", "figure": f"{v:.2f} / {base:.2f} ms = {v / base:.2f}x", "met": v / base <= 1.05}
+            )
     ip = R["p2_inprocess"]["p50_ms"]
     for k, v in ip.items():
         if k != "ORT baked":
-            out.append({"target": f"in-process {k} within 1.05x of ORT baked", "figure": f"{v / ip['ORT baked']:.2f}x",
-                        "met": v / ip["ORT baked"] <= 1.05})
+            out.append({"target": f"in-process {k} within 1.05x of ORT baked", "figure": f"{v / ip['ORT baked']:.2f}x", "met": v / ip["ORT baked"] <= 1.05})
     hi = R["config"]["p3_instances"][-1]
     for k, d in R["p3_summary"].items():
         if not k.startswith("wb"):
@@ -1210,23 +1272,44 @@ def targets(R: dict) -> list[dict]:
         r = d.get(f"resident_x{hi}")
         fig = f"{fmt(c, '.2f')} weight copies per extra instance"
         if r:
-            fig += (f"; {r['total_copies']:.2f} copies resident at x{hi} (store {r['store_copies']:.2f}, bundle file page cache "
-                    f"{r['file_copies']:.2f}, anon {r['anon_copies']:.2f}, regions {r['regions_copies']:.2f})")
-        out.append({"target": f"{k}: weights resident once with {hi} instances, plus at most one staging copy", "figure": fig,
-                    "met": None if c is None or r is None else bool(c < 0.5 and r["total_copies"] <= 2.1)})
+            fig += (
+                f"; {r['total_copies']:.2f} copies resident at x{hi} (store {r['store_copies']:.2f}, bundle file page cache "
+                f"{r['file_copies']:.2f}, anon {r['anon_copies']:.2f}, regions {r['regions_copies']:.2f})"
+            )
+        out.append(
+            {
+                "target": f"{k}: weights resident once with {hi} instances, plus at most one staging copy",
+                "figure": fig,
+                "met": None if c is None or r is None else bool(c < 0.5 and r["total_copies"] <= 2.1),
+            }
+        )
         g = d.get(f"update_growth_x{hi}")
         if g:
             extra = g["total_copies"] - g["store_copies"]
-            out.append({"target": f"{k}: after an update (x{hi}), growth beyond the retained previous version <= 1 copy",
-                        "figure": f"+{g['total_copies']:.2f} copies: store +{g['store_copies']:.2f} (history=1 keeps the previous "
-                                  f"version), backend regions +{g['regions_copies']:.2f}, anon +{g['anon_copies']:.2f}",
-                        "met": None if R["config"]["quick"] else bool(extra <= 1.05)})
+            out.append(
+                {
+                    "target": f"{k}: after an update (x{hi}), growth beyond the retained previous version <= 1 copy",
+                    "figure": f"+{g['total_copies']:.2f} copies: store +{g['store_copies']:.2f} (history=1 keeps the previous "
+                    f"version), backend regions +{g['regions_copies']:.2f}, anon +{g['anon_copies']:.2f}",
+                    "met": None if R["config"]["quick"] else bool(extra <= 1.05),
+                }
+            )
     for m in MODES:
         b, u = R["p4"][f"{m}:no updates"], R["p4"][f"{m}:updates"]
-        out.append({"target": f"under load ({MODE_LABEL[m]}): 0 failed, 0 torn", "figure": f"{u['failed']} failed, {u['torn']} torn of {u['responses']}",
-                    "met": u["failed"] == 0 and u["torn"] == 0})
-        out.append({"target": f"under load ({MODE_LABEL[m]}): p99 within 2x of no-update p99",
-                    "figure": f"{u['p99_ms']:.0f} / {b['p99_ms']:.0f} ms = {u['p99_ms'] / b['p99_ms']:.2f}x", "met": u["p99_ms"] <= 2 * b["p99_ms"]})
+        out.append(
+            {
+                "target": f"under load ({MODE_LABEL[m]}): 0 failed, 0 torn",
+                "figure": f"{u['failed']} failed, {u['torn']} torn of {u['responses']}",
+                "met": u["failed"] == 0 and u["torn"] == 0,
+            }
+        )
+        out.append(
+            {
+                "target": f"under load ({MODE_LABEL[m]}): p99 within 2x of no-update p99",
+                "figure": f"{u['p99_ms']:.0f} / {b['p99_ms']:.0f} ms = {u['p99_ms'] / b['p99_ms']:.2f}x",
+                "met": u["p99_ms"] <= 2 * b["p99_ms"],
+            }
+        )
     return out
 
 
@@ -1249,8 +1332,7 @@ def plot(R: dict, path: str) -> str | None:
         ys = [p1["median_ms"][s][m]["total"] for s in sizes]
         if ":" in m:
             t, mode = m.split(":")
-            ax.plot(xs, ys, color=colors[t], linestyle={"T": "-", "Tsync": "-.", "F": "--"}.get(mode, ":"), marker="o",
-                    label=f"{t}, {MODE_LABEL[mode]}")
+            ax.plot(xs, ys, color=colors[t], linestyle={"T": "-", "Tsync": "-.", "F": "--"}.get(mode, ":"), marker="o", label=f"{t}, {MODE_LABEL[mode]}")
         else:
             c, ls, mk = styles[m]
             ax.plot(xs, ys, color=c, linestyle=ls, marker=mk, label={"memcpy": "memcpy floor", "reload": "Triton reload"}[m])
@@ -1295,12 +1377,18 @@ def main(argv: list[str] | None = None) -> int:
 
     q = args.quick
     cfg = {
-        "quick": q, "n": args.n or (128 if q else 2048),
+        "quick": q,
+        "n": args.n or (128 if q else 2048),
         "layers": [int(v) for v in (args.layers or ("1,4" if q else "1,4,16")).split(",")],
-        "batch": 8 if q else 32, "p1_reps": args.reps or (2 if q else 5),
-        "p2_requests": 40 if q else 300, "p2_block": 10 if q else 25,
-        "p3_instances": (1, 4), "p4_seconds": args.p4_seconds or (1.0 if q else 15.0),
-        "p4_clients": 8, "p4_period": 0.1, "p4_instances": 2,
+        "batch": 8 if q else 32,
+        "p1_reps": args.reps or (2 if q else 5),
+        "p2_requests": 40 if q else 300,
+        "p2_block": 10 if q else 25,
+        "p3_instances": (1, 4),
+        "p4_seconds": args.p4_seconds or (1.0 if q else 15.0),
+        "p4_clients": 8,
+        "p4_period": 0.1,
+        "p4_instances": 2,
     }
     mid_layers = 4 if 4 in cfg["layers"] else cfg["layers"][0]
     out_dir = Path(args.out or (ROOT / "tools" / "out" / ("quick" if q else ""))).resolve()
@@ -1373,8 +1461,11 @@ def main(argv: list[str] | None = None) -> int:
 
     R["leaks"] = res.leaks()
     md = markdown(R)
-    md += ("\nleak check: nothing left (servers, temp repositories, stores, shm regions, files)\n" if not R["leaks"]
-           else f"\n**leak check: left behind: {R['leaks']}**\n")
+    md += (
+        "\nleak check: nothing left (servers, temp repositories, stores, shm regions, files)\n"
+        if not R["leaks"]
+        else f"\n**leak check: left behind: {R['leaks']}**\n"
+    )
     print(md)
     (out_dir / "results.md").write_text(md)
     with open(out_dir / "results.json", "w") as f:

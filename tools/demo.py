@@ -4,6 +4,7 @@
 Steps: start tritonserver (127.0.0.1, free ports) -> infer -> push a weight update with
 tritonclient -> infer again (answer and WEIGHTS_VERSION changed) -> roll back -> stop.
 """
+
 from __future__ import annotations
 
 import json

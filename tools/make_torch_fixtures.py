@@ -12,6 +12,7 @@ For each of four small models (seeded, so the output is reproducible on one torc
 - ``<model>.io.safetensors``: an input ``x`` and torch's outputs ``y_before`` / ``y_after``
   (eval mode) for both state_dicts.
 """
+
 from __future__ import annotations
 
 import json
@@ -147,8 +148,17 @@ def main() -> int:
             path = os.path.join(OUT, f"{name}.{tag}.onnx")
             dyn = {"x": {0: "batch"}}
             if kw.get("dynamo"):
-                torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                  external_data=False, verbose=False, **{k: v for k, v in kw.items()})
+                torch.onnx.export(
+                    m,
+                    (x,),
+                    path,
+                    input_names=["x"],
+                    output_names=["y"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    external_data=False,
+                    verbose=False,
+                    **{k: v for k, v in kw.items()},
+                )
             else:
                 torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"], dynamic_axes=dyn, **kw)
             for f in os.listdir(OUT):  # the dynamo exporter may leave a .data file: keep everything in one file
@@ -163,8 +173,13 @@ def main() -> int:
         save_file({"x": x.numpy(), "y_before": y_before, "y_after": y_after}, os.path.join(OUT, f"{name}.io.safetensors"))
         summary[name] = {"params": len(before), "max_change": float(max(np.abs(after[k].astype(np.float64) - before[k]).max() for k in before))}
     with open(os.path.join(OUT, "README.md"), "w") as f:
-        f.write("Written by tools/make_torch_fixtures.py with torch " + torch.__version__.split("+")[0]
-                + ". Do not edit; run the script again.\n\n```\n" + json.dumps(summary, indent=1) + "\n```\n")
+        f.write(
+            "Written by tools/make_torch_fixtures.py with torch "
+            + torch.__version__.split("+")[0]
+            + ". Do not edit; run the script again.\n\n```\n"
+            + json.dumps(summary, indent=1)
+            + "\n```\n"
+        )
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} files, {total / 1024:.0f} KiB, to {os.path.normpath(OUT)}")
     return 0

@@ -10,19 +10,41 @@
 
 The file format and control protocol are specified in docs/bundle-format.md.
 """
+
 __version__ = "0.1.0"
 
 from .build import build_bundle, save_bundle  # noqa: E402
 from .convert import RefreshableGraphs, convert, default_weights  # noqa: E402
 from .errors import (  # noqa: E402
-    BundleError, ChecksumError, ConvertError, FormatError, InputError, NotInitializedError, UnloadedError, UpdateError,
+    BundleError,
+    ChecksumError,
+    ConvertError,
+    FormatError,
+    InputError,
+    NotInitializedError,
+    UnloadedError,
+    UpdateError,
     VersionConflictError,
 )
 from .format import VariableSpec  # noqa: E402
 from .runtime import Bundle, RuntimeOptions  # noqa: E402
 
 __all__ = [
-    "Bundle", "RuntimeOptions", "RefreshableGraphs", "VariableSpec", "build_bundle", "convert", "default_weights", "save_bundle",
-    "BundleError", "ChecksumError", "ConvertError", "FormatError", "InputError", "NotInitializedError", "UnloadedError",
-    "UpdateError", "VersionConflictError",
+    "Bundle",
+    "RuntimeOptions",
+    "RefreshableGraphs",
+    "VariableSpec",
+    "build_bundle",
+    "convert",
+    "default_weights",
+    "save_bundle",
+    "BundleError",
+    "ChecksumError",
+    "ConvertError",
+    "FormatError",
+    "InputError",
+    "NotInitializedError",
+    "UnloadedError",
+    "UpdateError",
+    "VersionConflictError",
 ]

@@ -1,4 +1,5 @@
 """Compile refreshable graphs into bundle bytes, and write them safely."""
+
 from __future__ import annotations
 
 import os
@@ -26,15 +27,17 @@ def build_bundle(graphs: RefreshableGraphs, include_init: bool = True, optimize:
     out: dict[int, bytes] = {GRAPH_INFERENCE: infer.SerializeToString(), GRAPH_UPDATE: graphs.update.SerializeToString()}
     initial = None
     if include_init:  # the data moves to the aligned weight section; the graph keeps references
-        values = {t.name[len("init/"):]: numpy_helper.to_array(t) for t in graphs.init.graph.initializer}
+        values = {t.name[len("init/") :]: numpy_helper.to_array(t) for t in graphs.init.graph.initializer}
         initial = {v.name: np.asarray(values[v.name], v.np_dtype) for v in graphs.variables}
         out[GRAPH_INIT] = init_graph(graphs.variables).SerializeToString()
     meta = {
         "producer": f"weightbundle {__version__}",
         "compiled": {"onnxruntime": ort.__version__, "level": optimize or "none", "provider": "CPUExecutionProvider"},
         # format 1.1: update inputs (sources) and the derivations hoisted out of inference
-        "sources": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), **({"alias_of": graphs.aliases[s.name]} if s.name in graphs.aliases else {})}
-                    for s in graphs.sources],
+        "sources": [
+            {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), **({"alias_of": graphs.aliases[s.name]} if s.name in graphs.aliases else {})}
+            for s in graphs.sources
+        ],
         "derived": dict(graphs.derived),
     }
     return encode(out, graphs.variables, initial, meta, extra={"inference_source": graphs.infer.SerializeToString()} if optimize else None)

@@ -23,6 +23,7 @@ or the initializer's own name decide; tied tensors (one tensor under several nam
 collapse to their first name; otherwise ``ConvertError`` names the initializer and
 its candidates.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -51,9 +52,12 @@ class Match:
     args: tuple[Any, ...] = ()
 
     def describe(self) -> str:
-        a = {"transpose": lambda: f" perm={list(self.args[0])}", "slice": lambda: f" axis={self.args[0]} [{self.args[1]}:{self.args[2]}]"
-             + (f" then transpose {list(self.args[3])}" if self.args[3] else ""), "bn_weight": lambda: f" eps={self.args[0]:g}",
-             "bn_bias": lambda: f" eps={self.args[0]:g}"}.get(self.op, lambda: "")()
+        a = {
+            "transpose": lambda: f" perm={list(self.args[0])}",
+            "slice": lambda: f" axis={self.args[0]} [{self.args[1]}:{self.args[2]}]" + (f" then transpose {list(self.args[3])}" if self.args[3] else ""),
+            "bn_weight": lambda: f" eps={self.args[0]:g}",
+            "bn_bias": lambda: f" eps={self.args[0]:g}",
+        }.get(self.op, lambda: "")()
         return f"{self.op}({', '.join(self.sources)}){a}"
 
 
@@ -134,8 +138,9 @@ def _same_fp(p: tuple[float, float], q: tuple[float, float]) -> bool:
     return all(abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-30) + 1e-30 for x, y in zip(p, q))
 
 
-def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[str, np.ndarray],
-                  fp_cache: dict[str, tuple[float, float]] | None = None) -> list[Match]:
+def exact_matches(
+    a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[str, np.ndarray], fp_cache: dict[str, tuple[float, float]] | None = None
+) -> list[Match]:
     """Checkpoint tensors that give ``a`` exactly under identity/transpose/reshape/slice (after a cast).
 
     Cheap filters first, so a model with hundreds of equal-shaped weights stays fast: a
@@ -186,7 +191,7 @@ def exact_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], cast_cache: dict[
                 # starts whose first slice equals a's first slice, in one vectorised pass
                 starts = np.flatnonzero((bm[:k] == am[0]).reshape(k, -1).all(axis=1))
                 for start in starts.tolist():
-                    if np.array_equal(bm[start:start + n], am):
+                    if np.array_equal(bm[start : start + n], am):
                         out.append(Match((name,), "slice", (ax, start, start + n, tuple(order) if order else None)))
     return out
 
@@ -212,8 +217,7 @@ def _close(x: np.ndarray, a: np.ndarray) -> bool:
     return x.shape == a.shape and bool(np.allclose(x, a.astype(np.float64), rtol=1e-5, atol=1e-6 * max(scale, 1e-6)))
 
 
-def bn_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], groups: dict[str, dict[str, str]],
-               pairs: dict[str, str]) -> list[Match]:
+def bn_matches(a: np.ndarray, ck: Mapping[str, np.ndarray], groups: dict[str, dict[str, str]], pairs: dict[str, str]) -> list[Match]:
     """``a`` as a Conv/Linear weight or bias with BatchNorm folded in (tolerance, not exact)."""
     out: list[Match] = []
     if a.ndim >= 2:
@@ -261,8 +265,7 @@ def _hints(node: onnx.NodeProto, ck_by_token: Mapping[str, str]) -> set[str]:
     return set()
 
 
-def _restore_dropped_biases(model: onnx.ModelProto, ck: Mapping[str, np.ndarray], ck_by_token: Mapping[str, str],
-                            inits: dict[str, TensorProto]) -> list[str]:
+def _restore_dropped_biases(model: onnx.ModelProto, ck: Mapping[str, np.ndarray], ck_by_token: Mapping[str, str], inits: dict[str, TensorProto]) -> list[str]:
     """The dynamo exporter's optimizer drops a Gemm's all-zero bias; give it back as input C.
 
     Otherwise a trained bias could never reach the served model.  Only where the node's
@@ -290,8 +293,9 @@ def _restore_dropped_biases(model: onnx.ModelProto, ck: Mapping[str, np.ndarray]
     return restored
 
 
-def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.PathLike,
-            tied: Sequence[Sequence[str]] | None = None) -> tuple[list[str], dict[str, Any]]:
+def recover(
+    model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.PathLike, tied: Sequence[Sequence[str]] | None = None
+) -> tuple[list[str], dict[str, Any]]:
     """Rewrite ``model`` (in place) so its weights are the checkpoint's tensors.
 
     Returns the source names (update inputs, checkpoint order) and a report:
@@ -333,8 +337,10 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
     # Shapes that cannot fit: the same name with another shape is the wrong checkpoint.
     for n in candidates:
         if n in ck and tuple(ck[n].shape) != tuple(inits[n].dims) and ck[n].size != int(np.prod(inits[n].dims)):
-            raise ConvertError(f"checkpoint tensor {n!r} has shape {tuple(ck[n].shape)} but the model's initializer {n!r} has "
-                               f"{tuple(inits[n].dims)}: is this the checkpoint the model was exported from?")
+            raise ConvertError(
+                f"checkpoint tensor {n!r} has shape {tuple(ck[n].shape)} but the model's initializer {n!r} has "
+                f"{tuple(inits[n].dims)}: is this the checkpoint the model was exported from?"
+            )
 
     groups = bn_groups(ck)
     values = {n: numpy_helper.to_array(inits[n]) for n in candidates}
@@ -344,8 +350,16 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
     for n in candidates:
         cc = cache.setdefault(values[n].dtype.str, {})
         matches[n] = exact_matches(values[n], ck, cc, fps.setdefault(values[n].dtype.str, {}))
-    pairs = {m.sources[0]: next(p for p, grp in groups.items() if grp["weight"] == m.sources[1])
-             for n in candidates for m in bn_matches(values[n], ck, groups, {}) if m.op == "bn_weight"} if groups else {}
+    pairs = (
+        {
+            m.sources[0]: next(p for p, grp in groups.items() if grp["weight"] == m.sources[1])
+            for n in candidates
+            for m in bn_matches(values[n], ck, groups, {})
+            if m.op == "bn_weight"
+        }
+        if groups
+        else {}
+    )
     for n in candidates:
         if not matches[n] and groups:
             matches[n] = bn_matches(values[n], ck, groups, pairs)
@@ -361,8 +375,10 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
         ms = matches[n]
         if not ms:
             if n in ck:
-                raise ConvertError(f"initializer {n!r} does not equal checkpoint tensor {n!r} under any supported transform "
-                                   "(identity, transpose, reshape, slice, cast, BatchNorm folding): is this the checkpoint the model was exported from?")
+                raise ConvertError(
+                    f"initializer {n!r} does not equal checkpoint tensor {n!r} under any supported transform "
+                    "(identity, transpose, reshape, slice, cast, BatchNorm folding): is this the checkpoint the model was exported from?"
+                )
             report["constants"].append(n)
             continue
         canon: dict[Any, Match] = {}
@@ -379,9 +395,11 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
                 pool = own or pool
             if len(pool) > 1:
                 cands = ", ".join(m.describe() for m in pool[:8])
-                raise ConvertError(f"initializer {n!r} (shape {tuple(values[n].shape)}, used by {node.op_type} {node.name or node.output[0]!r}) "
-                                   f"matches several checkpoint tensors: {cands}. weightbundle does not guess: pass tied=[[...]] "
-                                   "if they are one tensor, or export with names kept (dynamo optimize=False)")
+                raise ConvertError(
+                    f"initializer {n!r} (shape {tuple(values[n].shape)}, used by {node.op_type} {node.name or node.output[0]!r}) "
+                    f"matches several checkpoint tensors: {cands}. weightbundle does not guess: pass tied=[[...]] "
+                    "if they are one tensor, or export with names kept (dynamo optimize=False)"
+                )
             chosen[k] = pool[0]
         distinct = list(dict.fromkeys(chosen.values()))
         for m in distinct:
@@ -400,8 +418,9 @@ def recover(model: onnx.ModelProto, checkpoint: Mapping[str, Any] | str | os.Pat
                     node.input[i] = out
             report["matched"][n if len(distinct) == 1 else out] = m.describe()
     if not sources:
-        raise ConvertError(f"no initializer of the model matches a checkpoint tensor (checkpoint has {list(ck)[:8]}...): "
-                           "is this the checkpoint the model was exported from?")
+        raise ConvertError(
+            f"no initializer of the model matches a checkpoint tensor (checkpoint has {list(ck)[:8]}...): is this the checkpoint the model was exported from?"
+        )
     # Replace matched initializers with the sources (checkpoint values, in the model's dtype).
     keep = [t for t in g.initializer if t.name not in drop and t.name not in sources]
     src_names = sorted(sources, key=order.__getitem__)
@@ -436,8 +455,14 @@ def _derivation(m: Match, out: str, target: np.ndarray, ck: Mapping[str, np.ndar
     if m.op == "slice":
         ax, start, end, perm = m.args
         sliced = out if perm is None else p + "sliced"
-        nodes = [helper.make_node("Slice", [src, const("starts", np.array([start], np.int64)), const("ends", np.array([end], np.int64)),
-                                            const("axes", np.array([ax], np.int64))], [sliced], name=p + "slice")]
+        nodes = [
+            helper.make_node(
+                "Slice",
+                [src, const("starts", np.array([start], np.int64)), const("ends", np.array([end], np.int64)), const("axes", np.array([ax], np.int64))],
+                [sliced],
+                name=p + "slice",
+            )
+        ]
         if perm is not None:
             nodes.append(helper.make_node("Transpose", [sliced], [out], perm=list(perm), name=p + "transpose"))
         return nodes, consts
@@ -445,23 +470,30 @@ def _derivation(m: Match, out: str, target: np.ndarray, ck: Mapping[str, np.ndar
     eps = m.args[0]
     if m.op == "bn_weight":
         w, gamma, var = m.sources
-        nodes = [helper.make_node("Add", [var, const("eps", np.array(eps, dt))], [p + "var_eps"]),
-                 helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
-                 helper.make_node("Div", [gamma, p + "std"], [p + "scale"]),
-                 helper.make_node("Reshape", [p + "scale", const("shape", np.array([-1] + [1] * (target.ndim - 1), np.int64))], [p + "scale_r"]),
-                 helper.make_node("Mul", [w, p + "scale_r"], [out])]
+        nodes = [
+            helper.make_node("Add", [var, const("eps", np.array(eps, dt))], [p + "var_eps"]),
+            helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
+            helper.make_node("Div", [gamma, p + "std"], [p + "scale"]),
+            helper.make_node("Reshape", [p + "scale", const("shape", np.array([-1] + [1] * (target.ndim - 1), np.int64))], [p + "scale_r"]),
+            helper.make_node("Mul", [w, p + "scale_r"], [out]),
+        ]
         return nodes, consts
     if m.op == "bn_bias":
         has_bias = m.args[1]
         srcs = list(m.sources)
         b = srcs.pop(0) if has_bias else None
         gamma, beta, mean, var = srcs
-        nodes = [helper.make_node("Add", [var, const("eps", np.array(eps, dt))], [p + "var_eps"]),
-                 helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
-                 helper.make_node("Div", [gamma, p + "std"], [p + "scale"])]
+        nodes = [
+            helper.make_node("Add", [var, const("eps", np.array(eps, dt))], [p + "var_eps"]),
+            helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
+            helper.make_node("Div", [gamma, p + "std"], [p + "scale"]),
+        ]
         if b:
-            nodes += [helper.make_node("Sub", [b, mean], [p + "centered"]), helper.make_node("Mul", [p + "centered", p + "scale"], [p + "scaled"]),
-                      helper.make_node("Add", [p + "scaled", beta], [out])]
+            nodes += [
+                helper.make_node("Sub", [b, mean], [p + "centered"]),
+                helper.make_node("Mul", [p + "centered", p + "scale"], [p + "scaled"]),
+                helper.make_node("Add", [p + "scaled", beta], [out]),
+            ]
         else:
             nodes += [helper.make_node("Mul", [mean, p + "scale"], [p + "shift"]), helper.make_node("Sub", [beta, p + "shift"], [out])]
         return nodes, consts
@@ -484,8 +516,10 @@ def select_update(inputs: Sequence[str], names: Sequence[str], *, strict: bool =
     known = set(inputs)
     unknown = [n for n in names if n not in known]
     if unknown and strict:
-        raise UpdateError(f"{len(unknown)} tensor(s) are not update inputs of this model: {unknown[:10]}"
-                          f"{'...' if len(unknown) > 10 else ''} (pass strict=False / --no-strict to ignore them)")
+        raise UpdateError(
+            f"{len(unknown)} tensor(s) are not update inputs of this model: {unknown[:10]}"
+            f"{'...' if len(unknown) > 10 else ''} (pass strict=False / --no-strict to ignore them)"
+        )
     if require_all:
         missing = [n for n in inputs if n not in set(names)]
         if missing:

@@ -1,4 +1,5 @@
 """``weightbundle`` command line: build, inspect, config, serve."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,23 @@ def _cmd_build(a: argparse.Namespace) -> int:
     from .convert import convert
 
     tied = [t.split(",") for t in a.tie] if a.tie else None
-    graphs = convert(a.model, weights=a.weights or None, checkpoint=a.checkpoint, tied=tied, hoist=not a.no_hoist,
-                     fold_bn=True if a.fold_bn else None)
+    graphs = convert(a.model, weights=a.weights or None, checkpoint=a.checkpoint, tied=tied, hoist=not a.no_hoist, fold_bn=True if a.fold_bn else None)
     data = build_bundle(graphs, include_init=not a.no_init, optimize=None if a.optimize == "none" else a.optimize)
     save_bundle(a.output, data)
     total = sum(v.nbytes for v in graphs.variables)
-    print(f"wrote {a.output}: {len(data)} bytes, {len(graphs.sources)} update inputs, {len(graphs.variables)} variables "
-          f"({len(graphs.derived)} derived; {total} bytes of weights), graphs {'0,1,2' if not a.no_init else '0,2'}")
+    print(
+        f"wrote {a.output}: {len(data)} bytes, {len(graphs.sources)} update inputs, {len(graphs.variables)} variables "
+        f"({len(graphs.derived)} derived; {total} bytes of weights), graphs {'0,1,2' if not a.no_init else '0,2'}"
+    )
     r = graphs.report
     if r:
         moved = sum(1 for how in r["matched"].values() if not how.startswith("identity("))
-        print(f"checkpoint: {len(r['matched'])} initializers matched ({moved} by a transform), "
-              f"{len(r['constants'])} left constant {r['constants'][:5]}, unused {r['unused'][:8]}"
-              + (f", tied {r['tied']}" if r["tied"] else "") + (f", restored dropped {r['restored']}" if r["restored"] else ""))
+        print(
+            f"checkpoint: {len(r['matched'])} initializers matched ({moved} by a transform), "
+            f"{len(r['constants'])} left constant {r['constants'][:5]}, unused {r['unused'][:8]}"
+            + (f", tied {r['tied']}" if r["tied"] else "")
+            + (f", restored dropped {r['restored']}" if r["restored"] else "")
+        )
     return 0
 
 
@@ -45,12 +50,23 @@ def describe(path: str) -> dict:
         "producer": toc.get("producer"),
         "compiled": toc.get("compiled"),
         "graphs": [{"id": g["id"], "kind": g["kind"], "bytes": g["length"], "crc32": f"{g['crc32']:08x}"} for g in toc["graphs"]],
-        "variables": [{"index": i, "name": r["name"], "dtype": r["dtype"], "shape": r["shape"], "bytes": r["nbytes"],
-                       **({"crc32": f"{r['crc32']:08x}"} if "crc32" in r else {})} for i, r in enumerate(toc["variables"])],
+        "variables": [
+            {
+                "index": i,
+                "name": r["name"],
+                "dtype": r["dtype"],
+                "shape": r["shape"],
+                "bytes": r["nbytes"],
+                **({"crc32": f"{r['crc32']:08x}"} if "crc32" in r else {}),
+            }
+            for i, r in enumerate(toc["variables"])
+        ],
         "weights_bytes": sum(r["nbytes"] for r in toc["variables"]),
         "has_initial_weights": toc.get("weights") is not None,
-        "update_inputs": [{"index": i, "name": s.name, "dtype": s.dtype, "shape": list(s.shape),
-                           **({"alias_of": layout.aliases[s.name]} if s.name in layout.aliases else {})} for i, s in enumerate(layout.sources)],
+        "update_inputs": [
+            {"index": i, "name": s.name, "dtype": s.dtype, "shape": list(s.shape), **({"alias_of": layout.aliases[s.name]} if s.name in layout.aliases else {})}
+            for i, s in enumerate(layout.sources)
+        ],
         "derived": layout.derived,
     }
 
@@ -107,8 +123,15 @@ def _cmd_push(a: argparse.Namespace) -> int:
     secret = os.environ.get(a.secret_env) if a.secret_env else None  # unset: the server says if one is needed
     try:
         with WeightClient(a.url, a.model, protocol=a.protocol, secret=secret) as c:
-            r = c.push_file(a.weights, via=a.via, only=a.only, expected_version=a.expected_version,
-                            progress=None if a.quiet else progress_bar(), strict=a.strict, require_all=a.require_all)
+            r = c.push_file(
+                a.weights,
+                via=a.via,
+                only=a.only,
+                expected_version=a.expected_version,
+                progress=None if a.quiet else progress_bar(),
+                strict=a.strict,
+                require_all=a.require_all,
+            )
     except CommandError as e:
         print(f"weightbundle push: refused: {e}", file=sys.stderr)
         return 1
@@ -126,8 +149,7 @@ def _cmd_publish(a: argparse.Namespace) -> int:
     from .client import progress_bar
     from .objectstore import parse_url, publish
 
-    r = publish(_s3_client(a), a.checkpoint, parse_url(a.dest), a.model, a.version, a.delta_from,
-                progress=None if a.quiet else progress_bar())
+    r = publish(_s3_client(a), a.checkpoint, parse_url(a.dest), a.model, a.version, a.delta_from, progress=None if a.quiet else progress_bar())
     print(r.summary())
     return 0
 
@@ -165,8 +187,9 @@ def _cmd_fleet(a: argparse.Namespace) -> int:
 def _s3_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--region", default="us-east-1")
-    p.add_argument("--credentials-file", help="ini file with aws_access_key_id/aws_secret_access_key under [default] "
-                                              "(default: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY)")
+    p.add_argument(
+        "--credentials-file", help="ini file with aws_access_key_id/aws_secret_access_key under [default] (default: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,12 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--weights", nargs="+", metavar="NAME", help="initializers to make refreshable (default: float initializers used as data)")
     b.add_argument("--no-init", action="store_true", help="leave out the init graph and initial weights (smaller file)")
     b.add_argument("--optimize", default="extended", choices=["none", "basic", "extended"], help="ORT optimisation applied once at build time")
-    b.add_argument("--checkpoint", metavar="CKPT.safetensors",
-                   help="the tensors the model was exported from: initializers are matched to them by value, so pushes use their names and layouts")
+    b.add_argument(
+        "--checkpoint",
+        metavar="CKPT.safetensors",
+        help="the tensors the model was exported from: initializers are matched to them by value, so pushes use their names and layouts",
+    )
     b.add_argument("--tie", action="append", metavar="A,B", help="checkpoint names that are one tensor in the trainer (tied weights)")
     b.add_argument("--no-hoist", action="store_true", help="keep weight preprocessing (Transpose, Slice, ...) in the inference graph")
-    b.add_argument("--fold-bn", action="store_true",
-                   help="fold Conv/Gemm+BatchNormalization into weights the update graph recomputes (default with --checkpoint)")
+    b.add_argument(
+        "--fold-bn", action="store_true", help="fold Conv/Gemm+BatchNormalization into weights the update graph recomputes (default with --checkpoint)"
+    )
     b.set_defaults(fn=_cmd_build)
 
     i = sub.add_parser("inspect", help="list graphs, variables and checksums of a bundle")
@@ -214,12 +241,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     u.add_argument("url", help="server address, e.g. 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 with --protocol grpc")
     u.add_argument("model")
     u.add_argument("weights", help="safetensors file; tensor names are the bundle's variable names")
-    u.add_argument("--via", choices=["auto", "request", "shm", "file"], default="auto",
-                   help="transport (auto: shm for a server on this host, else request)")
+    u.add_argument("--via", choices=["auto", "request", "shm", "file"], default="auto", help="transport (auto: shm for a server on this host, else request)")
     u.add_argument("--only", nargs="+", metavar="NAME", help="push only these tensors; the others are kept")
     u.add_argument("--expected-version", type=int, help="compare-and-swap: refuse unless this is the current version")
-    u.add_argument("--no-strict", dest="strict", action="store_false",
-                   help="ignore (and list) tensors that are not update inputs of the model, like load_state_dict(strict=False)")
+    u.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="ignore (and list) tensors that are not update inputs of the model, like load_state_dict(strict=False)",
+    )
     u.add_argument("--require-all", action="store_true", help="refuse unless the file has every update input of the model")
     u.add_argument("--protocol", choices=["http", "grpc"], default="http")
     u.add_argument("--secret-env", default="WEIGHTBUNDLE_SECRET", help="environment variable holding the update secret")

@@ -15,6 +15,7 @@ Transports for ``update``:
 - ``file``: the request carries only a path to a safetensors file that the server reads.
   The file must be in one of the model's ``file_update_dirs``.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,7 @@ class PushResult:
 
     def summary(self) -> str:
         mib = self.bytes / 2**20
-        line = (f"weights version {self.version}: pushed {mib:.1f} MiB via {self.via} in {self.seconds * 1000:.0f} ms "
-                f"({self.rate / 2**30:.2f} GiB/s)")
+        line = f"weights version {self.version}: pushed {mib:.1f} MiB via {self.via} in {self.seconds * 1000:.0f} ms ({self.rate / 2**30:.2f} GiB/s)"
         upd = self.updated
         line += f"\nupdated {len(upd)}: {', '.join(upd[:12])}{' ...' if len(upd) > 12 else ''}"
         if self.ignored:
@@ -71,8 +71,7 @@ def _local(url: str) -> bool:
 
 
 class WeightClient:
-    def __init__(self, url: str, model: str, *, protocol: str = "http", secret: str | None = None,
-                 model_version: str = "", timeout: float = 600.0):
+    def __init__(self, url: str, model: str, *, protocol: str = "http", secret: str | None = None, model_version: str = "", timeout: float = 600.0):
         if protocol not in ("http", "grpc"):
             raise ValueError("protocol must be 'http' or 'grpc'")
         self.url, self.model, self.protocol, self.secret, self.model_version = url, model, protocol, secret, model_version
@@ -107,11 +106,11 @@ class WeightClient:
                 from google.protobuf.json_format import MessageToDict
 
                 cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
-            inputs = {i["name"]: (i["data_type"].replace("TYPE_", ""), [int(d) for d in i.get("dims", [])], bool(i.get("optional")))
-                      for i in cfg.get("input", [])}
+            inputs = {
+                i["name"]: (i["data_type"].replace("TYPE_", ""), [int(d) for d in i.get("dims", [])], bool(i.get("optional"))) for i in cfg.get("input", [])
+            }
             weights = {n: v[:2] for n, v in inputs.items() if v[2] and n != CONTROL_INPUT}
-            self._sig = {"batching": int(cfg.get("max_batch_size", 0)) > 0,
-                         "inputs": {n: v[:2] for n, v in inputs.items() if not v[2]}, "weights": weights}
+            self._sig = {"batching": int(cfg.get("max_batch_size", 0)) > 0, "inputs": {n: v[:2] for n, v in inputs.items() if not v[2]}, "weights": weights}
         return self._sig
 
     # -- requests ----------------------------------------------------------------------------
@@ -173,8 +172,16 @@ class WeightClient:
     def abort(self, version: int) -> dict[str, Any]:
         return self._send([self._control("abort", version=version)])
 
-    def update(self, weights: Mapping[str, Any], *, via: str = "auto", expected_version: int | None = None,
-               progress: Callable[[int, int], None] | None = None, strict: bool = True, require_all: bool = False) -> PushResult:
+    def update(
+        self,
+        weights: Mapping[str, Any],
+        *,
+        via: str = "auto",
+        expected_version: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        strict: bool = True,
+        require_all: bool = False,
+    ) -> PushResult:
         """Push ``weights`` (name -> array or torch tensor, e.g. a whole ``state_dict``); weights not named are kept.
 
         All-or-nothing.  Like ``load_state_dict``: names that are not update inputs are an
@@ -244,8 +251,7 @@ class WeightClient:
         except Exception:
             pass
 
-    def _update_shm(self, arrays: Mapping[str, np.ndarray], expected_version: int | None,
-                    progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    def _update_shm(self, arrays: Mapping[str, np.ndarray], expected_version: int | None, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
         import tritonclient.utils.shared_memory as shm
         from tritonclient.utils import np_to_triton_dtype
 
@@ -276,8 +282,17 @@ class WeightClient:
             self._drop_region()
             raise
 
-    def push_file(self, path: str, *, via: str = "auto", only: Sequence[str] | None = None, expected_version: int | None = None,
-                  progress: Callable[[int, int], None] | None = None, strict: bool = True, require_all: bool = False) -> PushResult:
+    def push_file(
+        self,
+        path: str,
+        *,
+        via: str = "auto",
+        only: Sequence[str] | None = None,
+        expected_version: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        strict: bool = True,
+        require_all: bool = False,
+    ) -> PushResult:
         """Push a safetensors file (e.g. a trainer's checkpoint). ``via='file'`` sends only the path (server reads it).
 
         ``strict``/``require_all`` as in ``update``; with ``strict=False`` the tensors that are
@@ -300,8 +315,7 @@ class WeightClient:
             pick = send if (only or ignored) else None
             size = _safetensors_bytes(path, pick)
             t0 = time.perf_counter()
-            result = self._send([self._control("update", expected_version=expected_version,
-                                               source={"file": path, **({"only": list(pick)} if pick else {})})])
+            result = self._send([self._control("update", expected_version=expected_version, source={"file": path, **({"only": list(pick)} if pick else {})})])
             if progress:
                 progress(size, size)
             return PushResult(result["version"], size, time.perf_counter() - t0, "file", result, ignored)
@@ -354,6 +368,7 @@ def _safetensors_bytes(path: str, only: Sequence[str] | None) -> int:
 
 def progress_bar(stream: Any = sys.stderr) -> Callable[[int, int], None]:
     """A one-line text progress bar for pushes (no extra dependency)."""
+
     def show(done: int, total: int) -> None:
         frac = done / total if total else 1.0
         bar = "#" * int(frac * 30)
@@ -361,4 +376,5 @@ def progress_bar(stream: Any = sys.stderr) -> Callable[[int, int], None]:
         if done >= total:
             stream.write("\n")
         stream.flush()
+
     return show

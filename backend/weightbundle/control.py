@@ -5,6 +5,7 @@ A command is a one-element string tensor holding a JSON object, e.g.
 parses and authorises; executing a command is the service's job.
 Spec: docs/bundle-format.md, section "Control protocol".
 """
+
 from __future__ import annotations
 
 import hmac
@@ -81,7 +82,7 @@ def parse_command(value: Any) -> Command:
     except ValueError as e:
         raise ControlError(f"{CONTROL_INPUT} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise ControlError(f"{CONTROL_INPUT} must be a JSON object like {{\"op\": \"update\"}}, got {type(obj).__name__}")
+        raise ControlError(f'{CONTROL_INPUT} must be a JSON object like {{"op": "update"}}, got {type(obj).__name__}')
     op = obj.pop("op", None)
     if not isinstance(op, str) or op not in OPS:
         raise ControlError(f"unknown op {op!r:.80}; valid ops are {list(OPS)}")
@@ -167,8 +168,10 @@ def validate_names(names: Sequence[str], what: str = "tensor") -> None:
         if why:
             bad.append(f"{n!r} ({why})")
     if bad:
-        raise BundleError(f"{what} name(s) Triton cannot carry: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                          "rename them in the ONNX model (or pick other weights with --weights)")
+        raise BundleError(
+            f"{what} name(s) Triton cannot carry: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "rename them in the ONNX model (or pick other weights with --weights)"
+        )
 
 
 def name_problem(n: Any) -> str | None:

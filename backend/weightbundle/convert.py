@@ -8,6 +8,7 @@ EXTERNAL`` and no data.  The runtime points them at the current weight version
 (memory-mapped files) when it builds a session, so the graph bytes never hold
 weights and no optimiser can bake a variable's value into the graph.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,14 +38,42 @@ GRAPH_IR_VERSION = 8
 PARAM_INPUTS: dict[str, frozenset[int]] = {
     op: frozenset(ix)
     for op, ix in {
-        "Clip": (1, 2), "Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 2, 3), "Reshape": (1,),
-        "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,), "Range": (0, 1, 2),
-        "TopK": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "OneHot": (1, 2),
-        "Pow": (1,), "Dropout": (1, 2), "Trilu": (1,), "CumSum": (1,), "QuantizeLinear": (1, 2),
-        "DequantizeLinear": (1, 2), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,),
-        "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL2": (1,), "NonMaxSuppression": (2, 3, 4),
-        "RoiAlign": (1, 2), "Gather": (1,), "GatherElements": (1,), "GatherND": (1,), "ScatterND": (1,),
-        "Where": (0,), "CenterCropPad": (1,), "Col2Im": (1, 2),
+        "Clip": (1, 2),
+        "Resize": (1, 2, 3),
+        "Upsample": (1,),
+        "Pad": (1, 2, 3),
+        "Reshape": (1,),
+        "Expand": (1,),
+        "Tile": (1,),
+        "Slice": (1, 2, 3, 4),
+        "ConstantOfShape": (0,),
+        "Range": (0, 1, 2),
+        "TopK": (1,),
+        "Squeeze": (1,),
+        "Unsqueeze": (1,),
+        "Split": (1,),
+        "OneHot": (1, 2),
+        "Pow": (1,),
+        "Dropout": (1, 2),
+        "Trilu": (1,),
+        "CumSum": (1,),
+        "QuantizeLinear": (1, 2),
+        "DequantizeLinear": (1, 2),
+        "ReduceSum": (1,),
+        "ReduceMean": (1,),
+        "ReduceMax": (1,),
+        "ReduceMin": (1,),
+        "ReduceProd": (1,),
+        "ReduceL2": (1,),
+        "NonMaxSuppression": (2, 3, 4),
+        "RoiAlign": (1, 2),
+        "Gather": (1,),
+        "GatherElements": (1,),
+        "GatherND": (1,),
+        "ScatterND": (1,),
+        "Where": (0,),
+        "CenterCropPad": (1,),
+        "Col2Im": (1, 2),
     }.items()
 }
 
@@ -114,11 +143,7 @@ def default_weights(model: onnx.ModelProto) -> list[str]:
         used.add(name)
         if i in PARAM_INPUTS.get(op, ()):
             used_as_param.add(name)
-    return [
-        t.name
-        for t in model.graph.initializer
-        if t.data_type in _FLOATS and len(t.dims) >= 1 and t.name in used and t.name not in used_as_param
-    ]
+    return [t.name for t in model.graph.initializer if t.data_type in _FLOATS and len(t.dims) >= 1 and t.name in used and t.name not in used_as_param]
 
 
 def _select(model: onnx.ModelProto, weights: Sequence[str] | None) -> list[str]:
@@ -168,8 +193,13 @@ def split_identity_aliases(model: onnx.ModelProto, weights: set[str] | None = No
     made, keep_nodes = [], []
     for node in g.node:
         src = node.input[0] if node.op_type == "Identity" and node.input else None
-        if src in inits and (weights is None or src in weights) and node.output[0] not in outputs and node.output[0] not in inits \
-                and inits[src].data_type in _FLOATS:
+        if (
+            src in inits
+            and (weights is None or src in weights)
+            and node.output[0] not in outputs
+            and node.output[0] not in inits
+            and inits[src].data_type in _FLOATS
+        ):
             t = TensorProto()
             t.CopyFrom(inits[src])
             t.name = node.output[0]
@@ -184,9 +214,15 @@ def split_identity_aliases(model: onnx.ModelProto, weights: set[str] | None = No
     return made
 
 
-def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] | None = None, *,
-            checkpoint: Mapping[str, Any] | str | os.PathLike | None = None, tied: Sequence[Sequence[str]] | None = None,
-            hoist: bool = True, fold_bn: bool | None = None) -> RefreshableGraphs:
+def convert(
+    model: onnx.ModelProto | str | os.PathLike,
+    weights: Sequence[str] | None = None,
+    *,
+    checkpoint: Mapping[str, Any] | str | os.PathLike | None = None,
+    tied: Sequence[Sequence[str]] | None = None,
+    hoist: bool = True,
+    fold_bn: bool | None = None,
+) -> RefreshableGraphs:
     """Split ``model`` into inference, init and update graphs sharing variables.
 
     ``checkpoint`` (name -> array, torch tensors, or a safetensors path) names the tensors
@@ -270,8 +306,9 @@ def convert(model: onnx.ModelProto | str | os.PathLike, weights: Sequence[str] |
     return RefreshableGraphs(infer, _init_graph(specs, initial), update, specs, sources, plan.derived, report, aliases)
 
 
-def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[VariableSpec], entries: Sequence[VariableSpec],
-                         aliases: Mapping[str, str] | None = None) -> onnx.ModelProto:
+def hoisted_update_graph(
+    model: onnx.ModelProto, plan: Any, sources: Sequence[VariableSpec], entries: Sequence[VariableSpec], aliases: Mapping[str, str] | None = None
+) -> onnx.ModelProto:
     """Update graph whose inputs are sources and whose outputs are store entries.
 
     Each source is checked as in ``update_graph`` (empty = keep).  A source entry is
@@ -298,11 +335,15 @@ def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[Va
             p = f"update/{s.name}/tie{k}/"
             T = _NAME_TO_ONNX[s.dtype]
             take = helper.make_graph([helper.make_node("Identity", [cur], [p + "own"])], p + "own_g", [], [helper.make_tensor_value_info(p + "own", T, None)])
-            alt = helper.make_graph([helper.make_node("Identity", [own[a]], [p + "alias"])], p + "alias_g", [], [helper.make_tensor_value_info(p + "alias", T, None)])
-            nodes += [helper.make_node("Size", [cur], [p + "size"]),
-                      helper.make_node("Constant", [], [p + "zero"], value=numpy_helper.from_array(np.array(0, np.int64), "z")),
-                      helper.make_node("Greater", [p + "size", p + "zero"], [p + "has"]),
-                      helper.make_node("If", [p + "has"], [p + "merged"], then_branch=take, else_branch=alt)]
+            alt = helper.make_graph(
+                [helper.make_node("Identity", [own[a]], [p + "alias"])], p + "alias_g", [], [helper.make_tensor_value_info(p + "alias", T, None)]
+            )
+            nodes += [
+                helper.make_node("Size", [cur], [p + "size"]),
+                helper.make_node("Constant", [], [p + "zero"], value=numpy_helper.from_array(np.array(0, np.int64), "z")),
+                helper.make_node("Greater", [p + "size", p + "zero"], [p + "has"]),
+                helper.make_node("If", [p + "has"], [p + "merged"], then_branch=take, else_branch=alt),
+            ]
             cur = p + "merged"
         value[s.name] = cur
     inits = {t.name: t for t in model.graph.initializer}
@@ -325,9 +366,11 @@ def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[Va
             body.append(helper.make_node("Identity", [p + e.name], [p + "out"]))
             conds = []
             for d in deps:
-                nodes += [helper.make_node("Size", [value[d]], [p + d + "/size"]),
-                          helper.make_node("Constant", [], [p + d + "/zero"], value=numpy_helper.from_array(np.array(0, np.int64), "z")),
-                          helper.make_node("Greater", [p + d + "/size", p + d + "/zero"], [p + d + "/has"])]
+                nodes += [
+                    helper.make_node("Size", [value[d]], [p + d + "/size"]),
+                    helper.make_node("Constant", [], [p + d + "/zero"], value=numpy_helper.from_array(np.array(0, np.int64), "z")),
+                    helper.make_node("Greater", [p + d + "/size", p + d + "/zero"], [p + d + "/has"]),
+                ]
                 conds.append(p + d + "/has")
             cond = conds[0]
             for k, c2 in enumerate(conds[1:]):
@@ -335,8 +378,9 @@ def hoisted_update_graph(model: onnx.ModelProto, plan: Any, sources: Sequence[Va
                 cond = p + f"all{k}"
             then = helper.make_graph(body, p + "compute", [], [helper.make_tensor_value_info(p + "out", T, None)])
             empty = numpy_helper.from_array(np.zeros((0,), DTYPES[e.dtype]), p + "empty")
-            keep = helper.make_graph([helper.make_node("Constant", [], [p + "keep_v"], value=empty)], p + "keep", [],
-                                     [helper.make_tensor_value_info(p + "keep_v", T, [0])])
+            keep = helper.make_graph(
+                [helper.make_node("Constant", [], [p + "keep_v"], value=empty)], p + "keep", [], [helper.make_tensor_value_info(p + "keep_v", T, [0])]
+            )
             nodes.append(helper.make_node("If", [cond], [out], then_branch=then, else_branch=keep, name=p + "if"))
         outputs.append(helper.make_tensor_value_info(out, T, None))
     nodes.append(helper.make_node("Concat", valid, [VALID_OUTPUT], axis=0))
@@ -396,8 +440,7 @@ def _init_graph(specs: Sequence[VariableSpec], initial: Sequence[TensorProto]) -
         nodes.append(helper.make_node("Identity", [c.name], [s.name], name=f"init/{s.name}/assign"))
         outputs.append(helper.make_tensor_value_info(s.name, _NAME_TO_ONNX[s.dtype], list(s.shape)))
     g = helper.make_graph(nodes, "weightbundle_init", [], outputs, consts)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle",
-                             ir_version=GRAPH_IR_VERSION)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle", ir_version=GRAPH_IR_VERSION)
 
 
 def init_graph(specs: Sequence[VariableSpec]) -> onnx.ModelProto:
@@ -424,34 +467,62 @@ def source_block(s: VariableSpec, out: str) -> tuple[list[onnx.NodeProto], str]:
     empty_T = numpy_helper.from_array(np.zeros((0,), DTYPES[s.dtype]), p + "empty")
     keep = helper.make_graph(
         [helper.make_node("Constant", [], [p + "keep_v"], value=empty_T), c(p + "keep_ok", np.array(True))],
-        p + "keep", [], [helper.make_tensor_value_info(p + "keep_v", T, [0]), helper.make_tensor_value_info(p + "keep_ok", BOOL, [])])
+        p + "keep",
+        [],
+        [helper.make_tensor_value_info(p + "keep_v", T, [0]), helper.make_tensor_value_info(p + "keep_ok", BOOL, [])],
+    )
     # Shape check: compare Shape(x)++[1] with shape++[1] only when ranks agree
     # (the appended 1 keeps Equal well-defined for rank-0 variables).
     same_shape = helper.make_graph(
-        [c(p + "one", np.array([1], np.int64)), c(p + "want", np.array(list(s.shape) + [1], np.int64)),
-         helper.make_node("Shape", [n], [p + "sh"]), helper.make_node("Concat", [p + "sh", p + "one"], [p + "sh1"], axis=0),
-         helper.make_node("Equal", [p + "sh1", p + "want"], [p + "eq"]), helper.make_node("Cast", [p + "eq"], [p + "eqi"], to=TensorProto.INT32),
-         helper.make_node("ReduceMin", [p + "eqi"], [p + "min"], keepdims=0), c(p + "i1", np.array(1, np.int32)),
-         helper.make_node("Equal", [p + "min", p + "i1"], [p + "shape_ok"])],
-        p + "same_shape", [], [helper.make_tensor_value_info(p + "shape_ok", BOOL, [])])
+        [
+            c(p + "one", np.array([1], np.int64)),
+            c(p + "want", np.array(list(s.shape) + [1], np.int64)),
+            helper.make_node("Shape", [n], [p + "sh"]),
+            helper.make_node("Concat", [p + "sh", p + "one"], [p + "sh1"], axis=0),
+            helper.make_node("Equal", [p + "sh1", p + "want"], [p + "eq"]),
+            helper.make_node("Cast", [p + "eq"], [p + "eqi"], to=TensorProto.INT32),
+            helper.make_node("ReduceMin", [p + "eqi"], [p + "min"], keepdims=0),
+            c(p + "i1", np.array(1, np.int32)),
+            helper.make_node("Equal", [p + "min", p + "i1"], [p + "shape_ok"]),
+        ],
+        p + "same_shape",
+        [],
+        [helper.make_tensor_value_info(p + "shape_ok", BOOL, [])],
+    )
     wrong_rank = helper.make_graph([c(p + "false", np.array(False))], p + "wrong_rank", [], [helper.make_tensor_value_info(p + "false", BOOL, [])])
     assign = helper.make_graph(
-        [helper.make_node("Cast", [n], [p + "cast"], to=T), c(p + "shape", np.array(s.shape, np.int64)),
-         helper.make_node("Reshape", [p + "cast", p + "shape"], [p + "assign_v"])],
-        p + "assign", [], [helper.make_tensor_value_info(p + "assign_v", T, list(s.shape))])
-    reject = helper.make_graph([helper.make_node("Constant", [], [p + "reject_v"], value=empty_T)], p + "reject", [],
-                               [helper.make_tensor_value_info(p + "reject_v", T, [0])])
+        [
+            helper.make_node("Cast", [n], [p + "cast"], to=T),
+            c(p + "shape", np.array(s.shape, np.int64)),
+            helper.make_node("Reshape", [p + "cast", p + "shape"], [p + "assign_v"]),
+        ],
+        p + "assign",
+        [],
+        [helper.make_tensor_value_info(p + "assign_v", T, list(s.shape))],
+    )
+    reject = helper.make_graph(
+        [helper.make_node("Constant", [], [p + "reject_v"], value=empty_T)], p + "reject", [], [helper.make_tensor_value_info(p + "reject_v", T, [0])]
+    )
     check = helper.make_graph(
-        [helper.make_node("Shape", [n], [p + "shape_of"]), helper.make_node("Size", [p + "shape_of"], [p + "rank"]),
-         c(p + "want_rank", np.array(len(s.shape), np.int64)), helper.make_node("Equal", [p + "rank", p + "want_rank"], [p + "rank_ok"]),
-         helper.make_node("If", [p + "rank_ok"], [p + "chk_ok"], then_branch=same_shape, else_branch=wrong_rank),
-         helper.make_node("If", [p + "chk_ok"], [p + "chk_v"], then_branch=assign, else_branch=reject)],
-        p + "check", [], [helper.make_tensor_value_info(p + "chk_v", T, None), helper.make_tensor_value_info(p + "chk_ok", BOOL, [])])
+        [
+            helper.make_node("Shape", [n], [p + "shape_of"]),
+            helper.make_node("Size", [p + "shape_of"], [p + "rank"]),
+            c(p + "want_rank", np.array(len(s.shape), np.int64)),
+            helper.make_node("Equal", [p + "rank", p + "want_rank"], [p + "rank_ok"]),
+            helper.make_node("If", [p + "rank_ok"], [p + "chk_ok"], then_branch=same_shape, else_branch=wrong_rank),
+            helper.make_node("If", [p + "chk_ok"], [p + "chk_v"], then_branch=assign, else_branch=reject),
+        ],
+        p + "check",
+        [],
+        [helper.make_tensor_value_info(p + "chk_v", T, None), helper.make_tensor_value_info(p + "chk_ok", BOOL, [])],
+    )
     nodes = [
-        helper.make_node("Size", [n], [p + "size"]), c(p + "zero", np.array(0, np.int64)),
+        helper.make_node("Size", [n], [p + "size"]),
+        c(p + "zero", np.array(0, np.int64)),
         helper.make_node("Equal", [p + "size", p + "zero"], [p + "is_empty"]),
         helper.make_node("If", [p + "is_empty"], [out, ok], then_branch=keep, else_branch=check, name=p + "if_empty"),
-        c(p + "axes", np.array([0], np.int64)), helper.make_node("Unsqueeze", [ok, p + "axes"], [p + "ok1"]),
+        c(p + "axes", np.array([0], np.int64)),
+        helper.make_node("Unsqueeze", [ok, p + "axes"], [p + "ok1"]),
     ]
     return nodes, p + "ok1"
 
@@ -477,8 +548,7 @@ def update_graph(specs: Sequence[VariableSpec], input_dtypes: dict[str, str] | N
     nodes.append(helper.make_node("Concat", valid, [VALID_OUTPUT], axis=0))
     outputs.append(helper.make_tensor_value_info(VALID_OUTPUT, TensorProto.BOOL, [len(specs)]))
     g = helper.make_graph(nodes, "weightbundle_update", inputs, outputs)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle",
-                             ir_version=GRAPH_IR_VERSION)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)], producer_name="weightbundle", ir_version=GRAPH_IR_VERSION)
 
 
 def variables_as_inputs(infer: onnx.ModelProto) -> onnx.ModelProto:

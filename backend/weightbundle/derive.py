@@ -14,6 +14,7 @@ whose sources was pushed.  When a variable depends on several sources (Conv+BN
 folding, Concat), the store keeps those sources as extra entries (*kept sources*)
 so a partial push can recompute it from their current values.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,10 +28,30 @@ from .errors import ConvertError
 
 # Ops moved out of inference when every input is a source, a constant, or another hoisted
 # value: layout changes and cheap elementwise arithmetic, all deterministic.
-HOISTABLE = frozenset({
-    "Transpose", "Identity", "Slice", "Split", "Gather", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast",
-    "Mul", "Add", "Sub", "Div", "Concat", "Sqrt", "Reciprocal", "Neg", "Expand", "Pow",
-})
+HOISTABLE = frozenset(
+    {
+        "Transpose",
+        "Identity",
+        "Slice",
+        "Split",
+        "Gather",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Cast",
+        "Mul",
+        "Add",
+        "Sub",
+        "Div",
+        "Concat",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "Expand",
+        "Pow",
+    }
+)
 
 
 @dataclass
@@ -78,8 +99,12 @@ def hoist(model: onnx.ModelProto, sources: Sequence[str], enabled: bool = True) 
             wdep.update(o for o in node.output if o)
             for o in node.output:
                 producer[o] = node
-        elif plain and node.op_type in HOISTABLE | {"Constant", "Shape", "ConstantOfShape", "Range"} and all(i in const for i in ins) \
-                and not any(i in wdep for i in ins):
+        elif (
+            plain
+            and node.op_type in HOISTABLE | {"Constant", "Shape", "ConstantOfShape", "Range"}
+            and all(i in const for i in ins)
+            and not any(i in wdep for i in ins)
+        ):
             const_nodes.append(node)
             const.update(o for o in node.output if o)
             for o in node.output:
@@ -128,7 +153,7 @@ def _outer_refs(g: onnx.GraphProto) -> list[str]:
     for n in g.node:
         out.extend(i for i in n.input if i)
         for a in n.attribute:
-            for sg in ([a.g] if a.HasField("g") else list(a.graphs)):
+            for sg in [a.g] if a.HasField("g") else list(a.graphs):
                 out.extend(_outer_refs(sg))
     return out
 
@@ -197,8 +222,10 @@ def evaluate(model: onnx.ModelProto, plan: Plan, values: dict[str, np.ndarray]) 
             consts.append(inits[name])
         else:
             raise ConvertError(f"cannot hoist: {name!r} is neither a source nor a constant")
-    probe = helper.make_model(helper.make_graph(nodes, "probe", [], [helper.make_tensor_value_info(v, TensorProto.UNDEFINED, None) for v in derived], consts),
-                              opset_imports=list(model.opset_import))
+    probe = helper.make_model(
+        helper.make_graph(nodes, "probe", [], [helper.make_tensor_value_info(v, TensorProto.UNDEFINED, None) for v in derived], consts),
+        opset_imports=list(model.opset_import),
+    )
     probe.ir_version = min(model.ir_version or 8, 10) if model.ir_version else 8
     typed = onnx.shape_inference.infer_shapes(probe)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(typed.graph.value_info) + list(typed.graph.output)}
@@ -245,8 +272,9 @@ def fold_batchnorm(model: onnx.ModelProto, sources: Sequence[str]) -> list[str]:
         if conv is None or conv.op_type not in ("Conv", "Gemm") or consumers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs:
             continue
         attrs = {a.name: a for a in conv.attribute}
-        if conv.op_type == "Gemm" and (attrs.get("alpha") and attrs["alpha"].f != 1.0 or attrs.get("beta") and attrs["beta"].f != 1.0
-                                       or attrs.get("transA") and attrs["transA"].i):
+        if conv.op_type == "Gemm" and (
+            attrs.get("alpha") and attrs["alpha"].f != 1.0 or attrs.get("beta") and attrs["beta"].f != 1.0 or attrs.get("transA") and attrs["transA"].i
+        ):
             continue
         w = conv.input[1]
         b = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
@@ -265,12 +293,19 @@ def fold_batchnorm(model: onnx.ModelProto, sources: Sequence[str]) -> list[str]:
         p = f"{w}::bn_fold/"  # the folded pair: <conv weight>::bn_fold/weight and .../bias
         g.initializer.extend([numpy_helper.from_array(np.array(eps, dt), p + "eps"), numpy_helper.from_array(np.array(axis_shape, np.int64), p + "shape")])
         n = helper.make_node
-        new_nodes += [n("Add", [var, p + "eps"], [p + "var_eps"]), n("Sqrt", [p + "var_eps"], [p + "std"]),
-                      n("Div", [scale, p + "std"], [p + "scale"]), n("Reshape", [p + "scale", p + "shape"], [p + "scale_r"]),
-                      n("Mul", [w, p + "scale_r"], [p + "weight"])]
+        new_nodes += [
+            n("Add", [var, p + "eps"], [p + "var_eps"]),
+            n("Sqrt", [p + "var_eps"], [p + "std"]),
+            n("Div", [scale, p + "std"], [p + "scale"]),
+            n("Reshape", [p + "scale", p + "shape"], [p + "scale_r"]),
+            n("Mul", [w, p + "scale_r"], [p + "weight"]),
+        ]
         if b is not None:
-            new_nodes += [n("Sub", [b, mean], [p + "centered"]), n("Mul", [p + "centered", p + "scale"], [p + "scaled"]),
-                          n("Add", [p + "scaled", beta], [p + "bias"])]
+            new_nodes += [
+                n("Sub", [b, mean], [p + "centered"]),
+                n("Mul", [p + "centered", p + "scale"], [p + "scaled"]),
+                n("Add", [p + "scaled", beta], [p + "bias"]),
+            ]
         else:
             new_nodes += [n("Mul", [mean, p + "scale"], [p + "shift"]), n("Sub", [beta, p + "shift"], [p + "bias"])]
         x = conv.input[0]

@@ -3,6 +3,7 @@
 Callers (the Triton backend in particular) catch ``BundleError`` to turn it into
 a per-request error without taking the server down; anything else is a bug.
 """
+
 from __future__ import annotations
 
 

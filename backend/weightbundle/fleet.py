@@ -14,6 +14,7 @@ Activation is a rename under the store lock on each server: milliseconds.  A ser
 that dies after step 5 and before activating joins at N when it restarts (catch-up
 reads ``ACTIVE``).  The protocol and its guarantees: docs/fleet.md.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -65,8 +66,9 @@ class PushReport:
         for s in self.servers:
             fetched = "-" if s.fetched_bytes is None else _size(s.fetched_bytes)
             note = "already at version" if s.skipped else (s.error or "")
-            rows.append(f"{s.url:<24} {_f(s.before):>6} {_f(s.stage_ms, 1):>9} {_f(s.fetch_ms, 1):>9} {fetched:>10} "
-                        f"{_f(s.activate_ms, 2):>11} {_f(s.after):>5}  {note}")
+            rows.append(
+                f"{s.url:<24} {_f(s.before):>6} {_f(s.stage_ms, 1):>9} {_f(s.fetch_ms, 1):>9} {fetched:>10} {_f(s.activate_ms, 2):>11} {_f(s.after):>5}  {note}"
+            )
         rows.append(f"stage (all, parallel): {self.stage_wall_ms:.1f} ms; activate (all, parallel): {self.activate_wall_ms:.2f} ms")
         rows.append(self.message)
         return "\n".join(rows)
@@ -126,8 +128,18 @@ def _parallel(fn: Callable[[str], Any], servers: Sequence[str], timeout: float) 
     return out
 
 
-def push(servers: Sequence[str], model: str, version: int, source: str, *, secret: str | None = None, deadline: float = 120.0,
-         s3: Any = None, record_active: bool = True, active_history: list[int] | None = None) -> PushReport:
+def push(
+    servers: Sequence[str],
+    model: str,
+    version: int,
+    source: str,
+    *,
+    secret: str | None = None,
+    deadline: float = 120.0,
+    s3: Any = None,
+    record_active: bool = True,
+    active_history: list[int] | None = None,
+) -> PushReport:
     """Bring every server to ``version`` staged from ``source``, all or none. Raises FleetError."""
     model_url, n = resolve_source(source, model, version)
     version = version if n is None else n
@@ -216,9 +228,11 @@ def push(servers: Sequence[str], model: str, version: int, source: str, *, secre
         else:
             by_url[url].after = r["version"]
     if failed:
-        report.message = (f"version {version} is recorded as active and activated on {len(servers) - len(failed)} of {len(servers)} "
-                          f"servers; {', '.join(failed)} did not activate: they join at {version} on restart (catch-up) "
-                          f"or when this push is run again")
+        report.message = (
+            f"version {version} is recorded as active and activated on {len(servers) - len(failed)} of {len(servers)} "
+            f"servers; {', '.join(failed)} did not activate: they join at {version} on restart (catch-up) "
+            f"or when this push is run again"
+        )
         raise FleetError(report.message, report)
     report.ok = True
     report.message = f"fleet at version {version}: {len(servers)} server(s)"
@@ -227,6 +241,7 @@ def push(servers: Sequence[str], model: str, version: int, source: str, *, secre
 
 def _abort_all(servers: Sequence[str], model: str, version: int, secret: str | None, by_url: dict[str, ServerReport]) -> None:
     """Best effort, bounded: a server that cannot be reached drops its staged version at its ttl or restart."""
+
     def abort(url: str) -> None:
         with _client(url, model, secret, 5.0) as c:
             try:
@@ -242,6 +257,7 @@ def _abort_all(servers: Sequence[str], model: str, version: int, secret: str | N
 
 def status(servers: Sequence[str], model: str, s3: Any = None, source: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """Each server's version and staged versions, plus the fleet's ACTIVE pointer when a source is given."""
+
     def one(url: str) -> dict[str, Any]:
         with _client(url, model, None, timeout) as c:
             return c.status(checksums=False)
@@ -271,7 +287,6 @@ def rollback(servers: Sequence[str], model: str, source: str, s3: Any, *, secret
     target = a.history[-1]
     number = max([a.version, *osx.published_versions(s3, model_url)]) + 1
     osx.publish_alias(s3, model_url, number, target)
-    report = push(servers, model, number, str(model_url.child(f"v{number}")), secret=secret, deadline=deadline, s3=s3,
-                  active_history=a.history[:-1])
+    report = push(servers, model, number, str(model_url.child(f"v{number}")), secret=secret, deadline=deadline, s3=s3, active_history=a.history[:-1])
     report.message += f" (rolled back to the weights of version {target})"
     return report

@@ -8,6 +8,7 @@ Every byte is covered: header and TOC by CRC32, each graph and each initial
 weight by its own CRC32, and all padding must be zero.  So any corruption or
 truncation is detected as a ``FormatError`` before a single byte is trusted.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,7 @@ GRAPH_KINDS = {GRAPH_INFERENCE: "inference", GRAPH_INIT: "init", GRAPH_UPDATE: "
 
 # dtype names as written in the TOC; numpy names, restricted to what ORT and safetensors share.
 DTYPES: dict[str, np.dtype] = {
-    n: np.dtype(n)
-    for n in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
+    n: np.dtype(n) for n in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
 }
 
 
@@ -275,7 +275,10 @@ def _decode_toc(buf: memoryview, toc: dict[str, Any], toc_end: int, verify_weigh
         cursor = 0
         for row, spec in zip(rows, variables):
             off = _int(row["offset"], f"variable {spec.name!r} offset")
-            _require(off % TENSOR_ALIGN == 0 and off >= cursor and off + spec.nbytes <= wlen, f"variable {spec.name!r} data {off}+{spec.nbytes} is outside or misaligned in the weight section")
+            _require(
+                off % TENSOR_ALIGN == 0 and off >= cursor and off + spec.nbytes <= wlen,
+                f"variable {spec.name!r} data {off}+{spec.nbytes} is outside or misaligned in the weight section",
+            )
             _check_zero(buf, woff + cursor, woff + off, "weight section")
             data = buf[woff + off : woff + off + spec.nbytes]
             if verify_weights and crc32(data) != row["crc32"]:
@@ -324,15 +327,23 @@ def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple
     _require(isinstance(derived_raw, dict), "TOC 'derived' must be an object")
     by_name = {s.name: s for s in sources}
     for a, p in aliases.items():
-        _require(p in by_name and p not in aliases and by_name[p].dtype == by_name[a].dtype and by_name[p].shape == by_name[a].shape,
-                 f"source {a!r} is an alias of {p!r}, which is not a source of the same dtype and shape")
+        _require(
+            p in by_name and p not in aliases and by_name[p].dtype == by_name[a].dtype and by_name[p].shape == by_name[a].shape,
+            f"source {a!r} is an alias of {p!r}, which is not a source of the same dtype and shape",
+        )
     table = {v.name for v in variables}
     derived: dict[str, list[str]] = {}
     for name, deps in derived_raw.items():
         _require(name in table and name not in by_name, f"derived variable {name!r} is not in the variable table, or is also a source")
-        _require(isinstance(deps, list) and deps and all(d in by_name and d not in aliases for d in deps), f"derived variable {name!r}: its sources {deps!r} are not all sources")
+        _require(
+            isinstance(deps, list) and deps and all(d in by_name and d not in aliases for d in deps),
+            f"derived variable {name!r}: its sources {deps!r} are not all sources",
+        )
         derived[name] = list(deps)
     for v in variables:
         if v.name not in derived:
-            _require(v.name in by_name and v.name not in aliases and by_name[v.name] == v, f"variable {v.name!r} is neither derived nor a source of the same dtype and shape")
+            _require(
+                v.name in by_name and v.name not in aliases and by_name[v.name] == v,
+                f"variable {v.name!r} is neither derived nor a source of the same dtype and shape",
+            )
     return sources, derived, aliases

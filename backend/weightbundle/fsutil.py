@@ -5,6 +5,7 @@
 - ``pid_alive`` and ``owner_pid``: files and folders of a process are named
   ``<prefix><pid>-<rest>``, so leftovers of a dead process can be told from live ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ def owner_pid(name: str, prefix: str) -> int | None:
     """The pid in ``<prefix><pid>-...`` (or ``<prefix><pid>``), else None."""
     if not name.startswith(prefix):
         return None
-    head = name[len(prefix):].split("-", 1)[0].split(".", 1)[0]
+    head = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
     return int(head) if head.isdigit() else None
 
 

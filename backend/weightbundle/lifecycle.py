@@ -24,6 +24,7 @@ Two independent nets, started from ``initialize``:
   grace period, then unlinks this stub's region and ``os._exit``\\ s. It needs
   the GIL, so it cannot end the hang above on its own.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -73,8 +74,7 @@ def _prctl_pdeathsig(sig: int) -> bool:
 class ParentWatch:
     """See the module docstring. One per process; ``watch_parent`` starts it."""
 
-    def __init__(self, parent: int, *, poll: float = 0.25, grace: float = 2.0, arm: bool = True,
-                 on_parent_death=None) -> None:
+    def __init__(self, parent: int, *, poll: float = 0.25, grace: float = 2.0, arm: bool = True, on_parent_death=None) -> None:
         self.parent = parent
         self.poll = poll
         self.grace = grace

@@ -10,6 +10,7 @@ tensor before it copies a byte into the python backend's shared memory, and they
 declared only when updates are on.  ``check_config`` is the backend's side of the same
 contract: at ``initialize`` it refuses a config whose inputs do not match the bundle.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -53,8 +54,9 @@ def _updates_on(parameters: Mapping[str, str]) -> bool:
     return parse_bool(parameters.get("allow_updates", "false"), "allow_updates")
 
 
-def make_config(bundle: Bundle, name: str, max_batch_size: int = 0, instances: int = 1, kind: str = "KIND_CPU",
-                parameters: Mapping[str, str] | None = None) -> str:
+def make_config(
+    bundle: Bundle, name: str, max_batch_size: int = 0, instances: int = 1, kind: str = "KIND_CPU", parameters: Mapping[str, str] | None = None
+) -> str:
     """config.pbtxt text: inference I/O, CONTROL, WEIGHTS_VERSION, CONTROL_RESULT and,
     when ``allow_updates`` is true, one optional input per update input with its exact shape.
 
@@ -128,5 +130,8 @@ def check_config(bundle: Bundle, config: Mapping[str, Any], updates_enabled: boo
         elif name not in {i.name for i in bundle.inputs}:
             problems.append(f"input {name!r} is neither an inference input, {CONTROL_INPUT}, nor an update input of this bundle")
     if problems:
-        raise BundleError("config.pbtxt does not match the bundle (regenerate it with `weightbundle config`): " + "; ".join(problems[:5])
-                          + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+        raise BundleError(
+            "config.pbtxt does not match the bundle (regenerate it with `weightbundle config`): "
+            + "; ".join(problems[:5])
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )

@@ -15,6 +15,7 @@ The client is boto3; no hand-written HTTP.  Credentials come from the environmen
 (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or a credentials file, never from a
 model config.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -115,10 +116,10 @@ def make_client(endpoint: str | None, credentials: tuple[str, str], region: str 
         from botocore.config import Config
     except ImportError:
         raise ObjectStoreError("the object store needs boto3: pip install 'weightbundle[s3]'") from None
-    cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2, "mode": "standard"},
-                 connect_timeout=min(timeout, 10.0), read_timeout=timeout)
-    return boto3.client("s3", endpoint_url=endpoint or None, aws_access_key_id=credentials[0],
-                        aws_secret_access_key=credentials[1], region_name=region, config=cfg)
+    cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=min(timeout, 10.0), read_timeout=timeout)
+    return boto3.client(
+        "s3", endpoint_url=endpoint or None, aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1], region_name=region, config=cfg
+    )
 
 
 def _err(e: Exception, what: str) -> ObjectStoreError:
@@ -156,6 +157,7 @@ def _is_precondition(e: Exception) -> bool:
 # -- manifest -------------------------------------------------------------------------------
 def validate_manifest(m: Any, where: str, version: int | None = None) -> dict:
     """Structure only; whether it fits a model is ``check_fits``."""
+
     def bad(why: str) -> ObjectStoreError:
         return ObjectStoreError(f"bad manifest {where}: {why}")
 
@@ -167,13 +169,17 @@ def validate_manifest(m: Any, where: str, version: int | None = None) -> dict:
     if not isinstance(tensors, dict) or not isinstance(objects, dict):
         raise bad("'tensors' and 'objects' must be objects")
     for name, t in tensors.items():
-        if not isinstance(t, dict) or t.get("dtype") not in ST_CODES or not isinstance(t.get("shape"), list) \
-                or not all(isinstance(d, int) and d >= 0 for d in t["shape"]) or not isinstance(t.get("sha256"), str) \
-                or t.get("object") not in objects:
+        if (
+            not isinstance(t, dict)
+            or t.get("dtype") not in ST_CODES
+            or not isinstance(t.get("shape"), list)
+            or not all(isinstance(d, int) and d >= 0 for d in t["shape"])
+            or not isinstance(t.get("sha256"), str)
+            or t.get("object") not in objects
+        ):
             raise bad(f"tensor {name!r} needs dtype, shape, sha256 and an object listed in 'objects'")
     for key, o in objects.items():
-        if not isinstance(o, dict) or not isinstance(o.get("sha256"), str) or not isinstance(o.get("size"), int) \
-                or ".." in key.split("/"):
+        if not isinstance(o, dict) or not isinstance(o.get("sha256"), str) or not isinstance(o.get("size"), int) or ".." in key.split("/"):
             raise bad(f"object {key!r} needs sha256 and size")
     return m
 
@@ -185,8 +191,9 @@ def check_fits(m: dict, weights: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
         raise ObjectStoreError(f"manifest {where} does not fit this model: unknown tensor(s) {unknown[:10]}")
     for name, t in m["tensors"].items():
         if tuple(t["shape"]) != tuple(weights[name][1]):
-            raise ObjectStoreError(f"manifest {where} does not fit this model: tensor {name!r} has shape {tuple(t['shape'])}, "
-                                   f"the model's is {tuple(weights[name][1])}")
+            raise ObjectStoreError(
+                f"manifest {where} does not fit this model: tensor {name!r} has shape {tuple(t['shape'])}, the model's is {tuple(weights[name][1])}"
+            )
 
 
 def get_json(client: Any, url: S3Url, what: str) -> tuple[Any, str]:
@@ -217,7 +224,7 @@ def published_versions(client: Any, model_url: S3Url) -> list[int]:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=model_url.bucket, Prefix=model_url.key + "/v")
         for page in pages:
             for o in page.get("Contents", []):
-                rel = o["Key"][len(model_url.key) + 1:]
+                rel = o["Key"][len(model_url.key) + 1 :]
                 d, _, f = rel.partition("/")
                 if f == MANIFEST and d[1:].isdigit():
                     out.append(int(d[1:]))
@@ -322,12 +329,22 @@ class PublishResult:
     seconds: float
 
     def summary(self) -> str:
-        return (f"published {self.url} (parent {self.parent}): {self.tensors} tensors, uploaded {len(self.uploaded)} object(s), "
-                f"{self.uploaded_bytes / 2**20:.1f} MiB in {self.seconds * 1000:.0f} ms")
+        return (
+            f"published {self.url} (parent {self.parent}): {self.tensors} tensors, uploaded {len(self.uploaded)} object(s), "
+            f"{self.uploaded_bytes / 2**20:.1f} MiB in {self.seconds * 1000:.0f} ms"
+        )
 
 
-def publish(client: Any, ckpt: str, dest: S3Url, model: str, version: int, delta_from: int | None = None,
-            progress: Callable[[int, int], None] | None = None, tmpdir: str | None = None) -> PublishResult:
+def publish(
+    client: Any,
+    ckpt: str,
+    dest: S3Url,
+    model: str,
+    version: int,
+    delta_from: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    tmpdir: str | None = None,
+) -> PublishResult:
     """Upload ``ckpt`` as version ``version`` of ``model`` under ``dest``; the manifest goes last.
 
     With ``delta_from`` only tensors whose bytes differ from that version's travel; the
@@ -367,8 +384,11 @@ def publish(client: Any, ckpt: str, dest: S3Url, model: str, version: int, delta
         parent = delta_from
         tensors = dict(pm["tensors"])
         objects = {k: pm["objects"][k] for k in {t["object"] for t in tensors.values()}}
-    changed = [n for n in header if n not in tensors or tensors[n]["sha256"] != shas[n]
-               or tensors[n]["dtype"] != header[n]["dtype"] or tensors[n]["shape"] != header[n]["shape"]]
+    changed = [
+        n
+        for n in header
+        if n not in tensors or tensors[n]["sha256"] != shas[n] or tensors[n]["dtype"] != header[n]["dtype"] or tensors[n]["shape"] != header[n]["shape"]
+    ]
     token = uuid.uuid4().hex[:12]
     key = f"v{version}/{token}-weights.safetensors"
     uploaded: list[str] = []
@@ -394,17 +414,22 @@ def publish(client: Any, ckpt: str, dest: S3Url, model: str, version: int, delta
             obj = model_url.child(key)
             uploaded.append(obj.key)
             try:
-                client.upload_file(src, obj.bucket, obj.key, Config=TransferConfig(multipart_threshold=8 * CHUNK, multipart_chunksize=8 * CHUNK),
-                                   Callback=cb)
+                client.upload_file(src, obj.bucket, obj.key, Config=TransferConfig(multipart_threshold=8 * CHUNK, multipart_chunksize=8 * CHUNK), Callback=cb)
             except Exception as e:
                 raise _err(e, f"uploading {obj}") from None
             for n in changed:
                 tensors[n] = {"dtype": header[n]["dtype"], "shape": header[n]["shape"], "sha256": shas[n], "object": key}
-        manifest = {"format": FORMAT, "model": model, "version": version, "parent": parent, "created": time.time(),
-                    "tensors": tensors, "objects": {k: objects[k] for k in sorted({t["object"] for t in tensors.values()})}}
+        manifest = {
+            "format": FORMAT,
+            "model": model,
+            "version": version,
+            "parent": parent,
+            "created": time.time(),
+            "tensors": tensors,
+            "objects": {k: objects[k] for k in sorted({t["object"] for t in tensors.values()})},
+        }
         try:
-            client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(manifest, indent=1).encode(),
-                              ContentType="application/json", IfNoneMatch="*")
+            client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json", IfNoneMatch="*")
         except Exception as e:
             if _is_precondition(e):
                 raise ObjectStoreError(f"version {version} was published by someone else meanwhile; nothing of ours was kept") from None
@@ -432,8 +457,7 @@ def publish_alias(client: Any, model_url: S3Url, version: int, of: int) -> dict:
     m = {**src, "version": version, "parent": of, "alias_of": of, "created": time.time()}
     murl = model_url.child(f"v{version}", MANIFEST)
     try:
-        client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(m, indent=1).encode(),
-                          ContentType="application/json", IfNoneMatch="*")
+        client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(m, indent=1).encode(), ContentType="application/json", IfNoneMatch="*")
     except Exception as e:
         if _is_precondition(e):
             raise ObjectStoreError(f"version {version} is already published; pick a new number") from None
@@ -476,8 +500,13 @@ class Fetched:
     seconds: float
 
 
-def fetch_version(client: Any, version_url: S3Url, weights: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
-                  have: Mapping[str, str] | None = None, spool_dir: str | None = None) -> Fetched:
+def fetch_version(
+    client: Any,
+    version_url: S3Url,
+    weights: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    have: Mapping[str, str] | None = None,
+    spool_dir: str | None = None,
+) -> Fetched:
     """Fetch the tensors of a published version that this server does not hold yet.
 
     ``have``: "<dtype>:<sha256>" of the source of each tensor the server already holds
@@ -517,8 +546,10 @@ def fetch_version(client: Any, version_url: S3Url, weights: Mapping[str, tuple[n
                 except Exception as e:
                     raise _err(e, f"object {obj}") from None
             if size != meta["size"] or h.hexdigest() != meta["sha256"]:
-                raise ObjectStoreError(f"object {obj} failed verification: got {size} bytes with sha256 {h.hexdigest()[:16]}…, "
-                                       f"the manifest says {meta['size']} bytes, {meta['sha256'][:16]}…; nothing was staged")
+                raise ObjectStoreError(
+                    f"object {obj} failed verification: got {size} bytes with sha256 {h.hexdigest()[:16]}…, "
+                    f"the manifest says {meta['size']} bytes, {meta['sha256'][:16]}…; nothing was staged"
+                )
             got = _map_tensors(path, names, str(obj))
             for n in names:
                 t = m["tensors"][n]
@@ -530,4 +561,3 @@ def fetch_version(client: Any, version_url: S3Url, weights: Mapping[str, tuple[n
         finally:
             os.unlink(path)  # the maps keep the data alive; the name goes now
     return Fetched(out, {n: key_of[n] for n in need}, m, sorted(by_object), total, time.perf_counter() - t0)
-

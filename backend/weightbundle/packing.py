@@ -25,6 +25,7 @@ that no process keeps mapped, and only the packed half stays resident, once.
   folder when the store goes (``WeightStore._gc``, ``release``, ``sweep_stale``);
   sessions that still map a deleted file keep its pages until they close.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -11,6 +11,7 @@ The writer holds an ``flock`` on the folder while it writes; the kernel drops it
 the writer dies.  So "is someone still writing this?" is a lock probe, not a pid
 check: a pid can be reused, or belong to a stub that is stuck but no longer writing.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -10,6 +10,7 @@ Every weight version lives in a ``WeightStore`` as immutable, memory-mapped
 files; an inference session is built per version on first use (zero-copy, or a
 pre-packed copy when ``prepack=True``), so a running inference is never torn.
 """
+
 from __future__ import annotations
 
 import io
@@ -130,15 +131,19 @@ class Bundle:
         self.variables_read = [t.name for t in self._graphs[GRAPH_INFERENCE].graph.initializer if is_placeholder(t)]
         self._check_graphs_match_table()
         self._infer_graph = self._graphs[GRAPH_INFERENCE]  # or the stored source graph, see _new_session
-        self._store = (WeightStore(self.options.store_dir, self.variables, self.options.history) if self.options.store_dir
-                       else WeightStore.private(self.variables, self.options.history))
+        self._store = (
+            WeightStore(self.options.store_dir, self.variables, self.options.history)
+            if self.options.store_dir
+            else WeightStore.private(self.variables, self.options.history)
+        )
         self._owns_store = self.options.store_dir is None
         # A private store must not outlive the process if the caller forgets unload().
         self._finalizer = weakref.finalize(self, WeightStore.destroy, self._store) if self._owns_store else (lambda: None)
         self._lock = threading.Lock()
         self._infer: tuple[int, ort.InferenceSession] | None = None
-        self._builder = _Builder(self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed "
-                                                                      f"(its zero-copy session keeps serving it): {e!r}"))
+        self._builder = _Builder(
+            self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed (its zero-copy session keeps serving it): {e!r}")
+        )
         self._staging_thread: threading.Thread | None = None
         self._collect_threads: list[threading.Thread] = []  # see activate
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
@@ -309,7 +314,7 @@ class Bundle:
         proto.CopyFrom(init)
         rows = {r["name"]: r for r in self._layout.toc["variables"]}
         for t in proto.graph.initializer:  # point external refs at the in-memory weight section
-            name = t.name[len("init/"):]
+            name = t.name[len("init/") :]
             del t.external_data[:]
             t.data_location = onnx.TensorProto.EXTERNAL
             for k, val in (("location", "weights"), ("offset", rows[name]["offset"]), ("length", rows[name]["nbytes"])):
@@ -341,8 +346,7 @@ class Bundle:
             raise NotInitializedError("no weights to export yet")
         init = self._graphs.get(GRAPH_INIT)
         init_bytes = bytes(self._layout.graphs[GRAPH_INIT]) if init is not None else init_graph(self.variables).SerializeToString()
-        graphs = {GRAPH_INFERENCE: bytes(self._layout.graphs[GRAPH_INFERENCE]), GRAPH_INIT: init_bytes,
-                  GRAPH_UPDATE: bytes(self._layout.graphs[GRAPH_UPDATE])}
+        graphs = {GRAPH_INFERENCE: bytes(self._layout.graphs[GRAPH_INFERENCE]), GRAPH_INIT: init_bytes, GRAPH_UPDATE: bytes(self._layout.graphs[GRAPH_UPDATE])}
         meta = {k: val for k, val in self._layout.toc.items() if k not in ("graphs", "variables", "weights", "extra")}
         extra = {k: bytes(mv) for k, mv in self._layout.extra.items()}
         return fmt.write(f, graphs, self.variables, {s.name: self._store.array(v, s.name) for s in self.variables}, meta, extra)
@@ -383,8 +387,11 @@ class Bundle:
             want = spec.np_dtype
             if a.dtype != want:
                 bf16 = a.dtype.name == "bfloat16"  # ml_dtypes: safetensors BF16, cast inside the update graph
-                castable = (a.dtype.kind == want.kind == "f") or (bf16 and want.kind == "f") \
+                castable = (
+                    (a.dtype.kind == want.kind == "f")
+                    or (bf16 and want.kind == "f")
                     or (a.dtype.kind in "iu" and want.kind in "iu" and np.can_cast(a.dtype, want))
+                )
                 if not castable or (a.dtype.name not in fmt.DTYPES and not bf16):
                     raise UpdateError(f"weight {name!r}: dtype {a.dtype} cannot be cast to the variable's dtype {want}")
                 retype[name] = a.dtype.name
@@ -396,8 +403,9 @@ class Bundle:
             feed[name] = a
         return feed, retype
 
-    def load_state_dict(self, tensors: Mapping[str, Any], strict: bool = True, require_all: bool = False,
-                        expected_version: int | None = None, reject_nonfinite: bool = False) -> dict[str, Any]:
+    def load_state_dict(
+        self, tensors: Mapping[str, Any], strict: bool = True, require_all: bool = False, expected_version: int | None = None, reject_nonfinite: bool = False
+    ) -> dict[str, Any]:
         """Push a whole checkpoint, like torch's ``load_state_dict``: name -> array (or torch tensor).
 
         Entries that are not update inputs are an error unless ``strict=False``; then they
@@ -415,19 +423,23 @@ class Bundle:
         """Store entries an update of ``pushed`` sources recomputes (every entry derived from one)."""
         return [v.name for v in self.variables if pushed.intersection(self._deps[v.name])]
 
-    def update(self, inputs: Mapping[str, np.ndarray], expected_version: int | None = None,
-               reject_nonfinite: bool = False, version: int | None = None) -> int:
+    def update(self, inputs: Mapping[str, np.ndarray], expected_version: int | None = None, reject_nonfinite: bool = False, version: int | None = None) -> int:
         """Apply an update through the update graph, all-or-nothing. Returns the new version.
 
         ``version``: a publisher-chosen number (must exceed the current one), so that a
         fleet labels the same weights alike; default current + 1.
         """
         return self._through_update_graph(
-            inputs, expected_version, reject_nonfinite,
-            lambda feed, retype, changed, ev: self._apply(feed, retype, changed, ev, reject_nonfinite, version))
+            inputs, expected_version, reject_nonfinite, lambda feed, retype, changed, ev: self._apply(feed, retype, changed, ev, reject_nonfinite, version)
+        )
 
-    def _through_update_graph(self, inputs: Mapping[str, np.ndarray], expected_version: int | None, reject_nonfinite: bool,
-                              sink: Callable[[dict[str, np.ndarray], dict[str, str], list[str], int | None], Any]) -> Any:
+    def _through_update_graph(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        expected_version: int | None,
+        reject_nonfinite: bool,
+        sink: Callable[[dict[str, np.ndarray], dict[str, str], list[str], int | None], Any],
+    ) -> Any:
         """Check an update and work out what it recomputes; ``sink`` runs the update graph and
         stores the result (``_apply`` publishes it, ``stage`` stages it)."""
         self._alive()
@@ -462,8 +474,15 @@ class Bundle:
                 return sink(feed, retype, changed, cur.number if expected_version is None else expected_version)
         return sink(feed, retype, changed, expected_version)
 
-    def _apply(self, feed: dict[str, np.ndarray], retype: dict[str, str], changed: list[str], expected_version: int | None,
-               reject_nonfinite: bool = False, version: int | None = None) -> int:
+    def _apply(
+        self,
+        feed: dict[str, np.ndarray],
+        retype: dict[str, str],
+        changed: list[str],
+        expected_version: int | None,
+        reject_nonfinite: bool = False,
+        version: int | None = None,
+    ) -> int:
         sess = self._update_session(retype)
         staged = None
         if self.options.staging and sum(self._specs[n].nbytes for n in changed) >= STAGING_MIN_BYTES:
@@ -486,12 +505,20 @@ class Bundle:
             _release_free_memory()
         return version
 
-    def stage(self, inputs: Mapping[str, np.ndarray], version: int | None = None, reject_nonfinite: bool = False,
-              ttl: float = 3600.0, op: str = "stage", origin: dict | None = None) -> StagedVersion:
+    def stage(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        version: int | None = None,
+        reject_nonfinite: bool = False,
+        ttl: float = 3600.0,
+        op: str = "stage",
+        origin: dict | None = None,
+    ) -> StagedVersion:
         """Like ``update``, but the result is a *staged* version that serves nothing until
         ``activate(number)``.  Same checks, same sources-to-entries logic and the same update
         graph as ``update`` (``_through_update_graph``); only where the result goes differs.
         """
+
         def sink(feed: dict[str, np.ndarray], retype: dict[str, str], changed: list[str], _ev: int | None) -> StagedVersion:
             # Entries derived from kept sources were computed from the current version: then
             # this runs under the store lock, so the staged version's base is that version.
@@ -583,8 +610,7 @@ class Bundle:
         self._check_valid(outs[names.index(VALID_OUTPUT)])
         return {n: outs[names.index(n + UPDATED_SUFFIX)].reshape(self._specs[n].shape) for n in changed}
 
-    def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str,
-                         reject_nonfinite: bool = False) -> None:
+    def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str, reject_nonfinite: bool = False) -> None:
         """Fast path: bind the update graph's outputs straight into the claimed staging blob."""
         offsets, size = self._store.staging_layout()
         premapped, self._staging_map = self._staging_map, None
@@ -647,8 +673,9 @@ class Bundle:
             proto = self._graphs[GRAPH_UPDATE]
             if retype:  # same graph, inputs declared with the client's dtype; its Cast nodes convert
                 proto = retype_update_graph(proto, retype)
-            sess = ort.InferenceSession(proto.SerializeToString(), self._session_options(prepack=False, level="basic", housekeeping=True),
-                                        providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(
+                proto.SerializeToString(), self._session_options(prepack=False, level="basic", housekeeping=True), providers=["CPUExecutionProvider"]
+            )
             self._update_sessions[key] = sess
         return sess
 
@@ -701,8 +728,10 @@ class Bundle:
         cur = self._infer
         head = self._store.head()
         if head is None:
-            raise NotInitializedError("weights are not initialised yet: run the init graph, or apply a full update first"
-                                      + ("" if self.has_init else " (this bundle has no init graph)"))
+            raise NotInitializedError(
+                "weights are not initialised yet: run the init graph, or apply a full update first"
+                + ("" if self.has_init else " (this bundle has no init graph)")
+            )
         if cur is not None and cur[0] == head:
             return cur
         with self._lock:
@@ -742,8 +771,12 @@ class Bundle:
             probe = _probe_feeds(self.inputs)
             expected: list[Any] = []
             try:
-                path = packing.ensure(self._store.packed_path, v.number, lambda m, d: expected.extend(self._write_packed(v, m, d, probe)),
-                                      lambda m: self._verify_packed(m, probe, expected))
+                path = packing.ensure(
+                    self._store.packed_path,
+                    v.number,
+                    lambda m, d: expected.extend(self._write_packed(v, m, d, probe)),
+                    lambda m: self._verify_packed(m, probe, expected),
+                )
                 sess = self._load_packed(path)
                 _release_free_memory()  # ORT packs once more at load to check the file, then frees that copy
                 return sess
@@ -817,12 +850,10 @@ def _check_finite(values: Mapping[str, np.ndarray]) -> None:
     variable's dtype: a float64 1e39 is finite but becomes +inf in a float32 variable."""
     for name, a in values.items():
         if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
-            raise UpdateError(f"weight {name!r} contains NaN or Inf in the variable's dtype {a.dtype} "
-                              "(values out of that dtype's range overflow to Inf)")
+            raise UpdateError(f"weight {name!r} contains NaN or Inf in the variable's dtype {a.dtype} (values out of that dtype's range overflow to Inf)")
 
 
-def run_init_graph(proto: onnx.ModelProto, section: np.ndarray, so: ort.SessionOptions,
-                   in_memory: bool | None = None) -> list[np.ndarray]:
+def run_init_graph(proto: onnx.ModelProto, section: np.ndarray, so: ort.SessionOptions, in_memory: bool | None = None) -> list[np.ndarray]:
     """Run an init graph whose constants point at location "weights" (offset, length) in ``section``.
 
     Both paths read the constants in place (no copy of the weight section):
@@ -875,7 +906,7 @@ def _populated_map(path: str) -> tuple[int, np.ndarray]:
         mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))  # Linux >= 5.14
     except OSError:
         arr = np.frombuffer(mm, np.uint8)
-        arr[::mmap.PAGESIZE] = 0  # older kernels: touch every page (contents are overwritten anyway)
+        arr[:: mmap.PAGESIZE] = 0  # older kernels: touch every page (contents are overwritten anyway)
     return ino, np.frombuffer(mm, np.uint8)
 
 

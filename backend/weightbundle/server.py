@@ -16,6 +16,7 @@ needs a few things that are easy to get wrong (see shared/NOTES.md section 1):
 ``TritonServer`` is the programmatic handle (tests, benchmarks); ``serve`` is the
 blocking foreground mode behind ``weightbundle serve``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,21 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
-    "BACKEND_NAME", "INSTALL_HINT", "SHM_PATTERN", "TritonPaths", "TritonServer", "TritonServerError", "add_serve_arguments",
-    "StubInfo", "free_port", "prepare_backend_dir", "serve", "serve_from_args", "server_env", "sweep_dead_regions", "sweep_leftovers",
+    "BACKEND_NAME",
+    "INSTALL_HINT",
+    "SHM_PATTERN",
+    "TritonPaths",
+    "TritonServer",
+    "TritonServerError",
+    "add_serve_arguments",
+    "StubInfo",
+    "free_port",
+    "prepare_backend_dir",
+    "serve",
+    "serve_from_args",
+    "server_env",
+    "sweep_dead_regions",
+    "sweep_leftovers",
     "triton_paths",
 ]
 
@@ -121,10 +135,11 @@ def triton_paths() -> TritonPaths:
             problems.append(f"incomplete nvidia-pytriton in {site}: missing {', '.join(missing)}")
             continue
         if not os.path.isfile(paths.python_backend_stub):
-            have = sorted(os.listdir(os.path.join(root, "python_backend_stubs"))) if os.path.isdir(
-                os.path.join(root, "python_backend_stubs")) else []
-            problems.append(f"no python_backend stub for Python {ver} in {root}/python_backend_stubs "
-                            f"(available: {', '.join(have) or 'none'}); use one of those Python versions")
+            have = sorted(os.listdir(os.path.join(root, "python_backend_stubs"))) if os.path.isdir(os.path.join(root, "python_backend_stubs")) else []
+            problems.append(
+                f"no python_backend stub for Python {ver} in {root}/python_backend_stubs "
+                f"(available: {', '.join(have) or 'none'}); use one of those Python versions"
+            )
             continue
         return paths
     raise TritonServerError("; ".join(problems) + f". Install a complete copy with: {INSTALL_HINT}")
@@ -239,7 +254,7 @@ def _group_pids(pgid: int) -> List[int]:
         except OSError:
             continue
         # Fields after the parenthesised command: state ppid pgrp ...
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != b"Z":
             out.append(pid)
     return out
@@ -252,7 +267,7 @@ def _shm_used_by(pids: Iterable[int], prefixes: Sequence[str] = ()) -> Set[str]:
 
     def note(path: str) -> None:
         if path.startswith(shm):
-            name = path[len(shm):]
+            name = path[len(shm) :]
             if _is_region(name, prefixes):
                 used.add(name)
 
@@ -304,8 +319,7 @@ def _config_store_roots(model_repository: str) -> Set[str]:
     return roots
 
 
-def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequence[str] = (),
-                    min_age: float = 2.0) -> List[str]:
+def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequence[str] = (), min_age: float = 2.0) -> List[str]:
     """Remove what dead servers left behind; returns the paths removed.
 
     * python-backend shm regions in /dev/shm that no live process maps or holds
@@ -396,7 +410,7 @@ def _stat(pid: int) -> Optional[List[str]]:
     except OSError:
         return None
     i, j = raw.find("("), raw.rfind(")")
-    return [raw[i + 1:j]] + raw[j + 2:].split()
+    return [raw[i + 1 : j]] + raw[j + 2 :].split()
 
 
 def _children_of(pid: int) -> List[int]:
@@ -484,8 +498,7 @@ class TritonServer:
         self.backend_dir = os.path.abspath(backend_dir) if backend_dir else None
         self.backend_config = list(backend_config)
         # A custom python-backend region prefix must be recognised by the shm cleanup too.
-        self._shm_prefixes = [c.split("=", 1)[1] for c in self.backend_config
-                              if c.split("=", 1)[0].split(",", 1)[1].strip() == "shm-region-prefix-name"]
+        self._shm_prefixes = [c.split("=", 1)[1] for c in self.backend_config if c.split("=", 1)[0].split(",", 1)[1].strip() == "shm-region-prefix-name"]
         self.allow_metrics = allow_metrics
         self.log_verbose = int(log_verbose)
         self.extra_args = list(extra_args)
@@ -614,8 +627,7 @@ class TritonServer:
         if not m:
             return False
         port = int(m.group(1))
-        return any(fixed is None and port == used for fixed, used in
-                   zip(self._fixed_ports, (self.http_port, self.grpc_port, self.metrics_port)))
+        return any(fixed is None and port == used for fixed, used in zip(self._fixed_ports, (self.http_port, self.grpc_port, self.metrics_port)))
 
     def _spawn(self) -> None:
         free = iter(_free_ports(3))
@@ -625,7 +637,11 @@ class TritonServer:
         self._cleaned = False
         with open(self.log_path, "ab") as log:  # the child keeps its own fd
             self._proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 # The stub's sys.path starts with '' (the cwd): use a directory with nothing
                 # importable in it rather than whatever directory the caller runs in.
                 cwd=os.path.join(self.backend_dir, "python"),
@@ -643,9 +659,7 @@ class TritonServer:
         for url in urls:
             while True:
                 if self._proc.poll() is not None:
-                    raise TritonServerError(
-                        f"tritonserver exited with status {self._proc.returncode} before it was ready; "
-                        f"{self._failure_report()}")
+                    raise TritonServerError(f"tritonserver exited with status {self._proc.returncode} before it was ready; {self._failure_report()}")
                 try:
                     with opener.open(url, timeout=1) as resp:
                         if resp.status == 200:
@@ -653,8 +667,7 @@ class TritonServer:
                 except (urllib.error.URLError, OSError, ValueError):
                     pass  # not listening yet, or 400 while models load
                 if time.monotonic() >= deadline:
-                    raise TritonServerError(
-                        f"tritonserver not ready at {url} within the timeout; {self._failure_report()}")
+                    raise TritonServerError(f"tritonserver not ready at {url} within the timeout; {self._failure_report()}")
                 time.sleep(0.05)
 
     def stop(self, timeout: float = 15) -> Optional[int]:
@@ -745,8 +758,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         self._post(f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/unload", b"{}", deadline)
         while time.monotonic() < deadline:
-            if not [m for m in self._repository_index()
-                    if m.get("name") == name and m.get("state") in ("READY", "LOADING", "UNLOADING")]:
+            if not [m for m in self._repository_index() if m.get("name") == name and m.get("state") in ("READY", "LOADING", "UNLOADING")]:
                 return True
             time.sleep(0.1)
         return False
@@ -777,8 +789,7 @@ class TritonServer:
 
     def _post(self, path: str, body: bytes, deadline: float) -> bytes:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method="POST", headers={"Content-Type": "application/json"})
         with opener.open(req, timeout=max(1.0, deadline - time.monotonic())) as resp:
             return resp.read()
 
@@ -860,9 +871,11 @@ class TritonServer:
     def _failure_report(self) -> str:
         # Triton's own tables and shutdown chatter fill the tail; put the error lines
         # (E-level log lines, UNAVAILABLE model states, "error: ...") first.
-        errors = [ln for ln in self.log_tail(2000).splitlines()
-                  if (re.match(r"E\d{4} ", ln) or "UNAVAILABLE:" in ln or ln.startswith("error:"))
-                  and "CudaDriverHelper" not in ln]  # harmless without a GPU
+        errors = [
+            ln
+            for ln in self.log_tail(2000).splitlines()
+            if (re.match(r"E\d{4} ", ln) or "UNAVAILABLE:" in ln or ln.startswith("error:")) and "CudaDriverHelper" not in ln
+        ]  # harmless without a GPU
         summary = "errors:\n" + "\n".join(errors[-20:]) + "\n" if errors else ""
         return f"log {self.log_path}\n{summary}last lines:\n{self.log_tail(40)}"
 
@@ -907,8 +920,7 @@ def _supports_flag(flag: str) -> bool:
     """Whether this tritonserver's --help lists ``flag`` (cached per process)."""
     if flag not in _FLAG_CACHE:
         try:
-            out = subprocess.run([triton_paths().tritonserver, "--help"], env=server_env(), capture_output=True,
-                                 timeout=30).stdout
+            out = subprocess.run([triton_paths().tritonserver, "--help"], env=server_env(), capture_output=True, timeout=30).stdout
             _FLAG_CACHE[flag] = flag.encode() in out
         except (OSError, subprocess.SubprocessError):
             _FLAG_CACHE[flag] = False
@@ -951,8 +963,9 @@ def serve(
         print(f"error: on_stub_death must be one of {', '.join(STUB_DEATH_POLICIES)}", file=sys.stderr)
         return 2
     if on_stub_death in ("unload", "reload") and model_control_mode != "explicit":
-        print(f"error: --on-stub-death={on_stub_death} needs --model-control-mode=explicit "
-              "(Triton refuses unload and load in the other modes)", file=sys.stderr)
+        print(
+            f"error: --on-stub-death={on_stub_death} needs --model-control-mode=explicit (Triton refuses unload and load in the other modes)", file=sys.stderr
+        )
         return 2
 
     def on_signal(signum, _frame) -> None:
@@ -962,9 +975,16 @@ def serve(
 
     try:
         server = TritonServer(
-            model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-            model_control_mode=model_control_mode, load_models=load_models, backend_config=backend_config,
-            log_verbose=log_verbose, log_file=log_file, exit_timeout=exit_timeout,
+            model_repository,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            model_control_mode=model_control_mode,
+            load_models=load_models,
+            backend_config=backend_config,
+            log_verbose=log_verbose,
+            log_file=log_file,
+            exit_timeout=exit_timeout,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -985,12 +1005,15 @@ def serve(
         ready.set()
         if server.swept:
             print(f"removed {len(server.swept)} leftover(s) of dead servers: {', '.join(server.swept)}", flush=True)
-        print(f"tritonserver ready (pid {server.pid})\n"
-              f"  HTTP     http://{server.http_url}\n"
-              f"  gRPC     {server.grpc_url}\n"
-              f"  metrics  {server.metrics_url}\n"
-              f"  log      {server.log_path}\n"
-              f"Press Ctrl-C to stop.", flush=True)
+        print(
+            f"tritonserver ready (pid {server.pid})\n"
+            f"  HTTP     http://{server.http_url}\n"
+            f"  gRPC     {server.grpc_url}\n"
+            f"  metrics  {server.metrics_url}\n"
+            f"  log      {server.log_path}\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
         reported: Set[int] = set()
         while not stop_requested.is_set() and server.is_running():
             stop_requested.wait(0.5)
@@ -1008,10 +1031,13 @@ def serve(
         if status:
             # Triton 2.51 spends --exit-timeout-secs on open client connections (idle
             # keep-alive ones too) and then exits 1 without finalizing loaded models.
-            print("warning: tritonserver did not shut down cleanly (exit timeout; open client connections?); "
-                  "its shm regions and weight stores were removed. Use --model-control-mode=explicit "
-                  "(models are unloaded before the server stops) or a longer --exit-timeout-secs.",
-                  file=sys.stderr, flush=True)
+            print(
+                "warning: tritonserver did not shut down cleanly (exit timeout; open client connections?); "
+                "its shm regions and weight stores were removed. Use --model-control-mode=explicit "
+                "(models are unloaded before the server stops) or a longer --exit-timeout-secs.",
+                file=sys.stderr,
+                flush=True,
+            )
         return 0
     finally:
         ready.set()  # a late signal must not raise inside stop()
@@ -1027,8 +1053,11 @@ def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) ->
         return True
     reported.update(d.pid for d in dead)
     what = ", ".join(f"{d.instance or '?'} (pid {d.pid}, model {d.model!r} version {d.version})" for d in dead)
-    print(f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps "
-          f"reporting the model as ready; every request routed to them fails.", file=sys.stderr, flush=True)
+    print(
+        f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps reporting the model as ready; every request routed to them fails.",
+        file=sys.stderr,
+        flush=True,
+    )
     if policy == "exit" or any(d.model == "?" for d in dead):
         print("stopping tritonserver (--on-stub-death=exit, or a stub of an unknown model) ...", file=sys.stderr, flush=True)
         return False
@@ -1039,8 +1068,11 @@ def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) ->
             unloaded = server.unload_model(model, timeout=10)
             if policy == "reload":
                 server.load_model(model)
-            print(f"model {model!r}: {policy}ed (--on-stub-death={policy})"
-                  + ("" if unloaded else "; the old instances did not finish unloading"), file=sys.stderr, flush=True)
+            print(
+                f"model {model!r}: {policy}ed (--on-stub-death={policy})" + ("" if unloaded else "; the old instances did not finish unloading"),
+                file=sys.stderr,
+                flush=True,
+            )
         except (OSError, ValueError, urllib.error.URLError) as e:
             print(f"error: could not {policy} model {model!r}: {e}; stopping", file=sys.stderr, flush=True)
             return False
@@ -1049,35 +1081,53 @@ def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) ->
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``weightbundle serve`` options to ``parser``."""
-    parser.add_argument("repository", nargs="?", default="model_repository",
-                        help="Triton model repository (default: %(default)s)")
+    parser.add_argument("repository", nargs="?", default="model_repository", help="Triton model repository (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
-                        help="'none' loads every model at start; 'explicit' only --load-model ones (default: %(default)s)")
-    parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                        help="model to load at start (explicit mode; repeatable)")
-    parser.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
-                        help="e.g. python,shm-default-byte-size=16777216 (repeatable)")
+    parser.add_argument(
+        "--model-control-mode",
+        choices=MODEL_CONTROL_MODES,
+        default="none",
+        help="'none' loads every model at start; 'explicit' only --load-model ones (default: %(default)s)",
+    )
+    parser.add_argument("--load-model", action="append", default=[], metavar="NAME", help="model to load at start (explicit mode; repeatable)")
+    parser.add_argument(
+        "--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE", help="e.g. python,shm-default-byte-size=16777216 (repeatable)"
+    )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
     parser.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
-    parser.add_argument("--exit-timeout-secs", type=int, default=5, metavar="S",
-                        help="Triton's exit timeout: how long shutdown waits for in-flight requests and open "
-                             "client connections (default: %(default)s)")
-    parser.add_argument("--on-stub-death", choices=STUB_DEATH_POLICIES, default="exit",
-                        help="when a python backend stub dies (Triton keeps its model 'ready'): exit with status 1, "
-                             "unload or reload the model (explicit mode), or ignore (default: %(default)s)")
+    parser.add_argument(
+        "--exit-timeout-secs",
+        type=int,
+        default=5,
+        metavar="S",
+        help="Triton's exit timeout: how long shutdown waits for in-flight requests and open client connections (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--on-stub-death",
+        choices=STUB_DEATH_POLICIES,
+        default="exit",
+        help="when a python backend stub dies (Triton keeps its model 'ready'): exit with status 1, "
+        "unload or reload the model (explicit mode), or ignore (default: %(default)s)",
+    )
     return parser
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
     """Run ``serve`` with the options parsed by ``add_serve_arguments``."""
     return serve(
-        args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-        model_control_mode=args.model_control_mode, load_models=args.load_model, backend_config=args.backend_config,
-        log_verbose=args.log_verbose, log_file=getattr(args, "log_file", None),
-        exit_timeout=getattr(args, "exit_timeout_secs", 5), on_stub_death=getattr(args, "on_stub_death", "exit"),
+        args.repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
+        load_models=args.load_model,
+        backend_config=args.backend_config,
+        log_verbose=args.log_verbose,
+        log_file=getattr(args, "log_file", None),
+        exit_timeout=getattr(args, "exit_timeout_secs", 5),
+        on_stub_death=getattr(args, "on_stub_death", "exit"),
     )
 
 

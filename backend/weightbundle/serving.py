@@ -4,6 +4,7 @@ Nothing here imports Triton: ``model.py`` turns Triton requests into dicts of
 numpy arrays, calls ``Service.handle`` and turns the replies back.  That keeps
 every behaviour unit-testable without a server.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,9 +53,16 @@ class Event:
 class Service:
     """One Triton model instance's view of a bundle and its shared weight store."""
 
-    def __init__(self, bundle: Bundle, settings: ServingSettings, authorizer: Authorizer,
-                 model_dir: str | None = None, model_name: str = "model", on_event: Callable[[Event], None] | None = None,
-                 log: Callable[..., None] | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        settings: ServingSettings,
+        authorizer: Authorizer,
+        model_dir: str | None = None,
+        model_name: str = "model",
+        on_event: Callable[[Event], None] | None = None,
+        log: Callable[..., None] | None = None,
+    ):
         self.bundle = bundle
         self.settings = settings
         self.auth = authorizer
@@ -75,9 +83,16 @@ class Service:
         self._stop_follow = threading.Event()
 
     @classmethod
-    def open(cls, model_dir: str, version: str | int, settings: ServingSettings, model_name: str,
-             on_event: Callable[[Event], None] | None = None, model_config: Mapping[str, Any] | None = None,
-             log: Callable[..., None] | None = None) -> "Service":
+    def open(
+        cls,
+        model_dir: str,
+        version: str | int,
+        settings: ServingSettings,
+        model_name: str,
+        on_event: Callable[[Event], None] | None = None,
+        model_config: Mapping[str, Any] | None = None,
+        log: Callable[..., None] | None = None,
+    ) -> "Service":
         """Load ``<model_dir>/<version>/<bundle_filename>``, attach the shared store, init once.
 
         ``model_config`` (Triton's JSON form) is checked against the bundle: weight inputs
@@ -86,8 +101,7 @@ class Service:
         path = os.path.join(model_dir, str(version), settings.bundle_filename)
         if not os.path.isfile(path):
             raise BundleError(f"bundle file not found: {path} (set parameter bundle_filename to use another name)")
-        auth = Authorizer.from_sources(settings.allow_updates, settings.update_secret_env, settings.update_secret_file,
-                                       settings.update_auth == "secret")
+        auth = Authorizer.from_sources(settings.allow_updates, settings.update_secret_env, settings.update_secret_file, settings.update_auth == "secret")
         root = settings.store_root or default_root()
         swept = sweep_stale(root, STORE_PREFIX) + sweep_partial(model_dir)
         # One store per (server process, model, version): every instance of it shares weights.
@@ -158,8 +172,9 @@ class Service:
         for i in idx:
             stray = sorted(set(requests[i]) & self.weight_names)
             if stray:
-                replies[i] = Reply(error=f"weight input(s) {stray[:5]} sent without a {CONTROL_INPUT} command; "
-                                         f"add {CONTROL_INPUT}={{\"op\": \"update\"}} to update weights")
+                replies[i] = Reply(
+                    error=f'weight input(s) {stray[:5]} sent without a {CONTROL_INPUT} command; add {CONTROL_INPUT}={{"op": "update"}} to update weights'
+                )
             else:
                 ok.append(i)
         if self.settings.max_batch_size > 0 and len(ok) > 1 and self._batchable([requests[i] for i in ok]):
@@ -170,8 +185,9 @@ class Service:
 
     def _batchable(self, reqs: list[Mapping[str, np.ndarray]]) -> bool:
         first = reqs[0]
-        return all(set(r) == set(first) and all(r[k].ndim >= 1 and r[k].shape[1:] == first[k].shape[1:] and r[k].dtype == first[k].dtype
-                                                 for k in first) for r in reqs)
+        return all(
+            set(r) == set(first) and all(r[k].ndim >= 1 and r[k].shape[1:] == first[k].shape[1:] and r[k].dtype == first[k].dtype for k in first) for r in reqs
+        )
 
     def _run_batched(self, requests: Sequence[Mapping[str, np.ndarray]], idx: list[int], replies: list[Reply | None]) -> None:
         try:
@@ -241,8 +257,9 @@ class Service:
         except OSError as e:  # tmpfs full, permissions...: the store is unchanged (writes are atomic)
             self._emit(Event("update_rejected", op, "os_error"))
             self.log(f"{self.model_name}: op {op!r} failed: {e!r}")
-            return Reply(error=f"op {op!r} failed on the server: {os.strerror(e.errno) if e.errno else type(e).__name__}; "
-                               "the weights are unchanged", code="UNAVAILABLE")
+            return Reply(
+                error=f"op {op!r} failed on the server: {os.strerror(e.errno) if e.errno else type(e).__name__}; the weights are unchanged", code="UNAVAILABLE"
+            )
         except Exception as e:  # noqa: BLE001
             self._emit(Event("update_rejected", op, "internal"))
             return self._internal(f"op {op!r}", e)
@@ -299,7 +316,7 @@ class Service:
 
     def _weights_from_file(self, source: Any, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(source, dict) or set(source) - {"file", "only"} or "file" not in source:
-            raise ControlError("'source' must be {\"file\": \"/abs/path.safetensors\", \"only\": [names]}")
+            raise ControlError('\'source\' must be {"file": "/abs/path.safetensors", "only": [names]}')
         only = source.get("only")
         if only is not None and (not isinstance(only, list) or not all(isinstance(n, str) for n in only)):
             raise ControlError("'source.only' must be a list of weight names")
@@ -313,17 +330,20 @@ class Service:
         self._no_weights(req)
         store = self.bundle.store
         cur = store.current()
-        result: dict[str, Any] = {"version": None if cur is None else cur.number, "retained_versions": store.versions(),
-                                  "history": self.settings.history, "updates_enabled": self.auth.enabled,
-                                  "staged": [st.describe() for st in self.bundle.staged_versions()]}
+        result: dict[str, Any] = {
+            "version": None if cur is None else cur.number,
+            "retained_versions": store.versions(),
+            "history": self.settings.history,
+            "updates_enabled": self.auth.enabled,
+            "staged": [st.describe() for st in self.bundle.staged_versions()],
+        }
         # A CRC32 of a 4-byte weight is the weight: only callers holding the secret get them.
         want = cmd.args.get("checksums")
         allowed = self.auth.authenticated(cmd)
         if want and not allowed:
             raise ControlError("'checksums' need the update secret: send \"secret\" with the status command", reason="auth")
         if cur is not None and allowed and want is not False:
-            result["checksums"] = {v.name: f"{zlib.crc32(raw_bytes(store.array(cur, v.name))) & 0xFFFFFFFF:08x}"
-                                   for v in self.bundle.variables}
+            result["checksums"] = {v.name: f"{zlib.crc32(raw_bytes(store.array(cur, v.name))) & 0xFFFFFFFF:08x}" for v in self.bundle.variables}
         return result
 
     def _op_reset(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -351,8 +371,12 @@ class Service:
             cur = store.check_expected(cmd.expected_version)
             assert cur is not None  # head exists, under the lock
             folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
-        return {"version": cur.number, "committed_version": cur.number, "model_version_folder": folder,
-                "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename)}
+        return {
+            "version": cur.number,
+            "committed_version": cur.number,
+            "model_version_folder": folder,
+            "path": os.path.join(self.model_dir, str(folder), self.settings.bundle_filename),
+        }
 
     def _no_weights(self, req: Mapping[str, np.ndarray]) -> None:
         if set(req) - {CONTROL_INPUT}:
@@ -370,7 +394,7 @@ class Service:
         op = "stage"
         if isinstance(source, dict) and "s3" in source:
             if set(source) != {"s3"}:
-                raise ControlError("an s3 source is {\"s3\": \"s3://bucket/prefix/model/v<N>\"} and nothing else")
+                raise ControlError('an s3 source is {"s3": "s3://bucket/prefix/model/v<N>"} and nothing else')
             if any(a.size for a in weights.values()):
                 raise ControlError("send weights as tensors or from the object store, not both")
             fetched, url = self._fetch_s3(source["s3"])
@@ -383,11 +407,9 @@ class Service:
             extra = {"fetched_bytes": fetched.bytes, "fetched_objects": len(fetched.objects), "fetch_ms": round(fetched.seconds * 1000, 1)}
         elif source is not None:
             weights.update(self._weights_from_file(source, weights))
-        st = self.bundle.stage(weights, version=version, reject_nonfinite=nonfinite, ttl=self.settings.staged_ttl_seconds,
-                               op=op, origin=origin)
+        st = self.bundle.stage(weights, version=version, reject_nonfinite=nonfinite, ttl=self.settings.staged_ttl_seconds, op=op, origin=origin)
         # "version" is what serves (unchanged): a staged version serves nothing until activated
-        return {"version": self.bundle.version, "staged_version": st.number, "digest": st.digest, "base": st.base,
-                "staged": sorted(st.entries), **extra}
+        return {"version": self.bundle.version, "staged_version": st.number, "digest": st.digest, "base": st.base, "staged": sorted(st.entries), **extra}
 
     def _op_activate(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Publish a staged version: one rename and one manifest write under the store lock,
@@ -458,8 +480,13 @@ class Service:
             version_url = model_url.child(f"v{active.version}")
             try:
                 fetched, _ = self._fetch_s3(version_url, trusted=True)
-                st = self.bundle.stage(fetched.tensors, version=active.version, ttl=self.settings.staged_ttl_seconds,
-                                       op=f"catch-up {version_url}", origin={"s3": str(version_url), "sha256": fetched.sha256})
+                st = self.bundle.stage(
+                    fetched.tensors,
+                    version=active.version,
+                    ttl=self.settings.staged_ttl_seconds,
+                    op=f"catch-up {version_url}",
+                    origin={"s3": str(version_url), "sha256": fetched.sha256},
+                )
             except BundleError as e:
                 raise BundleError(f"catch-up to the fleet's active version {active.version} ({version_url}) failed: {e}") from None
             try:
@@ -472,6 +499,7 @@ class Service:
 
     def start_following(self) -> None:
         """Follow mode: poll ACTIVE every follow_seconds and catch up (stage + activate)."""
+
         def run() -> None:
             while not self._stop_follow.wait(self.settings.follow_seconds):
                 try:

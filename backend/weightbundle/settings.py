@@ -10,6 +10,7 @@ runtime options are the fields that ``RuntimeOptions`` shares by name.
 >>> s.history
 3
 """
+
 from __future__ import annotations
 
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -51,16 +52,23 @@ class ServingSettings:
     update_secret_file: str | None = param(None, "file that holds the update secret (instead of `update_secret_env`)")
     update_auth: str = param("secret", "`none` disables the secret check (trusted networks only)")
     history: int = param(1, "previous versions kept for rollback")
-    prepack: bool = param(True, "serve from ORT's pre-packed weights: fastest inference. `false`: sessions memory-map the "
-                                "shared store (zero-copy), so updates are cheaper and GEMMs slower on CPU")
-    hybrid: bool = param(True, "with `prepack`: serve a new version at once from a zero-copy session, switch to the "
-                               "pre-packed one when it is ready (its last bits may differ until then)")
-    share_packed: bool = param(True, "with `prepack`: one process packs each version once into a disk-backed file "
-                                     "(`/var/tmp`, or `WEIGHTBUNDLE_PACKED_ROOT`) that every instance maps")
-    staging: bool = param(True, "keep one pre-allocated staging blob (one model size of tmpfs) so an update is written "
-                                "once, straight from the update graph")
-    optimization: str = param("all", "ONNX Runtime level used when a version's session is built (`all` gives "
-                                     "Conv+BatchNorm folding and NCHWc, like a baked session)")
+    prepack: bool = param(
+        True,
+        "serve from ORT's pre-packed weights: fastest inference. `false`: sessions memory-map the "
+        "shared store (zero-copy), so updates are cheaper and GEMMs slower on CPU",
+    )
+    hybrid: bool = param(
+        True,
+        "with `prepack`: serve a new version at once from a zero-copy session, switch to the "
+        "pre-packed one when it is ready (its last bits may differ until then)",
+    )
+    share_packed: bool = param(
+        True, "with `prepack`: one process packs each version once into a disk-backed file (`/var/tmp`, or `WEIGHTBUNDLE_PACKED_ROOT`) that every instance maps"
+    )
+    staging: bool = param(True, "keep one pre-allocated staging blob (one model size of tmpfs) so an update is written once, straight from the update graph")
+    optimization: str = param(
+        "all", "ONNX Runtime level used when a version's session is built (`all` gives Conv+BatchNorm folding and NCHWc, like a baked session)"
+    )
     intra_op_threads: int = param(0, "threads per instance (0: ONNX Runtime's default)")
     reject_nonfinite: bool = param(False, "refuse NaN/Inf in updates (checked after the cast to each weight's dtype)")
     store_root: str | None = param(None, "where weight stores live", shown="/dev/shm")
@@ -68,13 +76,12 @@ class ServingSettings:
     # object store and fleets (docs/fleet.md)
     s3_endpoint: str | None = param(None, "S3-compatible object store for `stage` from `s3` and catch-up")
     s3_region: str = param("us-east-1", "region name sent to the object store")
-    s3_allowed_prefixes: tuple[str, ...] = param((), "comma-separated `bucket` or `bucket/prefix` allowlist for "
-                                                     "`source.s3` (S3 sources off when unset)", sep=",")
-    s3_credentials_file: str | None = param(None, "ini file with the S3 keys; otherwise `AWS_ACCESS_KEY_ID`/"
-                                                  "`AWS_SECRET_ACCESS_KEY` from the environment")
+    s3_allowed_prefixes: tuple[str, ...] = param(
+        (), "comma-separated `bucket` or `bucket/prefix` allowlist for `source.s3` (S3 sources off when unset)", sep=","
+    )
+    s3_credentials_file: str | None = param(None, "ini file with the S3 keys; otherwise `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` from the environment")
     s3_spool_dir: str | None = param(None, "where fetched objects are verified before staging", shown="temp dir")
-    weights_source: str | None = param(None, "`s3://bucket/prefix/model`: at load, catch up to the fleet's `ACTIVE` "
-                                             "version before reporting ready")
+    weights_source: str | None = param(None, "`s3://bucket/prefix/model`: at load, catch up to the fleet's `ACTIVE` version before reporting ready")
     follow_seconds: float = param(0.0, "with `weights_source`: poll `ACTIVE` this often and catch up (follow mode)")
     staged_ttl_seconds: float = param(3600.0, "staged versions not activated or aborted by then are dropped")
     max_batch_size: int = 0  # from the config itself, not a parameter

@@ -11,6 +11,7 @@ Several processes (Triton instances) may share one store: writers serialise on a
 ``flock``; readers take no lock.  Unreferenced blobs are deleted once they fall
 out of the retained history; open mmaps keep their pages alive until closed.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -72,8 +73,14 @@ class StagedVersion:
     origin: dict | None = None
 
     def describe(self) -> dict:
-        return {"version": self.number, "op": self.op, "base": self.base, "digest": self.digest,
-                "tensors": len(self.entries), "expires_in_s": round(max(0.0, self.expires - time.time()), 1)}
+        return {
+            "version": self.number,
+            "op": self.op,
+            "base": self.base,
+            "digest": self.digest,
+            "tensors": len(self.entries),
+            "expires_in_s": round(max(0.0, self.expires - time.time()), 1),
+        }
 
 
 def default_root() -> str:
@@ -162,8 +169,7 @@ class WeightStore:
                 if self._lock_depth == 0:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None,
-                version: int | None = None) -> Version:
+    def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None, version: int | None = None) -> Version:
         """Write ``arrays`` as a new version; variables not given keep their current blob.
 
         Arrays must already have the variable's dtype and shape (the update graph
@@ -231,8 +237,7 @@ class WeightStore:
         """Give a claimed staging blob back unpublished (the update was rejected)."""
         self._return_staging(path)
 
-    def publish_staged(self, path: str, names: Sequence[str], op: str, expected_version: int | None = None,
-                       version: int | None = None) -> Version:
+    def publish_staged(self, path: str, names: Sequence[str], op: str, expected_version: int | None = None, version: int | None = None) -> Version:
         """Publish a claimed staging blob holding new values for ``names`` at their layout offsets."""
         offsets, _ = self.staging_layout()
         keep = set(names)
@@ -289,8 +294,9 @@ class WeightStore:
             number = self.next_number(cur, version)
             if cur.prev is None or cur.prev not in self.versions():
                 kept = [n for n in self.versions() if n != cur.number]
-                raise UpdateError(f"cannot roll back version {cur.number}: its predecessor is not retained "
-                                  f"(retained: {kept}; raise the 'history' parameter to keep more)")
+                raise UpdateError(
+                    f"cannot roll back version {cur.number}: its predecessor is not retained (retained: {kept}; raise the 'history' parameter to keep more)"
+                )
             target = self.version(cur.prev)
             return self._commit(number, f"rollback to {target.number}", dict(target.entries), target.prev, target.origin)
 
@@ -301,8 +307,9 @@ class WeightStore:
     def _staged_path(self, number: int, ext: str) -> str:
         return os.path.join(self.path, f"{STAGED}{number}.{ext}")
 
-    def stage(self, arrays: Iterable[tuple[str, np.ndarray]], op: str, version: int | None = None,
-              ttl: float = 3600.0, origin: dict | None = None) -> StagedVersion:
+    def stage(
+        self, arrays: Iterable[tuple[str, np.ndarray]], op: str, version: int | None = None, ttl: float = 3600.0, origin: dict | None = None
+    ) -> StagedVersion:
         """Write ``arrays`` (name, array of the variable's dtype and shape) as a staged version.
 
         The blob is written outside the lock, one array at a time, so a caller may produce
@@ -327,9 +334,12 @@ class WeightStore:
                 merged = {**(cur.entries if cur is not None and not full else {}), **entries}
                 now = time.time()
                 st = StagedVersion(number, op, entries, base, self.weights_digest(merged), now, now + ttl, origin)
-                self._atomic_write(f"{STAGED}{number}.json", json.dumps(
-                    {"version": number, "op": op, "vars": entries, "base": base, "digest": st.digest, "time": now,
-                     "expires": st.expires, "origin": origin}).encode())
+                self._atomic_write(
+                    f"{STAGED}{number}.json",
+                    json.dumps(
+                        {"version": number, "op": op, "vars": entries, "base": base, "digest": st.digest, "time": now, "expires": st.expires, "origin": origin}
+                    ).encode(),
+                )
                 return st
         finally:
             unlink_quiet(os.path.join(self.path, tmp))
@@ -341,13 +351,14 @@ class WeightStore:
                 d = json.load(f)
         except FileNotFoundError:
             return None
-        return StagedVersion(d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["base"], d["digest"],
-                             d["time"], d["expires"], d.get("origin"))
+        return StagedVersion(
+            d["version"], d["op"], {k: (b, o) for k, (b, o) in d["vars"].items()}, d["base"], d["digest"], d["time"], d["expires"], d.get("origin")
+        )
 
     def staged_versions(self) -> list[StagedVersion]:
         with self.locked():
             self._expire_staged()
-            nums = sorted(int(f[len(STAGED):-5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
+            nums = sorted(int(f[len(STAGED) : -5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
             return [st for st in (self.staged(n) for n in nums) if st is not None]
 
     def activate(self, number: int, expected_version: int | None = None, collect: bool = True) -> Version:
@@ -366,8 +377,10 @@ class WeightStore:
             self.next_number(cur, number)
             if st.base is not None and (cur is None or cur.number != st.base):
                 err = VersionConflictError(st.base, -1 if cur is None else cur.number)
-                err.args = (f"staged version {number} changes only some weights of version {st.base}, but the current "
-                            f"version is {err.current}; abort it and stage it again",)
+                err.args = (
+                    f"staged version {number} changes only some weights of version {st.base}, but the current "
+                    f"version is {err.current}; abort it and stage it again",
+                )
                 raise err
             blob = f"blob-{number}.bin"
             os.rename(self._staged_path(number, "bin"), os.path.join(self.path, blob))
@@ -386,7 +399,7 @@ class WeightStore:
             return st
 
     def _staged_list(self) -> list[StagedVersion]:
-        nums = sorted(int(f[len(STAGED):-5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
+        nums = sorted(int(f[len(STAGED) : -5]) for f in os.listdir(self.path) if f.startswith(STAGED) and f.endswith(".json"))
         return [st for st in (self.staged(n) for n in nums) if st is not None]
 
     def _drop_staged(self, number: int) -> None:
@@ -443,8 +456,7 @@ class WeightStore:
             raise
         return out
 
-    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None,
-                origin: dict | None = None, collect: bool = True) -> Version:
+    def _commit(self, number: int, op: str, entries: dict[str, tuple[str, int]], prev: int | None, origin: dict | None = None, collect: bool = True) -> Version:
         v = Version(number, op, entries, time.time(), prev, origin)
         d = {"version": number, "op": op, "time": v.time, "prev": prev, "vars": entries}
         if origin:
@@ -468,7 +480,7 @@ class WeightStore:
 
     def _gc(self, head: int) -> None:
         """Keep HEAD plus ``history`` older manifests; drop blobs nobody references."""
-        keep = [n for n in self.versions() if n <= head][-(self.history + 1):]
+        keep = [n for n in self.versions() if n <= head][-(self.history + 1) :]
         for n in self.versions():
             if n not in keep:
                 unlink_quiet(os.path.join(self.path, f"v{n}.json"))
@@ -487,7 +499,7 @@ class WeightStore:
         mapping one keep its pages until they close), and what dead builders left."""
         d = self.packed_path
         for f in os.listdir(d) if os.path.isdir(d) else []:
-            stem = f[len(packing.PREFIX):].split(".")[0] if f.startswith(packing.PREFIX) else ""
+            stem = f[len(packing.PREFIX) :].split(".")[0] if f.startswith(packing.PREFIX) else ""
             lock_n = f[len(packing.BUILDING) + 1 : -len(".lock")] if f.startswith(packing.BUILDING) and f.endswith(".lock") else ""
             if stem.isdigit() and int(stem) != head:
                 unlink_quiet(os.path.join(d, f))
@@ -567,7 +579,6 @@ def _merge_origin(base: dict | None, st: StagedVersion) -> dict | None:
     sha = dict((base or {}).get("sha256") or {})
     sha.update(st.origin["sha256"])
     return {**st.origin, "sha256": sha}
-
 
 
 def sweep_stale(root: str, prefix: str) -> list[str]:

@@ -11,6 +11,7 @@ leaves the weight preprocessing (Transpose, Slice...) in the graph, where
 ``weightbundle.convert`` hoists it into the update graph.  Without onnxscript it
 falls back to the TorchScript exporter with ``do_constant_folding=False``.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,16 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def export(module: Any, example_args: Sequence[Any], path: str | os.PathLike, *, input_names: Sequence[str] | None = None,
-           output_names: Sequence[str] | None = None, dynamic_batch: bool = True, dynamo: bool | None = None) -> str:
+def export(
+    module: Any,
+    example_args: Sequence[Any],
+    path: str | os.PathLike,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    dynamo: bool | None = None,
+) -> str:
     """Export ``module`` (in eval mode) to ONNX at ``path`` so a bundle can refresh every parameter."""
     import torch
 
@@ -40,12 +49,20 @@ def export(module: Any, example_args: Sequence[Any], path: str | os.PathLike, *,
     try:
         if dynamo:
             shapes = tuple({0: torch.export.Dim("batch")} if dynamic_batch and int(getattr(a, "ndim", 0)) else None for a in args)
-            torch.onnx.export(module, args, path, input_names=names, output_names=outs, dynamo=True, optimize=False,
-                              external_data=False, dynamic_shapes=shapes if dynamic_batch else None)
+            torch.onnx.export(
+                module,
+                args,
+                path,
+                input_names=names,
+                output_names=outs,
+                dynamo=True,
+                optimize=False,
+                external_data=False,
+                dynamic_shapes=shapes if dynamic_batch else None,
+            )
         else:
             axes = {n: {0: "batch"} for n in names + outs} if dynamic_batch else None
-            torch.onnx.export(module, args, path, input_names=names, output_names=outs, dynamo=False,
-                              do_constant_folding=False, dynamic_axes=axes)
+            torch.onnx.export(module, args, path, input_names=names, output_names=outs, dynamo=False, do_constant_folding=False, dynamic_axes=axes)
     finally:
         module.train(was_training)
     return path

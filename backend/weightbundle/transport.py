@@ -18,6 +18,7 @@ a read:
 Paths travel as UTF-8 bytes, whatever the process's filesystem encoding (Triton's
 python stub may run with an ASCII one).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,8 +35,20 @@ from .format import raw_bytes
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
-ST_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16", "I32": "int32",
-             "I64": "int64", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+ST_DTYPES = {
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+}
 
 
 def _np_dtype(st: str) -> np.dtype:
@@ -65,8 +78,7 @@ def _openat2_beneath(dirfd: int, rel: bytes) -> int:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     how = _OpenHow(_OPEN_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(rel), ctypes.byref(how),
-                       ctypes.c_size_t(ctypes.sizeof(how)))
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(rel), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -110,7 +122,7 @@ def open_allowed(path: Any, allowed_dirs: Sequence[str]) -> int:
             prefix = root.rstrip(b"/") + b"/"
             if not want.startswith(prefix) or want == prefix.rstrip(b"/"):
                 continue
-            rel = want[len(prefix):]
+            rel = want[len(prefix) :]
             try:
                 dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
@@ -191,8 +203,9 @@ def safetensors_header(fd: int, size: int) -> tuple[dict[str, dict[str, Any]], i
             raise ControlError(f"safetensors header entry {name!r:.80} is malformed or has an unsupported dtype") from None
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise ControlError(f"safetensors tensor {name!r:.80}: data offsets [{begin}, {end}] do not fit its shape {shape} "
-                               f"and dtype, or lie outside the file")
+            raise ControlError(
+                f"safetensors tensor {name!r:.80}: data offsets [{begin}, {end}] do not fit its shape {shape} and dtype, or lie outside the file"
+            )
         spans.append((begin, end, name))
     spans.sort()
     for (_b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
@@ -233,8 +246,7 @@ def read_allowed_safetensors(path: Any, allowed_dirs: Sequence[str], only: Seque
         # Size and mtime, not ctime: renaming a new checkpoint over this one unlinks it, which
         # changes its ctime, yet what we read stays whole and valid.
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            raise ControlError(f"weights file {path!r} changed while it was read; write each checkpoint to a new file "
-                               "and rename it into place")
+            raise ControlError(f"weights file {path!r} changed while it was read; write each checkpoint to a new file and rename it into place")
         return out
     except OSError as e:
         raise ControlError(f"cannot read weights file {path!r}: {e.strerror}") from None

@@ -5,6 +5,7 @@ Deployed as ``<backend-directory>/weightbundle/model.py``; a model selects it wi
 Thin by design: parse config, convert tensors, build responses.  The work is in
 ``weightbundle.serving`` (unit-tested without a server).
 """
+
 import json
 import sys
 
@@ -22,8 +23,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         settings = ServingSettings.from_model_config(config)
         self._metrics = _Metrics(args["model_name"], args["model_version"])
-        self.service = Service.open(args["model_repository"], args["model_version"], settings, args["model_name"],
-                                    on_event=self._metrics.record, model_config=config, log=_log)
+        self.service = Service.open(
+            args["model_repository"], args["model_version"], settings, args["model_name"], on_event=self._metrics.record, model_config=config, log=_log
+        )
         if self.service.bundle.version is not None:
             self._metrics.version.set(self.service.bundle.version)
 
@@ -87,7 +89,8 @@ def _check_stub_reads_numpy():
         raise RuntimeError(
             f"this Triton python backend stub misreads numpy {np.__version__} arrays ({probe.tolist()} reads back as "
             f"{got.tolist()}), so every input would arrive garbled; install numpy<2 in the Python the stub runs "
-            "(or point the model parameter EXECUTION_ENV_PATH at an environment that has it)")
+            "(or point the model parameter EXECUTION_ENV_PATH at an environment that has it)"
+        )
 
 
 def _triton_array(a):
@@ -106,8 +109,7 @@ class _Metrics:
         self._labels = labels
         self._applied = pb_utils.MetricFamily("weightbundle_updates_applied_total", "Weight commands applied", pb_utils.MetricFamily.COUNTER)
         self._rejected = pb_utils.MetricFamily("weightbundle_updates_rejected_total", "Weight commands rejected, by reason", pb_utils.MetricFamily.COUNTER)
-        self._latency = pb_utils.MetricFamily("weightbundle_update_duration_seconds", "Time to apply a weight command",
-                                              pb_utils.MetricFamily.HISTOGRAM)
+        self._latency = pb_utils.MetricFamily("weightbundle_update_duration_seconds", "Time to apply a weight command", pb_utils.MetricFamily.HISTOGRAM)
         # Families must outlive their metrics, so keep every family on self.
         self._version_family = pb_utils.MetricFamily("weightbundle_weights_version", "Current weight version", pb_utils.MetricFamily.GAUGE)
         self.version = self._version_family.Metric(labels=labels)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from weightbundle.server import free_port
+from weightbundle.tritonserver import free_port
 
 ACCESS_KEY = "wbtestaccesskey"
 SECRET_KEY = "wbtestsecretkey-0123456789"

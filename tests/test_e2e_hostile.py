@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 import models
 import weightbundle as wb
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
-from weightbundle.server import _group_pids, _shm_used_by
+from weightbundle.tritonserver.shm import _group_pids, _shm_used_by
 
 pytestmark = pytest.mark.e2e
 SMALL = models.mlp(sizes=(16, 64, 64, 8))

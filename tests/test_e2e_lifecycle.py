@@ -18,8 +18,8 @@ import tritonclient.http as httpclient
 
 import models
 from triton_util import SECRET, SECRET_ENV, control, make_repo, tensor, version
-from weightbundle import server as S
-from weightbundle.server import TritonServer
+from weightbundle.tritonserver import process, shm
+from weightbundle.tritonserver import TritonServer
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +117,7 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
     finally:
         client.close()
         srv.stop()  # killpg of the server's group reaches a stuck stub too
-    assert not S._group_pids(srv.pid)
+    assert not shm._group_pids(srv.pid)
 
 
 def _ignore(fn) -> None:
@@ -139,7 +139,7 @@ def test_start_sweeps_what_a_server_killed_with_its_launcher_left(tmp_path):
     nxt = None
     try:
         pids = [dead.pid] + _stubs(dead.pid)
-        regions = S._shm_used_by(pids)
+        regions = shm._shm_used_by(pids)
         assert len(regions) == 2 and os.listdir(stores)
         os.killpg(dead.pid, signal.SIGKILL)  # the OOM killer's way: server and stubs at once
         dead.wait(10)
@@ -171,7 +171,7 @@ def test_a_stub_removes_regions_of_stubs_killed_with_their_server(tmp_path):
     nxt = None
     try:
         stubs = _stubs(dead.pid)
-        regions = S._shm_used_by(stubs)
+        regions = shm._shm_used_by(stubs)
         assert len(regions) == 1
         # As PDEATHSIG or the OOM killer leave it: no process of that server unlinked anything.
         os.killpg(dead.pid, signal.SIGKILL)
@@ -182,7 +182,7 @@ def test_a_stub_removes_regions_of_stubs_killed_with_their_server(tmp_path):
         nxt = TritonServer(repo, env=_env(), log_file=str(tmp_path / "next.log"), sweep=False)  # no launcher sweep
         nxt.start(timeout=90)
         assert _wait(lambda: not any(os.path.exists(os.path.join("/dev/shm", r)) for r in regions), 10), "the next stub did not remove the dead stub's region"
-        assert S._shm_used_by(_stubs(nxt.pid))  # its own region is untouched
+        assert shm._shm_used_by(_stubs(nxt.pid))  # its own region is untouched
         assert _infer_ok(nxt.http_port)
     finally:
         if nxt is not None:
@@ -316,11 +316,12 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
 
     repo = str(tmp_path / "repo")
     make_repo(repo, "m", models.mlp())
-    http, grpc, metrics = S._free_ports(3)
+    http, grpc, metrics = process._free_ports(3)
     args = [
         sys.executable,
         "-m",
-        "weightbundle.server",
+        "weightbundle.cli",
+        "serve",
         repo,
         "--http-port",
         str(http),
@@ -350,7 +351,7 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
         if policy == "exit":
             assert _wait(lambda: proc.poll() is not None, 30), "serve kept running with a dead stub"
             assert proc.returncode == 1
-            assert _wait(lambda: not S._group_pids(pid), 15)
+            assert _wait(lambda: not shm._group_pids(pid), 15)
         elif policy == "unload":
             assert _wait(lambda: _get(http, "/v2/models/m/ready") not in (200, 0), 30), "the model is still reported ready"
             assert _get(http, "/v2/health/ready") != 200  # strict readiness: a model is unavailable

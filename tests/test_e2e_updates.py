@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 import models
 import weightbundle as wb
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
-from weightbundle.server import TritonServer
+from weightbundle.tritonserver import TritonServer
 
 pytestmark = pytest.mark.e2e
 MODEL = models.mlp(sizes=(16, 64, 64, 8))

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from weightbundle import lifecycle
-from weightbundle import server as S
+from weightbundle import cli
+from weightbundle.tritonserver import process, shm
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only (prctl, /proc)")
 
@@ -128,18 +129,18 @@ def test_the_watchdog_alone_ends_a_child_whose_main_thread_is_idle(tmp_path):
 
 
 def test_sweep_leftovers_spares_used_fresh_and_foreign_regions(tmp_path, monkeypatch):
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    monkeypatch.setattr(S, "SHM_DIR", str(shm))
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    monkeypatch.setattr(shm, "SHM_DIR", str(folder))
     for name in ("triton_python_backend_shm_region_dead", "triton_python_backend_shm_region_used", "not_a_region"):
-        (shm / name).write_bytes(b"x")
+        (folder / name).write_bytes(b"x")
     time.sleep(0.6)
-    (shm / "triton_python_backend_shm_region_fresh").write_bytes(b"x")  # e.g. being created right now
-    monkeypatch.setattr(S, "_shm_used_by", lambda pids, prefixes=(): {"triton_python_backend_shm_region_used"})
+    (folder / "triton_python_backend_shm_region_fresh").write_bytes(b"x")  # e.g. being created right now
+    monkeypatch.setattr(shm, "_shm_used_by", lambda pids, prefixes=(): {"triton_python_backend_shm_region_used"})
     monkeypatch.setattr("weightbundle.store.default_root", lambda: str(tmp_path / "stores"))
-    removed = S.sweep_leftovers(None, min_age=0.3)
-    assert removed == [str(shm / "triton_python_backend_shm_region_dead")]
-    assert sorted(os.listdir(shm)) == ["not_a_region", "triton_python_backend_shm_region_fresh", "triton_python_backend_shm_region_used"]
+    removed = shm.sweep_leftovers(None, min_age=0.3)
+    assert removed == [str(folder / "triton_python_backend_shm_region_dead")]
+    assert sorted(os.listdir(folder)) == ["not_a_region", "triton_python_backend_shm_region_fresh", "triton_python_backend_shm_region_used"]
 
 
 def test_config_store_roots(tmp_path):
@@ -151,21 +152,21 @@ def test_config_store_roots(tmp_path):
     }.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.pbtxt").write_text(text)
-    assert S._config_store_roots(str(tmp_path)) == {"/srv/wb", "/srv/other"}
+    assert shm._config_store_roots(str(tmp_path)) == {"/srv/wb", "/srv/other"}
 
 
 def test_serve_lifecycle_arguments(capsys, tmp_path):
     import argparse
 
-    args = S.add_serve_arguments(argparse.ArgumentParser()).parse_args(
+    args = cli.add_serve_arguments(argparse.ArgumentParser()).parse_args(
         ["repo", "--exit-timeout-secs", "30", "--on-stub-death", "reload", "--model-control-mode", "explicit"]
     )
     assert (args.exit_timeout_secs, args.on_stub_death) == (30, "reload")
-    defaults = S.add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    defaults = cli.add_serve_arguments(argparse.ArgumentParser()).parse_args([])
     assert (defaults.exit_timeout_secs, defaults.on_stub_death) == (5, "exit")
     # unload/reload need explicit model control: refused before anything starts.
-    assert S.serve(str(tmp_path), on_stub_death="unload") == 2
+    assert cli.serve(str(tmp_path), on_stub_death="unload") == 2
     assert "needs --model-control-mode=explicit" in capsys.readouterr().err
     with pytest.raises(ValueError, match="exit_timeout"):
-        S.TritonServer(str(tmp_path), exit_timeout=-1)
-    assert "--exit-timeout-secs=30" in S.TritonServer(str(tmp_path), exit_timeout=30, backend_dir=str(tmp_path)).command()
+        process.TritonServer(str(tmp_path), exit_timeout=-1)
+    assert "--exit-timeout-secs=30" in process.TritonServer(str(tmp_path), exit_timeout=30, backend_dir=str(tmp_path)).command()

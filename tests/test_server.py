@@ -1,4 +1,4 @@
-"""weightbundle.server against the real tritonserver from the nvidia-pytriton wheel.
+"""The launcher (weightbundle.tritonserver, weightbundle serve) against the real tritonserver from the nvidia-pytriton wheel.
 
 The server-starting tests use a tiny *stock* python-backend model ("double": OUTPUT0 =
 INPUT0 * 2), so they depend only on server.py, not on the weightbundle backend.
@@ -18,16 +18,18 @@ import time
 import numpy as np
 import pytest
 
-from weightbundle import server as S
+from weightbundle import cli
+from weightbundle.errors import TritonServerError
+from weightbundle.tritonserver import process, shm, wheel
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 try:
-    S.triton_paths()
+    wheel.triton_paths()
     _TRITON_MISSING = None
-except RuntimeError as e:  # pragma: no cover - depends on the environment
+except TritonServerError as e:  # pragma: no cover - depends on the environment
     _TRITON_MISSING = str(e)
 
 needs_triton = pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"tritonserver unavailable: {_TRITON_MISSING}")
@@ -93,7 +95,7 @@ def broken_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend_dir(tmp_path_factory):
     # One prepared backend dir shared by the module's servers (saves the copying).
-    return S.prepare_backend_dir(str(tmp_path_factory.mktemp("backends")))
+    return wheel.prepare_backend_dir(str(tmp_path_factory.mktemp("backends")))
 
 
 @pytest.fixture
@@ -102,10 +104,10 @@ def make_server(backend_dir, tmp_path):
     (pytest shows that output only for failing tests)."""
     servers = []
 
-    def make(repository, **kw) -> S.TritonServer:
+    def make(repository, **kw) -> process.TritonServer:
         kw.setdefault("backend_dir", backend_dir)
         kw.setdefault("log_file", str(tmp_path / f"tritonserver-{len(servers)}.log"))  # not littering /tmp
-        srv = S.TritonServer(str(repository), **kw)
+        srv = process.TritonServer(str(repository), **kw)
         servers.append(srv)
         return srv
 
@@ -200,7 +202,7 @@ def _infer_grpc(url: str, x: np.ndarray, model: str = "double") -> np.ndarray:
         client.close()
 
 
-def _assert_gone(srv: S.TritonServer, pid: int, stub_pids, regions, ports) -> None:
+def _assert_gone(srv: process.TritonServer, pid: int, stub_pids, regions, ports) -> None:
     assert not _pid_alive(pid), f"tritonserver {pid} still alive"
     assert not [p for p in stub_pids if _pid_alive(p)], "python_backend stubs still alive"
     assert _wait_for(lambda: all(_port_free(p) for p in ports), 5), f"ports {ports} still taken"
@@ -213,7 +215,7 @@ def _assert_gone(srv: S.TritonServer, pid: int, stub_pids, regions, ports) -> No
 
 @needs_triton
 def test_triton_paths_point_at_real_files():
-    p = S.triton_paths()
+    p = wheel.triton_paths()
     for f in (p.tritonserver, p.python_backend_lib, p.python_backend_utils, p.python_backend_stub):
         assert os.path.isfile(f), f
     assert os.access(p.tritonserver, os.X_OK)
@@ -222,16 +224,16 @@ def test_triton_paths_point_at_real_files():
 
 
 def test_triton_paths_missing_wheel_gives_install_hint(monkeypatch):
-    monkeypatch.setattr(S, "_site_dirs", lambda: [])
-    with pytest.raises(RuntimeError, match="pip install --no-deps nvidia-pytriton==0.7.0"):
-        S.triton_paths()
+    monkeypatch.setattr(wheel, "_site_dirs", lambda: [])
+    with pytest.raises(TritonServerError, match="pip install --no-deps nvidia-pytriton==0.7.0"):
+        wheel.triton_paths()
 
 
 @needs_triton
 def test_triton_paths_no_stub_for_this_python(monkeypatch):
-    monkeypatch.setattr(S, "_python_version", lambda: "3.99")
-    with pytest.raises(RuntimeError, match=r"no python_backend stub for Python 3\.99.*pip install"):
-        S.triton_paths()
+    monkeypatch.setattr(wheel, "_python_version", lambda: "3.99")
+    with pytest.raises(TritonServerError, match=r"no python_backend stub for Python 3\.99.*pip install"):
+        wheel.triton_paths()
 
 
 @needs_triton
@@ -239,13 +241,13 @@ def test_prepare_backend_dir_is_idempotent(tmp_path):
     import weightbundle
 
     dest = tmp_path / "be"
-    assert S.prepare_backend_dir(str(dest)) == str(dest)
+    assert wheel.prepare_backend_dir(str(dest)) == str(dest)
     stub = dest / "python" / "triton_python_backend_stub"
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         assert (dest / "python" / name).is_file()
     assert os.access(stub, os.X_OK)
     mtime = stub.stat().st_mtime_ns
-    S.prepare_backend_dir(str(dest))
+    wheel.prepare_backend_dir(str(dest))
     assert stub.stat().st_mtime_ns == mtime  # unchanged files are not rewritten
     pkg_model = os.path.join(os.path.dirname(weightbundle.__file__), "triton", "model.py")
     assert (dest / "weightbundle" / "model.py").is_file() == os.path.isfile(pkg_model)
@@ -255,32 +257,32 @@ def test_prepare_backend_dir_is_idempotent(tmp_path):
 def test_server_env_orders_paths():
     import sysconfig
 
-    env = S.server_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/x", "KEEP": "1"})
+    env = wheel.server_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/x", "KEEP": "1"})
     ld = env["LD_LIBRARY_PATH"].split(os.pathsep)
-    assert ld[:3] == [S.triton_paths().libs_dir, sysconfig.get_config_var("LIBDIR"), "/opt/x"]
+    assert ld[:3] == [wheel.triton_paths().libs_dir, sysconfig.get_config_var("LIBDIR"), "/opt/x"]
     assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin"]
     assert env["KEEP"] == "1"
-    assert "LD_LIBRARY_PATH" in S.server_env({})
+    assert "LD_LIBRARY_PATH" in wheel.server_env({})
 
 
 def test_free_port_is_bindable():
-    port = S.free_port()
+    port = process.free_port()
     assert 0 < port < 65536 and _port_free(port)
 
 
 def test_bad_arguments_rejected():
     with pytest.raises(ValueError):
-        S.TritonServer("r", model_control_mode="sometimes")
+        process.TritonServer("r", model_control_mode="sometimes")
     with pytest.raises(ValueError):
-        S.TritonServer("r", backend_config=["shm-default-byte-size"])
+        process.TritonServer("r", backend_config=["shm-default-byte-size"])
     with pytest.raises(ValueError):
-        S.TritonServer("r", load_models=["m"])  # needs explicit mode
+        process.TritonServer("r", load_models=["m"])  # needs explicit mode
 
 
 def test_serve_arguments():
     import argparse
 
-    args = S.add_serve_arguments(argparse.ArgumentParser()).parse_args(
+    args = cli.add_serve_arguments(argparse.ArgumentParser()).parse_args(
         [
             "repo",
             "--http-port",
@@ -297,7 +299,7 @@ def test_serve_arguments():
     )
     assert (args.repository, args.http_port, args.grpc_port, args.metrics_port) == ("repo", 1, 8001, 8002)
     assert args.load_model == ["a", "b"] and args.backend_config == ["python,shm-default-byte-size=1"]
-    assert S.add_serve_arguments(argparse.ArgumentParser()).parse_args([]).repository == "model_repository"
+    assert cli.add_serve_arguments(argparse.ArgumentParser()).parse_args([]).repository == "model_repository"
 
 
 # ---------------------------------------------------------------------------- real server
@@ -343,7 +345,7 @@ def test_start_infer_stop(make_server, repo):
 @needs_triton
 def test_context_manager_and_own_backend_dir(repo, tmp_path):
     # backend_dir=None: a temporary one is prepared and removed again.
-    with S.TritonServer(str(repo), log_file=str(tmp_path / "triton.log")) as srv:
+    with process.TritonServer(str(repo), log_file=str(tmp_path / "triton.log")) as srv:
         bdir = srv.backend_dir
         assert os.path.isfile(os.path.join(bdir, "python", "triton_python_backend_stub"))
         np.testing.assert_array_equal(_infer_http(srv.http_url, np.ones(3, np.float32)), np.full(3, 2, np.float32))
@@ -364,7 +366,7 @@ def test_kill_then_cleanup(make_server, repo):
     srv.stop()  # the cleanup path: waits for the orphaned stubs, removes our leftovers
     print(f"cleanup after SIGKILL took {time.monotonic() - t0:.2f} s")
     _assert_gone(srv, pid, stubs, regions, ports)
-    assert not S._group_pids(pid)
+    assert not shm._group_pids(pid)
 
 
 @pytest.mark.e2e
@@ -415,10 +417,10 @@ def test_broken_model_load_error_server_stays_up(make_server, broken_repo):
 def test_start_failure_reports_log_and_leaves_nothing(make_server, broken_repo):
     # Mode "none" loads everything; a failing model makes tritonserver exit at startup.
     srv = make_server(broken_repo)
-    with pytest.raises(RuntimeError, match="deliberately broken model") as err:
+    with pytest.raises(TritonServerError, match="deliberately broken model") as err:
         srv.start(timeout=START_TIMEOUT)
     assert "exited with status" in str(err.value) and "errors:" in str(err.value)
-    assert srv.pid is not None and not _pid_alive(srv.pid) and not S._group_pids(srv.pid)
+    assert srv.pid is not None and not _pid_alive(srv.pid) and not shm._group_pids(srv.pid)
 
 
 @pytest.mark.e2e
@@ -428,7 +430,7 @@ def test_busy_port_is_an_error(make_server, repo):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         srv = make_server(repo, http_port=s.getsockname()[1])
-        with pytest.raises(RuntimeError, match="exited with status"):
+        with pytest.raises(TritonServerError, match="exited with status"):
             srv.start(timeout=START_TIMEOUT)
     assert not _pid_alive(srv.pid)
 
@@ -436,7 +438,7 @@ def test_busy_port_is_an_error(make_server, repo):
 @pytest.mark.e2e
 @needs_triton
 def test_auto_port_taken_meanwhile_is_retried(make_server, repo, monkeypatch):
-    real = S._free_ports
+    real = process._free_ports
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
@@ -448,7 +450,7 @@ def test_auto_port_taken_meanwhile_is_retried(make_server, repo, monkeypatch):
             ports = real(n)
             return [busy] + ports[1:] if len(calls) == 1 else ports
 
-        monkeypatch.setattr(S, "_free_ports", first_pick_is_busy)
+        monkeypatch.setattr(process, "_free_ports", first_pick_is_busy)
         srv = make_server(repo).start(timeout=START_TIMEOUT)
         assert len(calls) == 2 and srv.http_port != busy
         np.testing.assert_array_equal(_infer_http(srv.http_url, np.ones(2, np.float32)), np.full(2, 2, np.float32))
@@ -477,7 +479,7 @@ class TritonPythonModel:
 @pytest.mark.e2e
 @needs_triton
 def test_python_based_backend_and_its_shm_cleanup(make_server, tmp_path):
-    be = S.prepare_backend_dir(str(tmp_path / "be"))
+    be = wheel.prepare_backend_dir(str(tmp_path / "be"))
     os.makedirs(os.path.join(be, "doubler"))
     with open(os.path.join(be, "doubler", "model.py"), "w") as f:
         f.write(PYTHON_BASED_BACKEND)
@@ -527,7 +529,7 @@ def test_safety_net_when_owner_dies(repo, how, tmp_path):
     # cleanup at all, the parent-death signal must make tritonserver shut down.
     proc = _run_python(f"""
         import sys, time
-        from weightbundle.server import TritonServer
+        from weightbundle.tritonserver import TritonServer
         # Own log and backend dir under tmp_path: a SIGKILLed owner cannot remove temp ones.
         srv = TritonServer({str(repo)!r}, log_file={str(tmp_path / "triton.log")!r},
                            backend_dir={str(tmp_path / "be")!r}).start(timeout={START_TIMEOUT})
@@ -555,10 +557,10 @@ def test_safety_net_when_owner_dies(repo, how, tmp_path):
 @pytest.mark.e2e
 @needs_triton
 def test_serve_foreground_sigint(repo, tmp_path):
-    http, grpc, metrics = (S.free_port() for _ in range(3))
+    http, grpc, metrics = (process.free_port() for _ in range(3))
     proc = _run_python(f"""
         import sys
-        from weightbundle.server import serve
+        from weightbundle.cli import serve
         sys.exit(serve({str(repo)!r}, http_port={http}, grpc_port={grpc}, metrics_port={metrics},
                        log_file={str(tmp_path / "triton.log")!r}))
     """)

@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests against a real tritonserver (see weightbundle.server)."""
+"""Helpers for end-to-end tests against a real tritonserver (see weightbundle.tritonserver)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import onnx
 
 import weightbundle as wb
 from weightbundle.modelconfig import make_config
-from weightbundle.server import TritonServer
+from weightbundle.tritonserver import TritonServer
 
 SECRET = "e2e-secret-value"
 SECRET_ENV = "WEIGHTBUNDLE_E2E_SECRET"

@@ -54,7 +54,7 @@ from weightbundle import fleet  # noqa: E402
 from weightbundle import objectstore as osx  # noqa: E402
 from weightbundle.client import WeightClient  # noqa: E402
 from weightbundle.modelconfig import make_config  # noqa: E402
-from weightbundle.server import TritonServer  # noqa: E402
+from weightbundle.tritonserver import TritonServer  # noqa: E402
 
 SECRET_ENV, SECRET = "WEIGHTBUNDLE_BENCH_SECRET", "bench-secret"
 MiB = 1 << 20

@@ -73,7 +73,7 @@ import models  # noqa: E402  (tests/models.py)
 import weightbundle as wb  # noqa: E402
 from weightbundle.client import WeightClient  # noqa: E402
 from weightbundle.modelconfig import make_config  # noqa: E402
-from weightbundle.server import SHM_PATTERN, TritonServer  # noqa: E402
+from weightbundle.tritonserver import SHM_PATTERN, TritonServer  # noqa: E402
 
 MiB = 1 << 20
 SECRET_ENV = "WEIGHTBUNDLE_BENCH_SECRET"

@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from weightbundle.server import TritonServer
+from weightbundle.tritonserver import TritonServer
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model_repository")
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from typing import Sequence
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Optional, Sequence, Set
 
-from .errors import BundleError
+from .errors import BundleError, TritonServerError
+from .tritonserver import MODEL_CONTROL_MODES, STUB_DEATH_POLICIES, TritonServer
 
 
 def _cmd_build(a: argparse.Namespace) -> int:
@@ -112,8 +118,6 @@ def _cmd_config(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from .server import serve_from_args
-
     return serve_from_args(a)
 
 
@@ -230,10 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     s = sub.add_parser("serve", help="run a real tritonserver on a model repository (127.0.0.1)")
     try:
-        from .server import add_serve_arguments
-
         add_serve_arguments(s)
-    except ImportError:  # server module missing: keep the other commands usable
+    except ImportError:  # launcher missing: keep the other commands usable
         pass
     s.set_defaults(fn=_cmd_serve)
 
@@ -286,6 +288,208 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"weightbundle {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- serve: the foreground launcher
+def serve(
+    model_repository: str,
+    *,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    model_control_mode: str = "none",
+    load_models: Sequence[str] = (),
+    backend_config: Sequence[str] = (),
+    log_verbose: int = 0,
+    log_file: Optional[str] = None,
+    start_timeout: float = 120,
+    exit_timeout: int = 5,
+    on_stub_death: str = "exit",
+) -> int:
+    """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
+
+    Prints the HTTP, gRPC and metrics URLs and the log path once ready. Returns 0
+    after a requested shutdown, 1 if the server failed to start or died, 2 for bad
+    arguments, 130 if interrupted while starting. Leaves no process or shm region.
+
+    ``on_stub_death`` says what to do when a python-backend stub dies while its model
+    is loaded (Triton 2.51 keeps reporting such a model as ready): ``exit`` stops the
+    server and returns 1, so a supervisor restarts it; ``unload`` (explicit mode)
+    unloads the model, so it is reported unready; ``reload`` (explicit mode) loads it
+    again; ``ignore`` keeps Triton's behaviour.
+    """
+    stop_requested = threading.Event()
+    ready = threading.Event()
+    if on_stub_death not in STUB_DEATH_POLICIES:
+        print(f"error: on_stub_death must be one of {', '.join(STUB_DEATH_POLICIES)}", file=sys.stderr)
+        return 2
+    if on_stub_death in ("unload", "reload") and model_control_mode != "explicit":
+        print(
+            f"error: --on-stub-death={on_stub_death} needs --model-control-mode=explicit (Triton refuses unload and load in the other modes)", file=sys.stderr
+        )
+        return 2
+
+    def on_signal(signum, _frame) -> None:
+        stop_requested.set()
+        if not ready.is_set():
+            raise KeyboardInterrupt  # abort start(); its cleanup stops the process
+
+    try:
+        server = TritonServer(
+            model_repository,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            model_control_mode=model_control_mode,
+            load_models=load_models,
+            backend_config=backend_config,
+            log_verbose=log_verbose,
+            log_file=log_file,
+            exit_timeout=exit_timeout,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        try:
+            server.start(timeout=start_timeout)
+        except KeyboardInterrupt:
+            print("interrupted while starting; tritonserver stopped", file=sys.stderr)
+            return 130
+        except TritonServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        ready.set()
+        if server.swept:
+            print(f"removed {len(server.swept)} leftover(s) of dead servers: {', '.join(server.swept)}", flush=True)
+        print(
+            f"tritonserver ready (pid {server.pid})\n"
+            f"  HTTP     http://{server.http_url}\n"
+            f"  gRPC     {server.grpc_url}\n"
+            f"  metrics  {server.metrics_url}\n"
+            f"  log      {server.log_path}\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
+        reported: Set[int] = set()
+        while not stop_requested.is_set() and server.is_running():
+            stop_requested.wait(0.5)
+            if on_stub_death != "ignore" and not _handle_dead_stubs(server, on_stub_death, reported):
+                server.stop()
+                return 1
+        if not server.is_running():
+            print(f"error: tritonserver exited with status {server.returncode}; {server._failure_report()}", file=sys.stderr)
+            server.stop()
+            return 1
+        print("stopping tritonserver ...", flush=True)
+        t0 = time.monotonic()
+        status = server.stop()
+        print(f"tritonserver stopped (status {status}, {time.monotonic() - t0:.1f} s)", flush=True)
+        if status:
+            # Triton 2.51 spends --exit-timeout-secs on open client connections (idle
+            # keep-alive ones too) and then exits 1 without finalizing loaded models.
+            print(
+                "warning: tritonserver did not shut down cleanly (exit timeout; open client connections?); "
+                "its shm regions and weight stores were removed. Use --model-control-mode=explicit "
+                "(models are unloaded before the server stops) or a longer --exit-timeout-secs.",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 0
+    finally:
+        ready.set()  # a late signal must not raise inside stop()
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) -> bool:
+    """Apply ``policy`` to stubs that died (once each); False when the server must stop."""
+    dead = [d for d in server.dead_stubs(grace=1.0) if d.pid not in reported]
+    if not dead:
+        return True
+    reported.update(d.pid for d in dead)
+    what = ", ".join(f"{d.instance or '?'} (pid {d.pid}, model {d.model!r} version {d.version})" for d in dead)
+    print(
+        f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps reporting the model as ready; every request routed to them fails.",
+        file=sys.stderr,
+        flush=True,
+    )
+    if policy == "exit" or any(d.model == "?" for d in dead):
+        print("stopping tritonserver (--on-stub-death=exit, or a stub of an unknown model) ...", file=sys.stderr, flush=True)
+        return False
+    for model in sorted({d.model for d in dead}):
+        try:
+            # Triton 2.51 never finishes unloading an instance whose stub died: the model
+            # stays UNLOADING (reported unready) until the server exits; do not wait long.
+            unloaded = server.unload_model(model, timeout=10)
+            if policy == "reload":
+                server.load_model(model)
+            print(
+                f"model {model!r}: {policy}ed (--on-stub-death={policy})" + ("" if unloaded else "; the old instances did not finish unloading"),
+                file=sys.stderr,
+                flush=True,
+            )
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            print(f"error: could not {policy} model {model!r}: {e}; stopping", file=sys.stderr, flush=True)
+            return False
+    return True
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``weightbundle serve`` options to ``parser``."""
+    parser.add_argument("repository", nargs="?", default="model_repository", help="Triton model repository (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument(
+        "--model-control-mode",
+        choices=MODEL_CONTROL_MODES,
+        default="none",
+        help="'none' loads every model at start; 'explicit' only --load-model ones (default: %(default)s)",
+    )
+    parser.add_argument("--load-model", action="append", default=[], metavar="NAME", help="model to load at start (explicit mode; repeatable)")
+    parser.add_argument(
+        "--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE", help="e.g. python,shm-default-byte-size=16777216 (repeatable)"
+    )
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
+    parser.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
+    parser.add_argument(
+        "--exit-timeout-secs",
+        type=int,
+        default=5,
+        metavar="S",
+        help="Triton's exit timeout: how long shutdown waits for in-flight requests and open client connections (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--on-stub-death",
+        choices=STUB_DEATH_POLICIES,
+        default="exit",
+        help="when a python backend stub dies (Triton keeps its model 'ready'): exit with status 1, "
+        "unload or reload the model (explicit mode), or ignore (default: %(default)s)",
+    )
+    return parser
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Run ``serve`` with the options parsed by ``add_serve_arguments``."""
+    return serve(
+        args.repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
+        load_models=args.load_model,
+        backend_config=args.backend_config,
+        log_verbose=args.log_verbose,
+        log_file=getattr(args, "log_file", None),
+        exit_timeout=getattr(args, "exit_timeout_secs", 5),
+        on_stub_death=getattr(args, "on_stub_death", "exit"),
+    )
 
 
 if __name__ == "__main__":

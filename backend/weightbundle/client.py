@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import CommandError
 from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT
 
 VIAS = ("auto", "request", "shm", "file")
@@ -61,10 +62,6 @@ class PushResult:
         return line
 
 
-class CommandError(RuntimeError):
-    """The server refused a command; the message is the server's."""
-
-
 def _local(url: str) -> bool:
     host = url.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     return host in ("127.0.0.1", "localhost", "::1")
@@ -80,7 +77,7 @@ class WeightClient:
 
             self._c = tc.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
         else:
-            import tritonclient.grpc as tc  # type: ignore[no-redef]
+            import tritonclient.grpc as tc
 
             self._c = tc.InferenceServerClient(url)
         self._tc = tc

@@ -1,7 +1,12 @@
-"""Exception hierarchy. Every failure the library detects is a ``BundleError``.
+"""Exception hierarchy. Every failure weightbundle detects is a ``BundleError``.
 
-Callers (the Triton backend in particular) catch ``BundleError`` to turn it into
-a per-request error without taking the server down; anything else is a bug.
+- In the backend, a ``BundleError`` (``FormatError``, ``UpdateError``, ...) becomes that
+  request's own error without taking the server down; anything else is a bug.
+- On the client side, ``CommandError`` is a command the served model refused (the
+  message is the server's), and ``TritonServerError`` is the launcher's: tritonserver
+  could not be found, started, or it died.
+
+So ``except BundleError`` catches everything weightbundle raises on purpose.
 """
 
 from __future__ import annotations
@@ -55,3 +60,11 @@ class VersionOrderError(VersionConflictError):
         UpdateError.__init__(self, f"version {requested} refused: it must exceed the current version {current}")
         self.expected = requested
         self.current = current
+
+
+class CommandError(BundleError):
+    """A served model refused a command (client side); the message is the server's."""
+
+
+class TritonServerError(BundleError):
+    """tritonserver could not be found, started, or it died (the launcher)."""

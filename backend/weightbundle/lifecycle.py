@@ -122,7 +122,7 @@ class ParentWatch:
 
     def _sweep(self) -> None:
         try:
-            from .server import sweep_dead_regions
+            from .tritonserver.shm import sweep_dead_regions
 
             sweep_dead_regions()
         except Exception:  # noqa: BLE001 - best effort; the launcher sweeps too

@@ -23,11 +23,9 @@ from .errors import BundleError, NotInitializedError, VersionConflictError
 from .runtime import Bundle
 from .repository import sweep_partial, write_version
 from .settings import ServingSettings
-from .store import default_root, sweep_stale
+from .store import default_root, shared_dir, sweep_stale
 from .format import raw_bytes
 from .transport import read_allowed_safetensors
-
-STORE_PREFIX = "weightbundle-"
 
 
 @dataclass
@@ -103,10 +101,9 @@ class Service:
             raise BundleError(f"bundle file not found: {path} (set parameter bundle_filename to use another name)")
         auth = Authorizer.from_sources(settings.allow_updates, settings.update_secret_env, settings.update_secret_file, settings.update_auth == "secret")
         root = settings.store_root or default_root()
-        swept = sweep_stale(root, STORE_PREFIX) + sweep_partial(model_dir)
+        swept = sweep_stale(root) + sweep_partial(model_dir)
         # One store per (server process, model, version): every instance of it shares weights.
-        tag = "".join(c if c.isalnum() or c in "._" else "_" for c in model_name)
-        store_dir = os.path.join(root, f"{STORE_PREFIX}{os.getppid()}-{tag}-v{version}")
+        store_dir = shared_dir(root, model_name, version)
         bundle = Bundle.load_from_file(path, settings.runtime_options(store_dir))
         try:
             bundle.store.register()

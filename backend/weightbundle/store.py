@@ -83,6 +83,16 @@ class StagedVersion:
         }
 
 
+STORE_PREFIX = "weightbundle-"  # <prefix><server pid>-<model>-v<version>: see shared_dir
+
+
+def shared_dir(root: str, model_name: str, model_version: str | int, server_pid: int | None = None) -> str:
+    """The store folder shared by every instance of one model version of one server
+    (a Triton instance's parent is the server, hence the default pid)."""
+    tag = "".join(c if c.isalnum() or c in "._" else "_" for c in model_name)
+    return os.path.join(root, f"{STORE_PREFIX}{os.getppid() if server_pid is None else server_pid}-{tag}-v{model_version}")
+
+
 def default_root() -> str:
     """tmpfs when available: weights must live in RAM to be shared and mmapped cheaply."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -581,7 +591,7 @@ def _merge_origin(base: dict | None, st: StagedVersion) -> dict | None:
     return {**st.origin, "sha256": sha}
 
 
-def sweep_stale(root: str, prefix: str) -> list[str]:
+def sweep_stale(root: str, prefix: str = STORE_PREFIX) -> list[str]:
     """Remove stores under ``root`` named ``<prefix><pid>-...`` whose server pid is dead.
 
     A SIGKILLed server cannot clean up; the next start calls this so nothing leaks.

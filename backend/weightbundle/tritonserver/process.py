@@ -1,29 +1,14 @@
-"""Run the real Triton Inference Server shipped in the ``nvidia-pytriton`` wheel.
+"""``TritonServer``: one tritonserver process on 127.0.0.1, from start to a clean stop.
 
-``nvidia-pytriton==0.7.0`` contains a tritonserver 2.51 binary, the python backend
-and one python-backend stub per CPython minor version. Using them outside pytriton
-needs a few things that are easy to get wrong (see shared/NOTES.md section 1):
-
-* a backend directory of our own: pointing ``--backend-directory`` at the wheel
-  fails with "triton_python_backend_stub is not found";
-* ``LD_LIBRARY_PATH`` with the wheel's bundled libs and this Python's LIBDIR,
-  otherwise the stub cannot load and the server *hangs* loading the model;
-* this interpreter's ``bin`` first on ``PATH``, so the stub's embedded Python picks
-  this virtualenv as its prefix (numpy, onnxruntime, weightbundle importable);
-* shutdown can leave ``/dev/shm/triton_python_backend_shm_region_*`` files behind
-  if the server or its stubs are killed, so ``stop`` removes the ones it owns.
-
-``TritonServer`` is the programmatic handle (tests, benchmarks); ``serve`` is the
-blocking foreground mode behind ``weightbundle serve``.
+The programmatic handle for tests, benchmarks and ``weightbundle serve``: free ports,
+readiness, the python-backend stubs it runs (and which of them died), explicit model
+control, shutdown that unloads first, and cleanup of whatever a crash left.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import ctypes
-import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -32,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -41,172 +25,15 @@ import urllib.parse
 import urllib.request
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
+from typing import Dict, List, Mapping, Optional, Sequence, Set
+from ..errors import TritonServerError
+from .shm import SHM_DIR, _config_store_roots, _group_pids, _is_region, _proc_pids, _shm_regions, _shm_used_by, sweep_leftovers
+from .wheel import _supports_flag, prepare_backend_dir, server_env, triton_paths
 
-__all__ = [
-    "BACKEND_NAME",
-    "INSTALL_HINT",
-    "SHM_PATTERN",
-    "TritonPaths",
-    "TritonServer",
-    "TritonServerError",
-    "add_serve_arguments",
-    "StubInfo",
-    "free_port",
-    "prepare_backend_dir",
-    "serve",
-    "serve_from_args",
-    "server_env",
-    "sweep_dead_regions",
-    "sweep_leftovers",
-    "triton_paths",
-]
-
-INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0"
-# Name of the python-based backend: models select it with `backend: "weightbundle"`.
-BACKEND_NAME = "weightbundle"
-# Shared-memory regions the python backend creates in /dev/shm, one per stub. A
-# python-based backend NAME uses "triton_NAME_backend_shm_region_<uuid>" instead of
-# the stock "triton_python_backend_shm_region_<uuid>"; both match this pattern.
-SHM_PATTERN = re.compile(r"^triton_.+_backend_shm_region_")
-SHM_DIR = "/dev/shm"
 HOST = "127.0.0.1"
+
+
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
-
-
-class TritonServerError(RuntimeError):
-    """tritonserver could not be found, started, or it died."""
-
-
-# --------------------------------------------------------------------------- wheel layout
-
-
-@dataclass(frozen=True)
-class TritonPaths:
-    """Files of the nvidia-pytriton wheel that a standalone tritonserver needs."""
-
-    tritonserver: str  # the server binary
-    python_backend_lib: str  # backends/python/libtriton_python.so
-    python_backend_utils: str  # backends/python/triton_python_backend_utils.py
-    python_backend_stub: str  # python_backend_stubs/X.Y/triton_python_backend_stub for this Python
-    libs_dir: str  # nvidia_pytriton.libs (libtritonserver, libcudart, ...)
-
-
-def _site_dirs() -> List[str]:
-    """Directories that may hold the wheel's top-level entries, most specific first."""
-    dirs: List[str] = []
-    try:
-        # locate_file("") is the site-packages dir the distribution was installed into.
-        dirs.append(str(importlib.metadata.distribution("nvidia-pytriton").locate_file("")))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    # find_spec on a top-level package does not import it (pytriton's own deps may be absent).
-    spec = importlib.util.find_spec("pytriton")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        dirs.append(os.path.dirname(loc))
-    return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
-
-
-def _python_version() -> str:
-    # The stub embeds libpython X.Y: it must match the interpreter that runs model.py.
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def triton_paths() -> TritonPaths:
-    """Locate tritonserver, the python backend and the stub matching this Python."""
-    ver = _python_version()
-    sites = _site_dirs()
-    if not sites:
-        raise TritonServerError(f"nvidia-pytriton is not installed in {sys.prefix}; install it with: {INSTALL_HINT}")
-    problems = []
-    for site in sites:
-        root = os.path.join(site, "pytriton", "tritonserver")
-        paths = TritonPaths(
-            tritonserver=os.path.join(root, "bin", "tritonserver"),
-            python_backend_lib=os.path.join(root, "backends", "python", "libtriton_python.so"),
-            python_backend_utils=os.path.join(root, "backends", "python", "triton_python_backend_utils.py"),
-            python_backend_stub=os.path.join(root, "python_backend_stubs", ver, "triton_python_backend_stub"),
-            libs_dir=os.path.join(site, "nvidia_pytriton.libs"),
-        )
-        missing = [p for p in (paths.tritonserver, paths.python_backend_lib, paths.python_backend_utils) if not os.path.isfile(p)]
-        if not os.path.isdir(paths.libs_dir):
-            missing.append(paths.libs_dir)
-        if missing:
-            problems.append(f"incomplete nvidia-pytriton in {site}: missing {', '.join(missing)}")
-            continue
-        if not os.path.isfile(paths.python_backend_stub):
-            have = sorted(os.listdir(os.path.join(root, "python_backend_stubs"))) if os.path.isdir(os.path.join(root, "python_backend_stubs")) else []
-            problems.append(
-                f"no python_backend stub for Python {ver} in {root}/python_backend_stubs "
-                f"(available: {', '.join(have) or 'none'}); use one of those Python versions"
-            )
-            continue
-        return paths
-    raise TritonServerError("; ".join(problems) + f". Install a complete copy with: {INSTALL_HINT}")
-
-
-def _copy_if_changed(src: str, dst: str, mode: Optional[int] = None) -> None:
-    """Copy src to dst unless an identical copy (size and mtime) is already there.
-
-    Writes to a temporary name and renames, so a stub executable that a running
-    server is using is replaced rather than overwritten (which would fail, ETXTBSY).
-    """
-    st = os.stat(src)
-    try:
-        dt = os.stat(dst)
-        if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime) and (mode is None or dt.st_mode & 0o777 == mode):
-            return
-    except FileNotFoundError:
-        pass
-    tmp = f"{dst}.tmp{os.getpid()}.{threading.get_ident()}"
-    shutil.copy2(src, tmp)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, dst)
-
-
-def prepare_backend_dir(dest: str) -> str:
-    """Build a Triton backend directory at ``dest`` and return its absolute path.
-
-    ``dest/python/`` gets the python backend (library, utils, version-matched stub);
-    ``dest/weightbundle/model.py`` is the weightbundle python-based backend, copied
-    from the package when it exists. Safe to call again on the same directory.
-    """
-    paths = triton_paths()
-    dest = os.path.abspath(dest)
-    py_dir = os.path.join(dest, "python")
-    os.makedirs(py_dir, exist_ok=True)
-    _copy_if_changed(paths.python_backend_lib, os.path.join(py_dir, "libtriton_python.so"))
-    _copy_if_changed(paths.python_backend_utils, os.path.join(py_dir, "triton_python_backend_utils.py"))
-    _copy_if_changed(paths.python_backend_stub, os.path.join(py_dir, "triton_python_backend_stub"), mode=0o755)
-
-    import weightbundle  # the package this module belongs to; imported lazily to keep import order simple
-
-    model_py = os.path.join(os.path.dirname(weightbundle.__file__), "triton", "model.py")
-    if os.path.isfile(model_py):
-        wb_dir = os.path.join(dest, BACKEND_NAME)
-        os.makedirs(wb_dir, exist_ok=True)
-        _copy_if_changed(model_py, os.path.join(wb_dir, "model.py"))
-    return dest
-
-
-def server_env(base: Mapping[str, str] = os.environ) -> Dict[str, str]:
-    """Environment for tritonserver: bundled libs on LD_LIBRARY_PATH, this venv first on PATH."""
-    env = dict(base)
-    paths = triton_paths()
-
-    def prepend(var: str, first: Sequence[Optional[str]]) -> None:
-        parts = [p for p in first if p] + [p for p in env.get(var, "").split(os.pathsep) if p]
-        env[var] = os.pathsep.join(dict.fromkeys(parts))  # de-duplicate, keep order
-
-    # LIBDIR holds libpython3.X.so that the stub links against (pyenv/conda builds put it there).
-    prepend("LD_LIBRARY_PATH", [paths.libs_dir, sysconfig.get_config_var("LIBDIR")])
-    # The stub's embedded interpreter finds its prefix via `python3` on PATH; make that this venv.
-    prepend("PATH", [os.path.dirname(sys.executable)])
-    return env
-
-
-# --------------------------------------------------------------------------- ports, processes, shm
 
 
 def free_port() -> int:
@@ -226,143 +53,6 @@ def _free_ports(n: int) -> List[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _is_region(name: str, prefixes: Sequence[str] = ()) -> bool:
-    return bool(SHM_PATTERN.match(name)) or any(name.startswith(p) for p in prefixes)
-
-
-def _shm_regions(prefixes: Sequence[str] = ()) -> Set[str]:
-    """Python-backend shm regions currently in /dev/shm (names only)."""
-    try:
-        return {n for n in os.listdir(SHM_DIR) if _is_region(n, prefixes)}
-    except FileNotFoundError:
-        return set()
-
-
-def _proc_pids() -> List[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
-
-
-def _group_pids(pgid: int) -> List[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    out = []
-    for pid in _proc_pids():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state ppid pgrp ...
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != b"Z":
-            out.append(pid)
-    return out
-
-
-def _shm_used_by(pids: Iterable[int], prefixes: Sequence[str] = ()) -> Set[str]:
-    """Names of python-backend shm regions that the given processes map or hold open."""
-    shm = SHM_DIR + "/"
-    used: Set[str] = set()
-
-    def note(path: str) -> None:
-        if path.startswith(shm):
-            name = path[len(shm) :]
-            if _is_region(name, prefixes):
-                used.add(name)
-
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    i = line.find(shm)
-                    if i >= 0:
-                        note(line[i:].split()[0])  # drops a trailing "(deleted)"
-        except OSError:
-            pass
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                note(os.readlink(f"/proc/{pid}/fd/{fd}").split()[0])
-            except (OSError, IndexError):
-                pass
-    return used
-
-
-def _config_store_roots(model_repository: str) -> Set[str]:
-    """The ``store_root`` parameters of the models in a repository (custom weight-store roots)."""
-    roots: Set[str] = set()
-    try:
-        names = os.listdir(model_repository)
-    except OSError:
-        return roots
-    for name in names:
-        try:
-            with open(os.path.join(model_repository, name, "config.pbtxt"), encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError):
-            continue
-        try:
-            from google.protobuf import text_format
-            from tritonclient.grpc import model_config_pb2
-
-            cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
-            root = cfg.parameters["store_root"].string_value if "store_root" in cfg.parameters else ""
-        except Exception:  # noqa: BLE001 - no tritonclient, or a config Triton will refuse anyway
-            m = re.search(r'key\s*:\s*"store_root"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"', text)
-            root = m.group(1) if m else ""
-        if root and os.path.isabs(root):
-            roots.add(os.path.normpath(root))
-    return roots
-
-
-def sweep_leftovers(model_repository: Optional[str] = None, *, prefixes: Sequence[str] = (), min_age: float = 2.0) -> List[str]:
-    """Remove what dead servers left behind; returns the paths removed.
-
-    * python-backend shm regions in /dev/shm that no live process maps or holds
-      open (a SIGKILLed stub cannot unlink its region), owned by this user and not
-      modified in the last ``min_age`` seconds (a region being created is mapped
-      by its server within microseconds);
-    * weight stores ``weightbundle-<pid>-...`` whose server pid is dead, in the
-      default root and in every ``store_root`` the repository's configs name.
-    """
-    removed = sweep_dead_regions(prefixes=prefixes, min_age=min_age)
-    from .serving import STORE_PREFIX
-    from .store import default_root, sweep_stale
-
-    roots = {default_root()} | (_config_store_roots(model_repository) if model_repository else set())
-    for root in sorted(roots):
-        removed += [os.path.join(root, n) for n in sweep_stale(root, STORE_PREFIX)]
-    return removed
-
-
-def sweep_dead_regions(*, prefixes: Sequence[str] = (), min_age: float = 2.0) -> List[str]:
-    """Unlink python-backend shm regions of dead stubs; see sweep_leftovers. Returns the paths."""
-    removed: List[str] = []
-    now, uid = time.time(), os.getuid()
-    candidates = []
-    # List first, scan processes second: a region created after the listing is no candidate.
-    for name in _shm_regions(prefixes):
-        try:
-            st = os.stat(os.path.join(SHM_DIR, name))
-        except OSError:
-            continue
-        if st.st_uid == uid and now - max(st.st_mtime, st.st_ctime) >= min_age:
-            candidates.append(name)
-    if candidates:
-        used = _shm_used_by(_proc_pids(), prefixes)
-        for name in candidates:
-            if name in used:
-                continue
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                removed.append(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
-    return removed
 
 
 def _pdeathsig_preexec():
@@ -399,6 +89,8 @@ class StubInfo:
 
 
 _STUB_COMM = "triton_python_b"  # /proc/PID/comm of triton_python_backend_stub (15 chars)
+
+
 STUB_DEATH_POLICIES = ("exit", "unload", "reload", "ignore")
 
 
@@ -451,9 +143,6 @@ def _stop_all() -> None:
             server.stop(timeout=10)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
-
-
-# --------------------------------------------------------------------------- the server
 
 
 class TritonServer:
@@ -612,6 +301,7 @@ class TritonServer:
                         self.stubs()  # remember each stub's model while it runs, for dead_stubs()
                         return self
                     except TritonServerError:
+                        assert self._proc is not None
                         if attempt < 2 and self._proc.poll() is not None and self._auto_port_was_taken():
                             self._cleanup_after_exit()
                             continue
@@ -635,6 +325,7 @@ class TritonServer:
         env = server_env(self.env if self.env is not None else os.environ)
         self._shm_before = _shm_regions(self._shm_prefixes)
         self._cleaned = False
+        assert self.log_path is not None and self.backend_dir is not None
         with open(self.log_path, "ab") as log:  # the child keeps its own fd
             self._proc = subprocess.Popen(
                 self.command(),
@@ -653,11 +344,12 @@ class TritonServer:
     def _wait_ready(self, deadline: float) -> None:
         # Triton opens the metrics port a few ms after HTTP; wait for both so a caller
         # can scrape metrics as soon as start() returns.
-        urls = [f"http://{HOST}:{self.http_port}/v2/health/ready"] + ([self.metrics_url] if self.allow_metrics else [])
+        urls = [f"http://{HOST}:{self.http_port}/v2/health/ready"] + ([self.metrics_url] if self.metrics_url else [])
         # No proxies: an http_proxy in the environment would otherwise capture 127.0.0.1.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         for url in urls:
             while True:
+                assert self._proc is not None
                 if self._proc.poll() is not None:
                     raise TritonServerError(f"tritonserver exited with status {self._proc.returncode} before it was ready; {self._failure_report()}")
                 try:
@@ -816,6 +508,7 @@ class TritonServer:
 
     def _killpg(self) -> None:
         try:
+            assert self._proc is not None
             os.killpg(self._proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
@@ -838,6 +531,7 @@ class TritonServer:
 
     def _cleanup_after_exit(self, grace: float = 10) -> None:
         """After the server has exited: wait for its stubs, then remove our leftover shm."""
+        assert self._proc is not None
         pgid = self._proc.pid
         self._note_owned_shm()  # stubs of a server that died by itself may still be alive
         # Stubs notice a dead parent and exit (unlinking their region) by themselves.
@@ -859,12 +553,11 @@ class TritonServer:
                 pass
         # Weight stores of a server that died without unloading its models (SIGKILL, or a
         # stub killed mid-shutdown): only stores whose owning server pid is dead are removed.
-        from .serving import STORE_PREFIX
-        from .store import default_root, sweep_stale
+        from ..store import default_root, sweep_stale
 
         # Custom store_root folders too: a server that exits before finalize (exit timeout) leaves them.
         for root in sorted({default_root()} | _config_store_roots(self.model_repository)):
-            sweep_stale(root, STORE_PREFIX)
+            sweep_stale(root)
         self._cleaned = True
         self._shm_owned.clear()
 
@@ -911,225 +604,3 @@ class TritonServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else f"exited({self.returncode})" if self._proc else "not started"
         return f"<TritonServer {state} http={self.http_url} grpc={self.grpc_url} repo={self.model_repository}>"
-
-
-_FLAG_CACHE: Dict[str, bool] = {}
-
-
-def _supports_flag(flag: str) -> bool:
-    """Whether this tritonserver's --help lists ``flag`` (cached per process)."""
-    if flag not in _FLAG_CACHE:
-        try:
-            out = subprocess.run([triton_paths().tritonserver, "--help"], env=server_env(), capture_output=True, timeout=30).stdout
-            _FLAG_CACHE[flag] = flag.encode() in out
-        except (OSError, subprocess.SubprocessError):
-            _FLAG_CACHE[flag] = False
-    return _FLAG_CACHE[flag]
-
-
-# --------------------------------------------------------------------------- foreground mode
-
-
-def serve(
-    model_repository: str,
-    *,
-    http_port: int = 8000,
-    grpc_port: int = 8001,
-    metrics_port: int = 8002,
-    model_control_mode: str = "none",
-    load_models: Sequence[str] = (),
-    backend_config: Sequence[str] = (),
-    log_verbose: int = 0,
-    log_file: Optional[str] = None,
-    start_timeout: float = 120,
-    exit_timeout: int = 5,
-    on_stub_death: str = "exit",
-) -> int:
-    """Run tritonserver in the foreground until SIGINT/SIGTERM or until it exits.
-
-    Prints the HTTP, gRPC and metrics URLs and the log path once ready. Returns 0
-    after a requested shutdown, 1 if the server failed to start or died, 2 for bad
-    arguments, 130 if interrupted while starting. Leaves no process or shm region.
-
-    ``on_stub_death`` says what to do when a python-backend stub dies while its model
-    is loaded (Triton 2.51 keeps reporting such a model as ready): ``exit`` stops the
-    server and returns 1, so a supervisor restarts it; ``unload`` (explicit mode)
-    unloads the model, so it is reported unready; ``reload`` (explicit mode) loads it
-    again; ``ignore`` keeps Triton's behaviour.
-    """
-    stop_requested = threading.Event()
-    ready = threading.Event()
-    if on_stub_death not in STUB_DEATH_POLICIES:
-        print(f"error: on_stub_death must be one of {', '.join(STUB_DEATH_POLICIES)}", file=sys.stderr)
-        return 2
-    if on_stub_death in ("unload", "reload") and model_control_mode != "explicit":
-        print(
-            f"error: --on-stub-death={on_stub_death} needs --model-control-mode=explicit (Triton refuses unload and load in the other modes)", file=sys.stderr
-        )
-        return 2
-
-    def on_signal(signum, _frame) -> None:
-        stop_requested.set()
-        if not ready.is_set():
-            raise KeyboardInterrupt  # abort start(); its cleanup stops the process
-
-    try:
-        server = TritonServer(
-            model_repository,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
-            model_control_mode=model_control_mode,
-            load_models=load_models,
-            backend_config=backend_config,
-            log_verbose=log_verbose,
-            log_file=log_file,
-            exit_timeout=exit_timeout,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
-        try:
-            server.start(timeout=start_timeout)
-        except KeyboardInterrupt:
-            print("interrupted while starting; tritonserver stopped", file=sys.stderr)
-            return 130
-        except TritonServerError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        ready.set()
-        if server.swept:
-            print(f"removed {len(server.swept)} leftover(s) of dead servers: {', '.join(server.swept)}", flush=True)
-        print(
-            f"tritonserver ready (pid {server.pid})\n"
-            f"  HTTP     http://{server.http_url}\n"
-            f"  gRPC     {server.grpc_url}\n"
-            f"  metrics  {server.metrics_url}\n"
-            f"  log      {server.log_path}\n"
-            f"Press Ctrl-C to stop.",
-            flush=True,
-        )
-        reported: Set[int] = set()
-        while not stop_requested.is_set() and server.is_running():
-            stop_requested.wait(0.5)
-            if on_stub_death != "ignore" and not _handle_dead_stubs(server, on_stub_death, reported):
-                server.stop()
-                return 1
-        if not server.is_running():
-            print(f"error: tritonserver exited with status {server.returncode}; {server._failure_report()}", file=sys.stderr)
-            server.stop()
-            return 1
-        print("stopping tritonserver ...", flush=True)
-        t0 = time.monotonic()
-        status = server.stop()
-        print(f"tritonserver stopped (status {status}, {time.monotonic() - t0:.1f} s)", flush=True)
-        if status:
-            # Triton 2.51 spends --exit-timeout-secs on open client connections (idle
-            # keep-alive ones too) and then exits 1 without finalizing loaded models.
-            print(
-                "warning: tritonserver did not shut down cleanly (exit timeout; open client connections?); "
-                "its shm regions and weight stores were removed. Use --model-control-mode=explicit "
-                "(models are unloaded before the server stops) or a longer --exit-timeout-secs.",
-                file=sys.stderr,
-                flush=True,
-            )
-        return 0
-    finally:
-        ready.set()  # a late signal must not raise inside stop()
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _handle_dead_stubs(server: TritonServer, policy: str, reported: Set[int]) -> bool:
-    """Apply ``policy`` to stubs that died (once each); False when the server must stop."""
-    dead = [d for d in server.dead_stubs(grace=1.0) if d.pid not in reported]
-    if not dead:
-        return True
-    reported.update(d.pid for d in dead)
-    what = ", ".join(f"{d.instance or '?'} (pid {d.pid}, model {d.model!r} version {d.version})" for d in dead)
-    print(
-        f"error: python backend stub(s) died: {what}. Triton does not restart them and keeps reporting the model as ready; every request routed to them fails.",
-        file=sys.stderr,
-        flush=True,
-    )
-    if policy == "exit" or any(d.model == "?" for d in dead):
-        print("stopping tritonserver (--on-stub-death=exit, or a stub of an unknown model) ...", file=sys.stderr, flush=True)
-        return False
-    for model in sorted({d.model for d in dead}):
-        try:
-            # Triton 2.51 never finishes unloading an instance whose stub died: the model
-            # stays UNLOADING (reported unready) until the server exits; do not wait long.
-            unloaded = server.unload_model(model, timeout=10)
-            if policy == "reload":
-                server.load_model(model)
-            print(
-                f"model {model!r}: {policy}ed (--on-stub-death={policy})" + ("" if unloaded else "; the old instances did not finish unloading"),
-                file=sys.stderr,
-                flush=True,
-            )
-        except (OSError, ValueError, urllib.error.URLError) as e:
-            print(f"error: could not {policy} model {model!r}: {e}; stopping", file=sys.stderr, flush=True)
-            return False
-    return True
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``weightbundle serve`` options to ``parser``."""
-    parser.add_argument("repository", nargs="?", default="model_repository", help="Triton model repository (default: %(default)s)")
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument(
-        "--model-control-mode",
-        choices=MODEL_CONTROL_MODES,
-        default="none",
-        help="'none' loads every model at start; 'explicit' only --load-model ones (default: %(default)s)",
-    )
-    parser.add_argument("--load-model", action="append", default=[], metavar="NAME", help="model to load at start (explicit mode; repeatable)")
-    parser.add_argument(
-        "--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE", help="e.g. python,shm-default-byte-size=16777216 (repeatable)"
-    )
-    parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (default: %(default)s)")
-    parser.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
-    parser.add_argument(
-        "--exit-timeout-secs",
-        type=int,
-        default=5,
-        metavar="S",
-        help="Triton's exit timeout: how long shutdown waits for in-flight requests and open client connections (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--on-stub-death",
-        choices=STUB_DEATH_POLICIES,
-        default="exit",
-        help="when a python backend stub dies (Triton keeps its model 'ready'): exit with status 1, "
-        "unload or reload the model (explicit mode), or ignore (default: %(default)s)",
-    )
-    return parser
-
-
-def serve_from_args(args: argparse.Namespace) -> int:
-    """Run ``serve`` with the options parsed by ``add_serve_arguments``."""
-    return serve(
-        args.repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        model_control_mode=args.model_control_mode,
-        load_models=args.load_model,
-        backend_config=args.backend_config,
-        log_verbose=args.log_verbose,
-        log_file=getattr(args, "log_file", None),
-        exit_timeout=getattr(args, "exit_timeout_secs", 5),
-        on_stub_death=getattr(args, "on_stub_death", "exit"),
-    )
-
-
-if __name__ == "__main__":  # python -m weightbundle.server [REPO] [options]
-    sys.exit(serve_from_args(add_serve_arguments(argparse.ArgumentParser(prog="weightbundle.server")).parse_args()))

@@ -181,6 +181,16 @@ def write(
     return total
 
 
+def _spec_row(row: Any, what: str, seen: set[str]) -> VariableSpec:
+    """A TOC row (variable or source) as a spec: a unique string name, a known dtype, int dims."""
+    _require(isinstance(row, dict), f"TOC {what} entries must be objects")
+    name, dtype, shape = row.get("name"), row.get("dtype"), row.get("shape")
+    _require(isinstance(name, str) and name and name not in seen, f"{what} name {name!r} is empty, not a string or duplicated")
+    _require(dtype in DTYPES, f"{what} {name!r} has unsupported dtype {dtype!r}")
+    _require(isinstance(shape, list), f"{what} {name!r} shape must be a list")
+    return VariableSpec(str(name), str(dtype), tuple(_int(d, f"{what} {name!r} dim") for d in shape))
+
+
 def _require(cond: object, msg: str) -> None:
     if not cond:
         raise FormatError(msg)
@@ -256,11 +266,8 @@ def _decode_toc(buf: memoryview, toc: dict[str, Any], toc_end: int, verify_weigh
     _require(isinstance(rows, list) and rows, "TOC 'variables' must be a non-empty list")
     seen: set[str] = set()
     for row in rows:
-        name, dtype, shape = row["name"], row["dtype"], row["shape"]
-        _require(isinstance(name, str) and name and name not in seen, f"variable name {name!r} is empty, not a string or duplicated")
-        _require(dtype in DTYPES, f"variable {name!r} has unsupported dtype {dtype!r}")
-        _require(isinstance(shape, list), f"variable {name!r} shape must be a list")
-        spec = VariableSpec(name, dtype, tuple(_int(d, f"variable {name!r} dim") for d in shape))
+        spec = _spec_row(row, "variable", seen)
+        name, dtype, shape = spec.name, spec.dtype, row["shape"]
         _require(row["nbytes"] == spec.nbytes, f"variable {name!r}: nbytes {row['nbytes']} disagrees with dtype {dtype} and shape {shape} ({spec.nbytes})")
         seen.add(name)
         variables.append(spec)
@@ -315,11 +322,8 @@ def _decode_sources(toc: dict[str, Any], variables: list[VariableSpec]) -> tuple
     aliases: dict[str, str] = {}
     seen: set[str] = set()
     for row in rows:
-        name, dtype, shape = row["name"], row["dtype"], row["shape"]
-        _require(isinstance(name, str) and name and name not in seen, f"source name {name!r} is empty, not a string or duplicated")
-        _require(dtype in DTYPES, f"source {name!r} has unsupported dtype {dtype!r}")
-        _require(isinstance(shape, list), f"source {name!r} shape must be a list")
-        sources.append(VariableSpec(name, dtype, tuple(_int(d, f"source {name!r} dim") for d in shape)))
+        sources.append(_spec_row(row, "source", seen))
+        name = row["name"]
         seen.add(name)
         if "alias_of" in row:
             aliases[name] = row["alias_of"]

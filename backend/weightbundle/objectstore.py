@@ -428,12 +428,7 @@ def publish(
             "tensors": tensors,
             "objects": {k: objects[k] for k in sorted({t["object"] for t in tensors.values()})},
         }
-        try:
-            client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json", IfNoneMatch="*")
-        except Exception as e:
-            if _is_precondition(e):
-                raise ObjectStoreError(f"version {version} was published by someone else meanwhile; nothing of ours was kept") from None
-            raise _err(e, f"writing {murl}") from None
+        _put_manifest(client, murl, manifest, f"version {version} was published by someone else meanwhile; nothing of ours was kept")
         uploaded_bytes = objects[key]["size"] if uploaded else 0
         result = PublishResult(str(vdir), version, parent, len(tensors), list(uploaded), uploaded_bytes, time.perf_counter() - t0)
         uploaded.clear()  # published: keep them
@@ -455,14 +450,18 @@ def publish_alias(client: Any, model_url: S3Url, version: int, of: int) -> dict:
     """
     src = read_manifest(client, model_url, of)
     m = {**src, "version": version, "parent": of, "alias_of": of, "created": time.time()}
-    murl = model_url.child(f"v{version}", MANIFEST)
+    _put_manifest(client, model_url.child(f"v{version}", MANIFEST), m, f"version {version} is already published; pick a new number")
+    return m
+
+
+def _put_manifest(client: Any, murl: S3Url, manifest: dict, taken: str) -> None:
+    """Write a manifest only if none is there (a conditional put): the publication's commit point."""
     try:
-        client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(m, indent=1).encode(), ContentType="application/json", IfNoneMatch="*")
+        client.put_object(Bucket=murl.bucket, Key=murl.key, Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json", IfNoneMatch="*")
     except Exception as e:
         if _is_precondition(e):
-            raise ObjectStoreError(f"version {version} is already published; pick a new number") from None
+            raise ObjectStoreError(taken) from None
         raise _err(e, f"writing {murl}") from None
-    return m
 
 
 # -- fetch (server side) -------------------------------------------------------------------

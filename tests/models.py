@@ -37,7 +37,7 @@ def mlp(sizes=(16, 32, 32, 8), seed: int = 0, dtype=np.float32) -> onnx.ModelPro
 
 
 def big_mlp(n: int = 2048, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
-    """The NOTES benchmark model: layers x (n x n) FP32 MatMul + Relu, no bias."""
+    """The benchmark model (README, Performance): layers x (n x n) FP32 MatMul + Relu, no bias."""
     rng = np.random.default_rng(seed)
     nodes, inits, x = [], {}, "x"
     for i in range(layers):

@@ -540,7 +540,7 @@ class P1Server:
         self.res, self.arts, self.secret = res, arts, secret
         self.work = res.tempdir("wb-bench-p1-")
         self.repo = os.path.join(self.work, "repo")
-        self.allowed = os.path.join(self.work, "allowed")  # /tmp: page cache (NOTES: tmpfs file was slower)
+        self.allowed = os.path.join(self.work, "allowed")  # /tmp: page cache (a fresh tmpfs file pays first-touch page faults)
         os.makedirs(self.repo)
         os.makedirs(self.allowed)
         names = []

@@ -34,7 +34,7 @@ GRAPH_IR_VERSION = 8
 
 # Inputs that are operator *parameters* (shapes, bounds, scales, indices...), not learned data.
 # ORT constant-folds and fuses these, and shape inference needs some of them constant, so the
-# default weight rule never turns them into variables (NOTES §4).  Index sets per op type.
+# default weight rule never turns them into variables (docs/bundle-format.md, "Which initializers become variables").  Index sets per op type.
 PARAM_INPUTS: dict[str, frozenset[int]] = {
     op: frozenset(ix)
     for op, ix in {

@@ -860,7 +860,7 @@ def run_init_graph(proto: onnx.ModelProto, section: np.ndarray, so: ort.SessionO
     - an ONNX Runtime with ``add_external_initializers_from_files_in_memory`` (1.32 has it)
       resolves "weights" to the buffer;
     - older ones (1.23 is the newest for Python 3.10) lack it, so the constants become graph
-      inputs fed with views of the section. Unlike ``add_initializer`` (NOTES §2), nothing
+      inputs fed with views of the section. Unlike ``add_initializer`` (whose OrtValues must outlive the session, or ORT crashes), nothing
       must outlive the call: ``run`` holds its feeds only while it runs.
     ``in_memory`` forces a path (tests); None picks by what this ONNX Runtime offers.
     """

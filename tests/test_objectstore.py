@@ -311,7 +311,7 @@ def test_publish_cli_progress_and_refusal(s3, tmp_path):
     cmdline = [sys.executable, "-m", "weightbundle.cli", "publish", path, f"s3://{b}/fleet", "--model", "m", "--version", "7", "--endpoint", s3.endpoint]
     p = subprocess.run(cmdline, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert f"published s3://{b}/fleet/m/v7" in p.stdout and "100.0%" in p.stderr
+    assert f"published s3://{b}/fleet/m/v7" in p.stdout and "100%" in p.stderr
     p = subprocess.run(cmdline, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "already published" in p.stderr
     env.pop("AWS_SECRET_ACCESS_KEY")

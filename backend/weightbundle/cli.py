@@ -153,7 +153,7 @@ def _cmd_publish(a: argparse.Namespace) -> int:
     from .client import progress_bar
     from .objectstore import parse_url, publish
 
-    r = publish(_s3_client(a), a.checkpoint, parse_url(a.dest), a.model, a.version, a.delta_from, progress=None if a.quiet else progress_bar())
+    r = publish(_s3_client(a), a.checkpoint, parse_url(a.dest), a.model, a.version, a.delta_from, progress=None if a.quiet else progress_bar(desc="publish"))
     print(r.summary())
     return 0
 

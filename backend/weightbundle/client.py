@@ -363,15 +363,21 @@ def _safetensors_bytes(path: str, only: Sequence[str] | None) -> int:
         os.close(fd)
 
 
-def progress_bar(stream: Any = sys.stderr) -> Callable[[int, int], None]:
-    """A one-line text progress bar for pushes (no extra dependency)."""
+def progress_bar(stream: Any = sys.stderr, desc: str = "push") -> Callable[[int, int], None] | None:
+    """A progress callback ``(done_bytes, total_bytes)`` drawing a tqdm bar, or None (no bar)
+    when tqdm is not installed (it comes with the ``client`` extra)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar: Any = None
 
     def show(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * 30)
-        stream.write(f"\r[{bar:<30}] {frac * 100:5.1f}%  {done / 2**20:8.1f}/{total / 2**20:.1f} MiB")
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=stream, desc=desc)
+        bar.update(done - bar.n)
         if done >= total:
-            stream.write("\n")
-        stream.flush()
+            bar.close()
 
     return show

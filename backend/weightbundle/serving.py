@@ -346,8 +346,7 @@ class Service:
     def _op_reset(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
         store = self.bundle.store
-        with store.locked():
-            store.check_expected(cmd.expected_version)
+        with store.transaction(cmd.expected_version):
             version = self.bundle.init(version=_version_arg(cmd))
         return {"version": version}
 
@@ -362,11 +361,10 @@ class Service:
         if self.model_dir is None:
             raise ControlError("commit needs the model's repository folder")
         store = self.bundle.store
-        with store.locked():  # one commit at a time, and no update between the check and the export
-            if store.head() is None:
-                raise ControlError("nothing to commit: no weights yet")
-            cur = store.check_expected(cmd.expected_version)
-            assert cur is not None  # head exists, under the lock
+        if store.head() is None:
+            raise ControlError("nothing to commit: no weights yet")
+        with store.transaction(cmd.expected_version) as cur:  # one commit at a time, no update until it is written
+            assert cur is not None  # a store never loses its head
             folder = write_version(self.model_dir, self.settings.bundle_filename, lambda f: self.bundle.export_to(f, cur))
         return {
             "version": cur.number,

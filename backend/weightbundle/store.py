@@ -265,6 +265,17 @@ class WeightStore:
             entries.update({n: (blob, offsets[n]) for n in names})
             return self._commit(number, op, entries, None if cur is None else cur.number)
 
+    @contextmanager
+    def transaction(self, expected_version: int | None = None) -> Iterator[Version | None]:
+        """The writer lock plus the compare-and-swap check, as one step: yields the current
+        version, which cannot change until the block ends.  Every mutating op runs in one::
+
+            with store.transaction(cmd.expected_version) as cur:
+                ...  # publish, export, ...
+        """
+        with self.locked():
+            yield self.check_expected(expected_version)
+
     def check_expected(self, expected_version: int | None) -> Version | None:
         """Under the lock: the compare-and-swap check every mutating path shares. Returns the current version."""
         cur = self.current()
@@ -297,8 +308,7 @@ class WeightStore:
 
         Repeated rollbacks walk further back while ``history`` retains versions.
         """
-        with self.locked():
-            cur = self.check_expected(expected_version)
+        with self.transaction(expected_version) as cur:
             if cur is None:
                 raise UpdateError("nothing to roll back: no weights yet")
             number = self.next_number(cur, version)

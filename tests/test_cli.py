@@ -8,7 +8,7 @@ import os
 import onnx
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle.cli import main
 
@@ -16,7 +16,7 @@ from weightbundle.cli import main
 @pytest.fixture
 def onnx_path(tmp_path):
     p = tmp_path / "mlp.onnx"
-    onnx.save(models.mlp(), str(p))
+    onnx.save(zoo.mlp(), str(p))
     return str(p)
 
 
@@ -26,7 +26,7 @@ def test_build_inspect_roundtrip(onnx_path, tmp_path, capsys):
     assert main(["inspect", out, "--json"]) == 0
     d = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert [g["id"] for g in d["graphs"]] == [0, 1, 2]
-    assert [v["name"] for v in d["variables"]] == [v.name for v in wb.convert(models.mlp()).variables]
+    assert [v["name"] for v in d["variables"]] == [v.name for v in wb.convert(zoo.mlp()).variables]
     assert all(len(v["crc32"]) == 8 for v in d["variables"])
     assert main(["inspect", out]) == 0
     text = capsys.readouterr().out

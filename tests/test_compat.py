@@ -15,18 +15,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle import runtime
 from weightbundle.convert import GRAPH_IR_VERSION
 from weightbundle.format import GRAPH_INIT, GRAPH_UPDATE
 
-MODELS = {"mlp": models.mlp, "mlp_fp16": lambda: models.mlp(dtype=np.float16), "convnet": models.convnet, "with_int_initializers": models.with_int_initializers}
+MODELS = {k: v for k, v in zoo.MODELS.items() if k != "attention"}
 HAS_IN_MEMORY = hasattr(ort.SessionOptions(), "add_external_initializers_from_files_in_memory")
 
 
 def _initial(model: onnx.ModelProto, b: wb.Bundle) -> dict[str, np.ndarray]:
-    inits = models.initializers(model)
+    inits = zoo.initializers(model)
     return {v.name: np.asarray(inits[v.name], v.np_dtype) for v in b.variables}
 
 
@@ -62,7 +62,7 @@ def test_init_paths_give_the_initial_weights_exactly(name, source, init_path, tm
             assert got[n].tobytes() == want[n].tobytes(), n
         x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
         if name == "mlp":  # and the session built on those weights answers like ORT on the original
-            ref = models.ort_run(model, {"x": x})["y"]
+            ref = zoo.ort_run(model, {"x": x})["y"]
             np.testing.assert_allclose(b.execute(0, {"x": x})["y"], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
     finally:
         b.unload()
@@ -70,7 +70,7 @@ def test_init_paths_give_the_initial_weights_exactly(name, source, init_path, tm
 
 def test_fallback_leaves_the_stored_init_graph_untouched():
     """The fallback rewrites a copy: the bundle's own init graph (used again by reset) keeps its constants."""
-    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(models.mlp())))
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(zoo.mlp())))
     try:
         before = b._graphs[GRAPH_INIT].SerializeToString()
         b.init()
@@ -101,7 +101,7 @@ def _pointed(b: wb.Bundle, proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_generated_graphs_declare_the_ir_of_their_opset():
     """Not the installed onnx's newest IR, which older ONNX Runtimes refuse to load."""
-    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(models.mlp())))
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(zoo.mlp())))
     try:
         for gid in (GRAPH_INIT, GRAPH_UPDATE):
             assert b._graphs[gid].ir_version == GRAPH_IR_VERSION, gid
@@ -115,7 +115,7 @@ def test_generated_graphs_declare_the_ir_of_their_opset():
 
 def test_update_graph_with_derived_variables_declares_a_loadable_ir():
     """Folding BatchNorm makes derived variables and an update graph on the model's own opset."""
-    model = models.convnet()
+    model = zoo.convnet()
     data = wb.build_bundle(wb.convert(model, fold_bn=True))
     b = wb.Bundle.load_from_mem(data)
     try:

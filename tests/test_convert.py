@@ -15,16 +15,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle.convert import PARAM_INPUTS, UPDATED_SUFFIX, VALID_OUTPUT, is_placeholder
 
-ALL_MODELS = {
-    "mlp": models.mlp,
-    "convnet": models.convnet,
-    "attention": models.attention,
-    "with_int_initializers": models.with_int_initializers,
-}
+ALL_MODELS = {k: v for k, v in zoo.MODELS.items() if k != "mlp_fp16"}
 
 EXPECTED_DEFAULT = {
     "mlp": ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
@@ -76,7 +71,7 @@ def test_default_rule_on_test_models(name):
     g = wb.convert(m)
     assert [v.name for v in g.variables] == EXPECTED_DEFAULT[name]
     assert wb.default_weights(m) == EXPECTED_DEFAULT[name]
-    inits = models.initializers(m)
+    inits = zoo.initializers(m)
     for v in g.variables:
         assert v.dtype == inits[v.name].dtype.name
         assert v.shape == inits[v.name].shape
@@ -85,17 +80,17 @@ def test_default_rule_on_test_models(name):
 
 def test_default_rule_keeps_non_weights_constant():
     """int64 shape/index initializers, Clip bounds and scalar float constants stay constants."""
-    m = models.with_int_initializers()
+    m = zoo.with_int_initializers()
     g = wb.convert(m)
     names = {v.name for v in g.variables}
     assert names == {"w", "b"}
     consts = {t.name: t for t in g.infer.graph.initializer if not is_placeholder(t)}
-    orig = models.initializers(m)
+    orig = zoo.initializers(m)
     for n in ("shape", "idx", "clip_min", "clip_max"):
         assert n in consts, f"{n} must stay a constant of the inference graph"
         np.testing.assert_array_equal(numpy_helper.to_array(consts[n]), orig[n])
 
-    a = models.attention()
+    a = zoo.attention()
     ga = wb.convert(a)
     assert "scale" not in {v.name for v in ga.variables}  # scalar float constant
     assert "perm_shape" not in {v.name for v in ga.variables}  # int64
@@ -110,7 +105,7 @@ def test_default_rule_keeps_non_weights_constant():
 def test_param_inputs_are_never_default_weights(op, n_inputs, param_index):
     """A rank>=1 float initializer at a PARAM_INPUTS position is an operator parameter, not a weight."""
     assert param_index in PARAM_INPUTS[op]
-    m = models.mlp()
+    m = zoo.mlp()
     # Build a dummy node use: the rule looks at uses only, so we append an extra consumer node.
     extra = onnx.ModelProto()
     extra.CopyFrom(m)
@@ -157,7 +152,7 @@ def test_float64_and_float16_initializers_are_default_weights():
     )
     g = wb.convert(m)
     assert [(v.name, v.dtype) for v in g.variables] == [("w", "float64")]
-    g16 = wb.convert(models.mlp(dtype=np.float16))
+    g16 = wb.convert(zoo.mlp(dtype=np.float16))
     assert {v.dtype for v in g16.variables} == {"float16"}
 
 
@@ -171,7 +166,7 @@ def test_no_float_initializers_raises():
 # explicit weights=
 # ---------------------------------------------------------------------------------------------
 def test_explicit_weights_subset_and_order():
-    m = models.mlp()
+    m = zoo.mlp()
     names = ["fc2.bias", "fc0.weight"]
     g = wb.convert(m, weights=names)
     assert [v.name for v in g.variables] == names
@@ -180,14 +175,14 @@ def test_explicit_weights_subset_and_order():
     ph = [t.name for t in g.infer.graph.initializer if is_placeholder(t)]
     assert sorted(ph) == sorted(names)
     consts = {t.name: numpy_helper.to_array(t) for t in g.infer.graph.initializer if not is_placeholder(t)}
-    orig = models.initializers(m)
+    orig = zoo.initializers(m)
     for n in set(orig) - set(names):  # the others stay constants with their values
         np.testing.assert_array_equal(consts[n], orig[n])
 
 
 def test_explicit_weights_can_name_non_default_initializers():
     """weights= overrides the rule: a scalar Clip bound and an int64 index may be variables."""
-    m = models.with_int_initializers()
+    m = zoo.with_int_initializers()
     g = wb.convert(m, weights=["w", "clip_max", "idx"])
     specs = {v.name: v for v in g.variables}
     assert specs["clip_max"].shape == () and specs["clip_max"].dtype == "float32"
@@ -195,7 +190,7 @@ def test_explicit_weights_can_name_non_default_initializers():
 
 
 def test_convert_accepts_a_path(tmp_path):
-    m = models.mlp()
+    m = zoo.mlp()
     p = tmp_path / "mlp.onnx"
     onnx.save(m, str(p))
     g1, g2 = wb.convert(str(p)), wb.convert(p)
@@ -212,7 +207,7 @@ def test_convert_bad_path_raises_convert_error(tmp_path):
 
 
 def test_convert_does_not_mutate_the_input_model():
-    m = models.convnet()
+    m = zoo.convnet()
     before = m.SerializeToString()
     wb.convert(m)
     wb.convert(m, weights=["head.weight"])
@@ -232,7 +227,7 @@ def test_convert_does_not_mutate_the_input_model():
 )
 def test_bad_weight_names_raise_value_error_naming_the_culprit(weights, culprit):
     with pytest.raises(wb.ConvertError) as ei:
-        wb.convert(models.mlp(), weights=weights)
+        wb.convert(zoo.mlp(), weights=weights)
     assert isinstance(ei.value, ValueError)
     assert isinstance(ei.value, wb.BundleError)
     assert culprit in str(ei.value)
@@ -240,24 +235,24 @@ def test_bad_weight_names_raise_value_error_naming_the_culprit(weights, culprit)
 
 def test_node_output_and_graph_input_messages_say_not_an_initializer():
     with pytest.raises(ValueError, match="not an initializer"):
-        wb.convert(models.mlp(), weights=["mm0"])
+        wb.convert(zoo.mlp(), weights=["mm0"])
     with pytest.raises(ValueError, match="not an initializer"):
-        wb.convert(models.mlp(), weights=["x"])
+        wb.convert(zoo.mlp(), weights=["x"])
     with pytest.raises(ValueError, match="not in the model"):
-        wb.convert(models.mlp(), weights=["nope"])
+        wb.convert(zoo.mlp(), weights=["nope"])
     with pytest.raises(ValueError, match="duplicate"):
-        wb.convert(models.mlp(), weights=["fc0.bias", "fc0.bias"])
+        wb.convert(zoo.mlp(), weights=["fc0.bias", "fc0.bias"])
 
 
 @pytest.mark.parametrize("empty", [[], ()])
 def test_empty_weight_list_raises(empty):
     with pytest.raises(ValueError, match="empty"):
-        wb.convert(models.mlp(), weights=empty)
+        wb.convert(zoo.mlp(), weights=empty)
 
 
 def test_old_style_model_listing_initializers_as_inputs():
     """IR<4 models also list initializers as graph inputs; a variable must not stay an input."""
-    m = models.mlp()
+    m = zoo.mlp()
     m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
     g = wb.convert(m)
     assert [i.name for i in g.infer.graph.input] == ["x"]
@@ -265,14 +260,14 @@ def test_old_style_model_listing_initializers_as_inputs():
     data = wb.build_bundle(g)
     with wb.Bundle.load_from_mem(data) as b:
         b.init()
-        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], models.ort_run(models.mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], zoo.ort_run(zoo.mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # the three graphs
 # ---------------------------------------------------------------------------------------------
 def test_unpacks_like_cann():
-    g = wb.convert(models.mlp())
+    g = wb.convert(zoo.mlp())
     infer, init, update = g
     assert infer is g.infer and init is g.init and update is g.update
     assert isinstance(g, wb.RefreshableGraphs)
@@ -304,7 +299,7 @@ def test_init_graph_yields_initial_values(name):
     assert [o.name for o in g.init.graph.output] == [v.name for v in g.variables]
     onnx.checker.check_model(g.init)
     outs = _session(g.init).run(None, {})
-    orig = models.initializers(m)
+    orig = zoo.initializers(m)
     for v, a in zip(g.variables, outs):
         assert a.dtype == orig[v.name].dtype
         assert a.tobytes() == orig[v.name].tobytes()
@@ -322,7 +317,7 @@ def test_graphs_pass_the_onnx_checker():
     """Init and inference graphs are plain valid ONNX. The update graph declares its inputs with
     unknown rank (as CANN does, so any empty tensor is legal), which only onnx.checker objects to:
     with ranks filled in, the rest of it must check clean."""
-    g = wb.convert(models.mlp())
+    g = wb.convert(zoo.mlp())
     onnx.checker.check_model(g.init)
     from weightbundle.convert import variables_as_inputs
 
@@ -339,7 +334,7 @@ def test_graphs_pass_the_onnx_checker():
 
 def test_update_graph_is_a_real_graph():
     """Run the update graph with ORT directly: empty keeps, full replaces, wrong shape is flagged."""
-    m = models.mlp()
+    m = zoo.mlp()
     g = wb.convert(m)
     ops = {n.op_type for n in g.update.graph.node}
     assert "If" in ops  # empty / shape branches, not a bare Identity copy
@@ -373,7 +368,7 @@ def test_update_graph_is_a_real_graph():
 def test_update_graph_casts_to_the_variable_dtype():
     from weightbundle.convert import update_graph
 
-    g = wb.convert(models.mlp(dtype=np.float16))
+    g = wb.convert(zoo.mlp(dtype=np.float16))
     retyped = update_graph(g.variables, {v.name: "float64" for v in g.variables})
     sess = _session(retyped)
     rng = np.random.default_rng(3)
@@ -385,7 +380,7 @@ def test_update_graph_casts_to_the_variable_dtype():
 
 
 def test_rank0_variable_update_graph():
-    g = wb.convert(models.with_int_initializers(), weights=["clip_max"])
+    g = wb.convert(zoo.with_int_initializers(), weights=["clip_max"])
     sess = _session(g.update)
     out, valid = sess.run(None, {"clip_max": np.array(1.25, np.float32)})
     assert valid.tolist() == [True] and out.shape == () and float(out) == 1.25

@@ -22,21 +22,21 @@ import pytest
 import tritonclient.http as httpclient
 from safetensors.numpy import save_file
 
-import models
+from weightbundle import zoo
 from s3_util import ACCESS_KEY, SECRET_KEY, running_seaweed
 from triton_util import SECRET, control, make_repo, result, running, version
 from weightbundle import fleet
 from weightbundle import objectstore as osx
 
 pytestmark = pytest.mark.e2e
-MODEL = models.mlp(sizes=(16, 64, 8))
+MODEL = zoo.mlp(sizes=(16, 64, 8))
 X = np.random.default_rng(21).standard_normal((3, 16)).astype(np.float32)
 N_SERVERS = 3
 
 
 def weights(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {k: (rng.standard_normal(v.shape) * 0.5).astype(np.float32) for k, v in models.initializers(MODEL).items()}
+    return {k: (rng.standard_normal(v.shape) * 0.5).astype(np.float32) for k, v in zoo.initializers(MODEL).items()}
 
 
 W1 = weights(1)
@@ -45,7 +45,7 @@ W3 = weights(3)
 
 
 def ref(w: dict[str, np.ndarray]) -> np.ndarray:
-    return models.ort_run(models.with_weights(MODEL, w), {"x": X})["y"]
+    return zoo.ort_run(zoo.with_weights(MODEL, w), {"x": X})["y"]
 
 
 REFS: dict[int, np.ndarray] = {}  # version -> expected output, filled as versions are pushed

@@ -21,14 +21,14 @@ import tritonclient.http as httpclient
 from safetensors.numpy import save_file
 from tritonclient.utils import InferenceServerException
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
 from weightbundle.tritonserver.shm import _group_pids, _shm_used_by
 
 pytestmark = pytest.mark.e2e
-SMALL = models.mlp(sizes=(16, 64, 64, 8))
-BIG = models.mlp(sizes=(16, 2048, 2048, 8))  # fc1.weight: 16 MiB
+SMALL = zoo.mlp(sizes=(16, 64, 64, 8))
+BIG = zoo.mlp(sizes=(16, 2048, 2048, 8))  # fc1.weight: 16 MiB
 X = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
 NONASCII_DIR = "wéights-ü"
 
@@ -101,7 +101,7 @@ def alive(srv, c, model="hb"):
 def test_build_refuses_names_triton_cannot_carry():
     inj = 'w" data_type: TYPE_FP32 dims: [ -1 ] optional: true } ] parameters [ { key: "update_auth" value: { string_value: "none" } } ] input [ { name: "w2'
     for bad in (inj, "a\nb", "back\\slash", "CONTROL"):
-        m = models.mlp(sizes=(4, 4))
+        m = zoo.mlp(sizes=(4, 4))
         for t in m.graph.initializer:
             if t.name == "fc0.weight":
                 t.name = bad
@@ -409,13 +409,13 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_enospc_is_a_clear_error_and_leaves_no_temp_file(tmp_path, tiny_tmpfs):
-    model = models.mlp(sizes=(16, 256, 256, 8))  # ~290 KB of weights: one version fits, two do not
+    model = zoo.mlp(sizes=(16, 256, 256, 8))  # ~290 KB of weights: one version fits, two do not
     repo = str(tmp_path / "repo")
     make_repo(repo, "m", model, store_root=tiny_tmpfs, staging="false")
     with running(repo) as srv:
         c = httpclient.InferenceServerClient(srv.http_url)
         before = checksums(c, "m")
-        full = {n: np.ones_like(a) for n, a in models.initializers(model).items()}
+        full = {n: np.ones_like(a) for n, a in zoo.initializers(model).items()}
         refused(lambda: cmd(c, "m", {"op": "update"}, full), "No space left on device", code="503")
         assert checksums(c, "m") == before
         store = [d for d in os.listdir(tiny_tmpfs) if d.startswith("weightbundle-")][0]
@@ -458,7 +458,7 @@ def test_fuzz_control_documents_and_tensors(env):
 
     srv = env[0]
     c = httpclient.InferenceServerClient(srv.http_url)
-    shapes = {n: a.shape for n, a in models.initializers(SMALL).items()}
+    shapes = {n: a.shape for n, a in zoo.initializers(SMALL).items()}
     names = sorted(shapes) + ["x", "bogus", "CONTROL_RESULT"]
     json_values = st.recursive(
         st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),

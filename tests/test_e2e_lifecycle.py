@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-import models
+from weightbundle import zoo
 from triton_util import SECRET, SECRET_ENV, control, make_repo, tensor, version
 from weightbundle.tritonserver import process, shm
 from weightbundle.tritonserver import TritonServer
@@ -79,7 +79,7 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
     stub's next call into the server must wait; only then is the server SIGKILLed.
     """
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.big_mlp(n=1024, layers=4), instances=2)  # 16 MiB: a commit takes a while
+    make_repo(repo, "m", zoo.big_mlp(n=1024, layers=4), instances=2)  # 16 MiB: a commit takes a while
     srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
     srv.start(timeout=90)
     client = httpclient.InferenceServerClient(srv.http_url, network_timeout=60)
@@ -133,7 +133,7 @@ def test_start_sweeps_what_a_server_killed_with_its_launcher_left(tmp_path):
     stores = tmp_path / "stores"
     stores.mkdir()
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.mlp(), instances=2, store_root=str(stores))
+    make_repo(repo, "m", zoo.mlp(), instances=2, store_root=str(stores))
     dead = TritonServer(repo, env=_env(), log_file=str(tmp_path / "dead.log"))
     dead.start(timeout=90)
     nxt = None
@@ -165,7 +165,7 @@ def test_a_stub_removes_regions_of_stubs_killed_with_their_server(tmp_path):
     """PDEATHSIG kills a stub without letting it unlink its region. Without our launcher
     (a stock tritonserver), the next weightbundle stub to start removes such regions."""
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.mlp())
+    make_repo(repo, "m", zoo.mlp())
     dead = TritonServer(repo, env=_env(), log_file=str(tmp_path / "dead.log"))
     dead.start(timeout=90)
     nxt = None
@@ -215,7 +215,7 @@ def test_shutdown_with_an_idle_client_connection(tmp_path, mode):
     stores = tmp_path / "stores"
     stores.mkdir()
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.mlp(), store_root=str(stores))
+    make_repo(repo, "m", zoo.mlp(), store_root=str(stores))
     log = tmp_path / "triton.log"
     srv = TritonServer(repo, env=_env(), log_file=str(log), model_control_mode=mode, load_models=["m"] if mode == "explicit" else ())
     srv.start(timeout=90)
@@ -291,7 +291,7 @@ def _infer_ok(port: int) -> bool:
 
 def test_dead_stub_is_detected(tmp_path):
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.mlp())
+    make_repo(repo, "m", zoo.mlp())
     srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
     srv.start(timeout=90)
     try:
@@ -315,7 +315,7 @@ def test_serve_does_not_keep_a_dead_stub_reported_ready(tmp_path, policy):
     import sys
 
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.mlp())
+    make_repo(repo, "m", zoo.mlp())
     http, grpc, metrics = process._free_ports(3)
     args = [
         sys.executable,
@@ -385,7 +385,7 @@ def test_a_batching_model_with_fixed_dims_refuses_the_huge_empty_input(tmp_path)
     # The bound documented in the README: Triton checks the batch dim against
     # max_batch_size, so only dynamic dims of non-batch axes (or max_batch_size 0) are exposed.
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", models.mlp(), max_batch_size=8)
+    make_repo(repo, "m", zoo.mlp(), max_batch_size=8)
     srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
     srv.start(timeout=90)
     try:

@@ -16,13 +16,13 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
 
 pytestmark = pytest.mark.e2e
-MODEL = models.mlp()
-ORIG = models.initializers(MODEL)
+MODEL = zoo.mlp()
+ORIG = zoo.initializers(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def fresh(client):
 def test_served_inference_equals_runtime_and_ort(fresh, model):
     mod, c = fresh
     y, v = infer(mod, c, model)
-    ref = models.ort_run(MODEL, {"x": x()})["y"]
+    ref = zoo.ort_run(MODEL, {"x": x()})["y"]
     with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(MODEL))) as b:
         b.execute(1)
         local = b.execute(0, {"x": x()})["y"]
@@ -93,7 +93,7 @@ def test_update_changes_the_next_answer(fresh, model):
     assert version(r) == v0 + 1
     y, v = infer(mod, c, model)
     assert v == v0 + 1
-    np.testing.assert_allclose(y, models.ort_run(models.with_weights(MODEL, new), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, zoo.ort_run(zoo.with_weights(MODEL, new), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_partial_update_keeps_weights_not_sent(fresh):
@@ -117,7 +117,7 @@ def test_partial_update_keeps_weights_not_sent(fresh):
     assert after["fc1.weight"] != before["fc1.weight"]
     assert {k: v for k, v in after.items() if k != "fc1.weight"} == {k: v for k, v in before.items() if k != "fc1.weight"}
     y, _ = infer(mod, c)
-    np.testing.assert_allclose(y, models.ort_run(models.with_weights(MODEL, {"fc1.weight": new_w}), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, zoo.ort_run(zoo.with_weights(MODEL, {"fc1.weight": new_w}), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
 def _bad(mod, kind):
@@ -158,13 +158,13 @@ def test_bad_command_errors_and_weights_stay_byte_identical(fresh, kind):
     assert after["version"] == before["version"] and after["checksums"] == before["checksums"]
     assert c.is_server_live() and c.is_model_ready("mlp")
     y, _ = infer(mod, c)
-    np.testing.assert_allclose(y, models.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, zoo.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_many_concurrent_requests_through_dynamic_batching(fresh, server):
     mod, c = fresh
     inputs = [x(n=1 + i % 3, seed=i) for i in range(96)]
-    refs = [models.ort_run(MODEL, {"x": a})["y"] for a in inputs]
+    refs = [zoo.ort_run(MODEL, {"x": a})["y"] for a in inputs]
 
     def one(i):
         cl = httpclient.InferenceServerClient(server.http_url) if mod is httpclient else grpcclient.InferenceServerClient(server.grpc_url)
@@ -185,16 +185,16 @@ def test_new_version_folder_loaded_with_explicit_model_control(fresh, server):
     new = {k: (v * 0.5).astype(v.dtype) for k, v in ORIG.items()}
     os.makedirs(os.path.join(model_dir, "2"))
     try:
-        wb.save_bundle(os.path.join(model_dir, "2", "model.bundle"), wb.build_bundle(wb.convert(models.with_weights(MODEL, new))))
+        wb.save_bundle(os.path.join(model_dir, "2", "model.bundle"), wb.build_bundle(wb.convert(zoo.with_weights(MODEL, new))))
         c.load_model("mlp_nb")
         r = c.infer("mlp_nb", [tensor(mod, "x", x())])  # default policy: latest version
-        np.testing.assert_allclose(r.as_numpy("y"), models.ort_run(models.with_weights(MODEL, new), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.as_numpy("y"), zoo.ort_run(zoo.with_weights(MODEL, new), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
         assert version(r) == 0  # a new model version starts its own weight history
     finally:
         shutil.rmtree(os.path.join(model_dir, "2"))
         c.load_model("mlp_nb")
     r = c.infer("mlp_nb", [tensor(mod, "x", x())], model_version="1")
-    np.testing.assert_allclose(r.as_numpy("y"), models.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("y"), zoo.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_unload_frees_the_weight_store_and_reload_serves_again(fresh, server):
@@ -214,7 +214,7 @@ def test_unload_frees_the_weight_store_and_reload_serves_again(fresh, server):
     c.load_model("mlp_nb")
     y, v = infer(mod, c, "mlp_nb")
     assert v == 0
-    np.testing.assert_allclose(y, models.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, zoo.ort_run(MODEL, {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_cas_status_rollback_reset_over_the_wire(fresh):
@@ -233,7 +233,7 @@ def test_cas_status_rollback_reset_over_the_wire(fresh):
     assert result(r)["version"] == v0 + 3 and result(r)["restored"] == f"rollback to {v0 + 1}"
     y, v = infer(mod, c, "mlp_nb")
     assert v == v0 + 3
-    np.testing.assert_allclose(y, models.ort_run(models.with_weights(MODEL, w1), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, zoo.ort_run(zoo.with_weights(MODEL, w1), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
     with pytest.raises(InferenceServerException, match="not retained"):  # history=1 keeps one step
         c.infer("mlp_nb", [ctl({"op": "rollback"})])
     with pytest.raises(InferenceServerException, match="current version"):

@@ -13,11 +13,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-import models
+from weightbundle import zoo
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.smoke]
-MODEL = models.mlp()
+MODEL = zoo.mlp()
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -26,8 +26,8 @@ def test_update_rollback_commit_through_tritonserver(tmp_path):
     make_repo(repo, "mlp", MODEL, max_batch_size=8)  # batching: every input has a leading batch dim of 1
     x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
     new = {"fc0.weight": np.random.default_rng(6).standard_normal((16, 32)).astype(np.float32), "fc2.bias": np.full(8, 3.0, np.float32)}
-    before = models.ort_run(MODEL, {"x": x})["y"]
-    after = models.ort_run(models.with_weights(MODEL, new), {"x": x})["y"]
+    before = zoo.ort_run(MODEL, {"x": x})["y"]
+    after = zoo.ort_run(zoo.with_weights(MODEL, new), {"x": x})["y"]
     assert not np.allclose(before, after, **TOL)
 
     def ctl(mod, op, **fields):

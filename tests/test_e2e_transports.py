@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import models
+from weightbundle import zoo
 from triton_util import SECRET, make_repo, running
 from weightbundle.client import CommandError, WeightClient
 
 pytestmark = pytest.mark.e2e
-MODEL = models.mlp(sizes=(16, 64, 64, 8))
-ORIG = models.initializers(MODEL)
+MODEL = zoo.mlp(sizes=(16, 64, 64, 8))
+ORIG = zoo.initializers(MODEL)
 X = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
 
 
@@ -54,7 +54,7 @@ def rand(name: str, seed: int) -> np.ndarray:
 
 def check_serving(c: WeightClient, weights: dict[str, np.ndarray]) -> int:
     out, v = c.infer({"x": X})
-    np.testing.assert_allclose(out["y"], models.ort_run(models.with_weights(MODEL, weights), {"x": X})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["y"], zoo.ort_run(zoo.with_weights(MODEL, weights), {"x": X})["y"], rtol=1e-5, atol=1e-6)
     return v
 
 

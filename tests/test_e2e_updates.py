@@ -16,19 +16,19 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
 from weightbundle.tritonserver import TritonServer
 
 pytestmark = pytest.mark.e2e
-MODEL = models.mlp(sizes=(16, 64, 64, 8))
+MODEL = zoo.mlp(sizes=(16, 64, 64, 8))
 X = np.random.default_rng(5).standard_normal((2, 16)).astype(np.float32)
 SOAK_SECONDS = float(os.environ.get("WB_SOAK_SECONDS", "30"))
 
 
 def ref(weights: dict[str, np.ndarray]) -> np.ndarray:
-    return models.ort_run(models.with_weights(MODEL, weights), {"x": X})["y"]
+    return zoo.ort_run(zoo.with_weights(MODEL, weights), {"x": X})["y"]
 
 
 def push(c, weights, **fields):
@@ -69,7 +69,7 @@ def test_four_instances_serve_one_version_after_an_acknowledged_update(four):
     stores = [d for d in os.listdir("/dev/shm") if d.startswith(f"weightbundle-{four.pid}-m-")]
     assert len(stores) == 1
     blobs = sum(os.path.getsize(os.path.join("/dev/shm", stores[0], f)) for f in os.listdir(os.path.join("/dev/shm", stores[0])) if f.startswith("blob-"))
-    weights_bytes = sum(a.nbytes for a in models.initializers(MODEL).values())
+    weights_bytes = sum(a.nbytes for a in zoo.initializers(MODEL).values())
     assert blobs < 2 * weights_bytes + 64 * 4096  # initial weights + one updated layer, page-aligned
     c.close()
 
@@ -100,7 +100,7 @@ def test_a_killed_instance_leaves_the_others_serving_the_current_version(four):
 def test_soak_no_failed_and_no_torn_responses(tmp_path):
     repo = str(tmp_path)
     make_repo(repo, "m", MODEL, instances=2, history="2")
-    orig = models.initializers(MODEL)
+    orig = zoo.initializers(MODEL)
     with running(repo) as srv:
         weights_at: dict[int, dict[str, np.ndarray]] = {0: {}}
         seen: list[tuple[int, np.ndarray]] = []
@@ -155,7 +155,7 @@ def _stores_of(pid: int) -> list[str]:
 
 
 def test_commit_survives_restart_and_sigkill_never_leaves_a_half_written_version(tmp_path):
-    big = models.mlp(sizes=(16, 1024, 1024, 1024, 8), seed=3)  # ~8 MiB: a commit takes a while
+    big = zoo.mlp(sizes=(16, 1024, 1024, 1024, 8), seed=3)  # ~8 MiB: a commit takes a while
     repo = str(tmp_path)
     make_repo(repo, "m", big)
     model_dir = os.path.join(repo, "m")
@@ -171,7 +171,7 @@ def test_commit_survives_restart_and_sigkill_never_leaves_a_half_written_version
     with running(repo) as srv:
         c = httpclient.InferenceServerClient(srv.http_url)
         r = c.infer("m", [tensor(httpclient, "x", x)])
-        np.testing.assert_allclose(r.as_numpy("y"), models.ort_run(models.with_weights(big, new), {"x": x})["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.as_numpy("y"), zoo.ort_run(zoo.with_weights(big, new), {"x": x})["y"], rtol=1e-5, atol=1e-6)
         assert version(r) == 0
         c.close()
     # 2) SIGKILL while commits are in flight: every numeric folder is a complete bundle.

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle import format as fmt
 from weightbundle.format import VariableSpec
@@ -30,7 +30,7 @@ from weightbundle.format import VariableSpec
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _graphs(name: str = "mlp", weights: tuple[str, ...] | None = None) -> wb.RefreshableGraphs:
-    factory = {"mlp": lambda: models.mlp(sizes=(4, 8, 3)), "mlp_default": models.mlp, "convnet": models.convnet, "ints": models.with_int_initializers}[name]
+    factory = {"mlp": lambda: zoo.mlp(sizes=(4, 8, 3)), "mlp_default": zoo.mlp, "convnet": zoo.convnet, "ints": zoo.with_int_initializers}[name]
     return wb.convert(factory(), weights=list(weights) if weights else None)
 
 
@@ -144,7 +144,7 @@ def test_decode_round_trip(name):
         layout = fmt.decode(buf)
         assert sorted(layout.graphs) == [0, 1, 2]
         assert layout.variables == g.variables
-        init = models.initializers(g.init)
+        init = zoo.initializers(g.init)
         for v in g.variables:
             assert layout.initial[v.name].tobytes() == init[f"init/{v.name}"].tobytes()
         # the stored graphs are ONNX models, the update graph exactly the converted one
@@ -288,7 +288,7 @@ def test_loaded_file_survives_being_overwritten(tmp_path):
     p = tmp_path / "m.bundle"
     wb.save_bundle(p, small_bundle())
     x = np.ones((2, 4), np.float32)
-    ref = models.ort_run(models.mlp(sizes=(4, 8, 3)), {"x": x})["y"]
+    ref = zoo.ort_run(zoo.mlp(sizes=(4, 8, 3)), {"x": x})["y"]
     with wb.Bundle.load_from_file(p) as b:
         wb.save_bundle(p, wb.build_bundle(_graphs("ints")))
         b.init()  # reads the initial weights from the (old) mapping
@@ -332,7 +332,7 @@ def test_wrong_magic():
     data = small_bundle()
     _expect(b"PK\x03\x04" + data[4:], wb.FormatError, "magic")
     # an ONNX model is not a bundle
-    _expect(models.mlp().SerializeToString(), wb.FormatError)
+    _expect(zoo.mlp().SerializeToString(), wb.FormatError)
 
 
 def test_bad_header_checksum():
@@ -541,13 +541,13 @@ def test_variable_table_reordered():
 
 def test_update_graph_for_other_variables():
     layout = fmt.decode(small_bundle())
-    other = wb.convert(models.mlp(sizes=(4, 8, 3)), weights=["fc0.weight"]).update.SerializeToString()
+    other = wb.convert(zoo.mlp(sizes=(4, 8, 3)), weights=["fc0.weight"]).update.SerializeToString()
     _load_expect(_reencode(layout.variables, dict(layout.initial), graphs={2: other}), "update graph")
 
 
 def test_init_graph_for_other_variables():
     layout = fmt.decode(small_bundle())
-    other = wb.convert(models.mlp(sizes=(4, 8, 3)), weights=["fc0.weight"]).init.SerializeToString()
+    other = wb.convert(zoo.mlp(sizes=(4, 8, 3)), weights=["fc0.weight"]).init.SerializeToString()
     _load_expect(_reencode(layout.variables, dict(layout.initial), graphs={1: other}), "init graph")
 
 

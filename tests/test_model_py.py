@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle.modelconfig import make_config
 
@@ -106,7 +106,7 @@ def model_py(tmp_path, monkeypatch):
     monkeypatch.setenv("WB_UNIT_SECRET", "s")
     d = tmp_path / "m"
     (d / "1").mkdir(parents=True)
-    wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(wb.convert(models.mlp())))
+    wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(wb.convert(zoo.mlp())))
     with wb.Bundle.load_from_file(d / "1" / "model.bundle") as b:
         cfg_text = make_config(b, "m", 0, 1)
     assert 'backend: "weightbundle"' in cfg_text
@@ -142,9 +142,9 @@ def test_execute_routes_inference_and_commands_and_records_metrics(model_py):
         [_Request(x=x), _Request(CONTROL=ctl({"op": "update", "secret": "s"}), **{"fc0.weight": w}), _Request(x=x), _Request(CONTROL=ctl({"op": "update"}))]
     )
     assert out[0].error is None and out[0].outputs["WEIGHTS_VERSION"].tolist() == [0]
-    np.testing.assert_allclose(out[0].outputs["y"], models.ort_run(models.mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[0].outputs["y"], zoo.ort_run(zoo.mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
     assert json.loads(out[1].outputs["CONTROL_RESULT"][0])["version"] == 1
-    np.testing.assert_allclose(out[2].outputs["y"], models.ort_run(models.with_weights(models.mlp(), {"fc0.weight": w}), {"x": x})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[2].outputs["y"], zoo.ort_run(zoo.with_weights(zoo.mlp(), {"fc0.weight": w}), {"x": x})["y"], rtol=1e-5, atol=1e-6)
     assert out[3].error is not None and "secret" in out[3].error.msg and out[3].error.code == "INVALID_ARG"
     reg = _Family.registry
     applied = [m.value for (name, labels), m in reg.items() if name == "weightbundle_updates_applied_total"]

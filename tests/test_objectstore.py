@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from s3_util import ACCESS_KEY, SECRET_KEY, running_seaweed
 from weightbundle import objectstore as osx
@@ -18,7 +18,7 @@ from weightbundle.objectstore import ObjectStoreError
 from weightbundle.serving import Service, ServingSettings
 
 SECRET = "t0ps3cret"
-MODEL = models.mlp(sizes=(16, 32, 8))
+MODEL = zoo.mlp(sizes=(16, 32, 8))
 X = np.random.default_rng(11).standard_normal((2, 16)).astype(np.float32)
 
 
@@ -36,7 +36,7 @@ def creds(monkeypatch):
 
 def weights(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in models.initializers(MODEL).items()}
+    return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in zoo.initializers(MODEL).items()}
 
 
 def ckpt(tmp_path, w: dict[str, np.ndarray], name: str = "ckpt") -> str:
@@ -85,7 +85,7 @@ def infer(svc: Service) -> tuple[np.ndarray, int]:
 
 
 def ref(w: dict[str, np.ndarray]) -> np.ndarray:
-    return models.ort_run(models.with_weights(MODEL, w), {"x": X})["y"]
+    return zoo.ort_run(zoo.with_weights(MODEL, w), {"x": X})["y"]
 
 
 def test_publish_layout_manifest_and_no_overwrite(s3, tmp_path):

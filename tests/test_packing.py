@@ -9,11 +9,11 @@ import uuid
 import numpy as np
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle import packing
 
-MODEL = models.mlp(sizes=(16, 256, 256, 8))
+MODEL = zoo.mlp(sizes=(16, 256, 256, 8))
 X = np.random.default_rng(7).standard_normal((4, 16)).astype(np.float32)
 
 
@@ -48,7 +48,7 @@ def test_instances_share_one_packed_copy_and_answer_the_same_bytes(pair):
     a, b = pair
     ya, yb = packed(a), packed(b)
     assert np.array_equal(ya, yb)  # one packing, one set of bytes, whichever instance answers
-    np.testing.assert_allclose(ya, models.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
+    np.testing.assert_allclose(ya, zoo.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
     files = sorted(os.listdir(a.store.packed_path))
     assert [f for f in files if f.startswith(packing.PREFIX)] == ["packed-v0.data", "packed-v0.onnx"]
     assert a.store.packed_path != a.store.path  # disk-backed twin, not the tmpfs store
@@ -61,7 +61,7 @@ def test_a_new_version_replaces_the_packed_files_and_release_removes_them(pair):
     v = a.update(w)
     ya, yb = packed(a), packed(b)
     assert np.array_equal(ya, yb)
-    np.testing.assert_allclose(ya, models.ort_run(models.with_weights(MODEL, w), {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
+    np.testing.assert_allclose(ya, zoo.ort_run(zoo.with_weights(MODEL, w), {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
     names = [f for f in os.listdir(a.store.packed_path) if f.startswith(packing.PREFIX)]
     assert sorted(names) == [f"packed-v{v}.data", f"packed-v{v}.onnx"]  # the old version's files are gone
 
@@ -85,5 +85,5 @@ def test_unsupported_sharing_falls_back_to_a_private_copy(tmp_path, monkeypatch)
         b._log = logs.append
         b.init()
         y = packed(b)
-    np.testing.assert_allclose(y, models.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(y).max())
+    np.testing.assert_allclose(y, zoo.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(y).max())
     assert any("private copy" in m for m in logs)

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -27,17 +27,7 @@ FP16_TOL = dict(rtol=1e-3, atol=1e-3)  # the issue fixes FP32 tolerances only; F
 # ---------------------------------------------------------------------------------------------
 # helpers and fixtures (local to this file)
 # ---------------------------------------------------------------------------------------------
-def _mlp16():
-    return models.mlp(dtype=np.float16)
-
-
-MODELS = {
-    "mlp": models.mlp,
-    "mlp_fp16": _mlp16,
-    "convnet": models.convnet,
-    "attention": models.attention,
-    "with_int_initializers": models.with_int_initializers,
-}
+MODELS = zoo.MODELS
 
 
 def feeds_for(name: str, rng: np.random.Generator, batch: int = 3) -> dict[str, np.ndarray]:
@@ -74,7 +64,7 @@ def current(b: wb.Bundle) -> dict[str, bytes]:
 
 def assert_matches(b: wb.Bundle, model, feeds, tol=FP32_TOL):
     got = b.execute(0, feeds)
-    ref = models.ort_run(model, feeds)
+    ref = zoo.ort_run(model, feeds)
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
@@ -83,16 +73,6 @@ def assert_matches(b: wb.Bundle, model, feeds, tol=FP32_TOL):
         ref64 = ref[k].astype(np.float64)
         scale = float(np.abs(ref64).max()) if ref64.size else 0.0
         np.testing.assert_allclose(got[k].astype(np.float64), ref64, err_msg=k, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
-
-
-_BUNDLES: dict = {}
-
-
-def bundle_bytes(name: str = "mlp", include_init: bool = True, optimize="extended", weights=None) -> bytes:
-    key = (name, include_init, optimize, tuple(weights) if weights else None)
-    if key not in _BUNDLES:
-        _BUNDLES[key] = wb.build_bundle(wb.convert(MODELS[name](), weights=weights), include_init=include_init, optimize=optimize)
-    return _BUNDLES[key]
 
 
 @pytest.fixture
@@ -111,8 +91,8 @@ def load():
 
 
 @pytest.fixture
-def mlp(load):
-    b = load(bundle_bytes("mlp"))
+def mlp(load, built):
+    b = load(built("mlp"))
     b.execute(b.model_id(1))
     return b
 
@@ -121,19 +101,19 @@ def mlp(load):
 # exact results (issue item 4)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_exact_after_init_full_and_partial_updates(name, load):
+def test_exact_after_init_full_and_partial_updates(name, load, built):
     tol = FP16_TOL if name == "mlp_fp16" else FP32_TOL
     model = MODELS[name]()
     rng = np.random.default_rng(zlib.crc32(name.encode()))  # fixed per name; hash() changes per process
     feeds = feeds_for(name, rng)
-    b = load(bundle_bytes(name))
+    b = load(built(name))
 
     b.execute(b.model_id(1))
     assert_matches(b, model, feeds, tol)
 
     full = random_weights(b.variables, rng)
     b.execute(b.model_id(2), full)
-    assert_matches(b, models.with_weights(model, full), feeds, tol)
+    assert_matches(b, zoo.with_weights(model, full), feeds, tol)
     for v in b.variables:
         assert current(b)[v.name] == full[v.name].tobytes()
 
@@ -144,7 +124,7 @@ def test_exact_after_init_full_and_partial_updates(name, load):
         part = random_weights(b.variables, rng, set(subset))
         b.execute(2, part)
         state.update(part)
-        assert_matches(b, models.with_weights(model, state), feeds, tol)
+        assert_matches(b, zoo.with_weights(model, state), feeds, tol)
         after = current(b)
         for n in names:
             if n in part:
@@ -153,7 +133,7 @@ def test_exact_after_init_full_and_partial_updates(name, load):
                 assert after[n] == before[n], f"skipped variable {n} changed"
 
     # a different batch size still matches (dynamic batch dimension)
-    assert_matches(b, models.with_weights(model, state), feeds_for(name, rng, batch=1), tol)
+    assert_matches(b, zoo.with_weights(model, state), feeds_for(name, rng, batch=1), tol)
 
 
 @pytest.mark.parametrize(
@@ -168,34 +148,34 @@ def test_exact_after_init_full_and_partial_updates(name, load):
     ids=["no-prepack", "opt-none", "opt-all", "uncompiled", "compiled-basic"],
 )
 @pytest.mark.parametrize("name", ["mlp", "convnet", "attention"])
-def test_exact_under_runtime_options(name, options, optimize, load):
+def test_exact_under_runtime_options(name, options, optimize, load, built):
     """Compile-time folding must never bake a variable: results track updates under every setting."""
     model = MODELS[name]()
     rng = np.random.default_rng(7)
     feeds = feeds_for(name, rng)
-    b = load(bundle_bytes(name, optimize=optimize), options)
+    b = load(built(name, optimize=optimize), options)
     b.init()
     assert_matches(b, model, feeds)
     new = random_weights(b.variables, rng)
     b.update(new)
-    assert_matches(b, models.with_weights(model, new), feeds)
+    assert_matches(b, zoo.with_weights(model, new), feeds)
     part = random_weights(b.variables, rng, {b.variables[0].name})
     b.update(part)
-    assert_matches(b, models.with_weights(model, {**new, **part}), feeds)
+    assert_matches(b, zoo.with_weights(model, {**new, **part}), feeds)
 
 
-def test_explicit_weights_bundle_exact(load):
+def test_explicit_weights_bundle_exact(load, built):
     """weights= with a scalar Clip bound and an int64 index as variables (non-default rule)."""
-    model = models.with_int_initializers()
-    b = load(bundle_bytes("with_int_initializers", weights=["w", "clip_max", "idx"]))
+    model = zoo.with_int_initializers()
+    b = load(built("with_int_initializers", weights=["w", "clip_max", "idx"]))
     b.init()
     rng = np.random.default_rng(2)
     feeds = feeds_for("with_int_initializers", rng)
     assert_matches(b, model, feeds)
     upd = {"clip_max": np.array(0.75, np.float32), "idx": np.array([1, 1, 0], np.int64)}
     b.update(upd)
-    assert_matches(b, models.with_weights(model, upd), feeds)
-    assert current(b)["w"] == models.initializers(model)["w"].tobytes()
+    assert_matches(b, zoo.with_weights(model, upd), feeds)
+    assert current(b)["w"] == zoo.initializers(model)["w"].tobytes()
     # a rank-0 variable: an empty tensor keeps it, a 0-d array replaces it, a 1-element vector is rejected
     before = current(b)
     b.update({"clip_max": np.empty((0,), np.float32)})
@@ -207,8 +187,8 @@ def test_explicit_weights_bundle_exact(load):
     assert np.array(b.store.array(b.store.current(), "clip_max")).tobytes() == np.float32(1.5).tobytes()
 
 
-def test_integer_variable_casts(load):
-    b = load(bundle_bytes("with_int_initializers", weights=["w", "clip_max", "idx"]))
+def test_integer_variable_casts(load, built):
+    b = load(built("with_int_initializers", weights=["w", "clip_max", "idx"]))
     b.init()
     b.update({"idx": np.array([1, 1, 0], np.int32)})  # safe integer widening
     assert current(b)["idx"] == np.array([1, 1, 0], np.int64).tobytes()
@@ -220,18 +200,18 @@ def test_integer_variable_casts(load):
 
 
 def test_init_again_resets_to_initial_values(mlp):
-    model = models.mlp()
+    model = zoo.mlp()
     feeds = feeds_for("mlp", np.random.default_rng(0))
     mlp.update(random_weights(mlp.variables, np.random.default_rng(1)))
     mlp.execute(1)
     assert_matches(mlp, model, feeds)
-    init = models.initializers(model)
+    init = zoo.initializers(model)
     assert current(mlp) == {n: init[n].tobytes() for n in current(mlp)}
 
 
 def test_many_versions_with_gc(mlp):
     """Sessions and mmaps of old versions are released while newer ones serve: no crash, right answers."""
-    model = models.mlp()
+    model = zoo.mlp()
     rng = np.random.default_rng(11)
     feeds = feeds_for("mlp", rng)
     outs = []
@@ -241,7 +221,7 @@ def test_many_versions_with_gc(mlp):
         gc.collect()
         out, version = mlp.infer(feeds)
         assert version == mlp.version == i + 1
-        np.testing.assert_allclose(out["y"], models.ort_run(models.with_weights(model, w), feeds)["y"], **FP32_TOL)
+        np.testing.assert_allclose(out["y"], zoo.ort_run(zoo.with_weights(model, w), feeds)["y"], **FP32_TOL)
         outs.append(out["y"])
     gc.collect()
     assert all(np.isfinite(o).all() for o in outs)  # earlier outputs stay readable
@@ -249,11 +229,11 @@ def test_many_versions_with_gc(mlp):
 
 def test_inference_never_torn_during_concurrent_updates(mlp):
     """Each inference sees one whole weight version, whatever updates run alongside."""
-    model = models.mlp()
+    model = zoo.mlp()
     rng = np.random.default_rng(3)
     feeds = feeds_for("mlp", rng)
     sets = [random_weights(mlp.variables, rng) for _ in range(2)]
-    refs = [models.ort_run(models.with_weights(model, s), feeds)["y"] for s in sets]
+    refs = [zoo.ort_run(zoo.with_weights(model, s), feeds)["y"] for s in sets]
     errors: list = []
     stop = threading.Event()
 
@@ -272,7 +252,7 @@ def test_inference_never_torn_during_concurrent_updates(mlp):
         for _ in range(60):
             y = mlp.execute(0, feeds)["y"]
             if mlp.version >= 1:
-                assert any(np.allclose(y, r, **FP32_TOL) for r in refs) or np.allclose(y, models.ort_run(model, feeds)["y"], **FP32_TOL), (
+                assert any(np.allclose(y, r, **FP32_TOL) for r in refs) or np.allclose(y, zoo.ort_run(model, feeds)["y"], **FP32_TOL), (
                     "inference mixed two weight versions"
                 )
     finally:
@@ -281,16 +261,16 @@ def test_inference_never_torn_during_concurrent_updates(mlp):
     assert not errors, errors
 
 
-def test_two_bundles_from_the_same_bytes_are_independent(load):
-    data = bundle_bytes("mlp")
+def test_two_bundles_from_the_same_bytes_are_independent(load, built):
+    data = built("mlp")
     a, b = load(data), load(data)
     a.init(), b.init()
     assert a.store.path != b.store.path
     w = random_weights(a.variables, np.random.default_rng(0))
     a.update(w)
     feeds = feeds_for("mlp", np.random.default_rng(1))
-    assert_matches(a, models.with_weights(models.mlp(), w), feeds)
-    assert_matches(b, models.mlp(), feeds)
+    assert_matches(a, zoo.with_weights(zoo.mlp(), w), feeds)
+    assert_matches(b, zoo.mlp(), feeds)
     assert b.version == 0 and a.version == 1
 
 
@@ -315,7 +295,7 @@ def test_all_empty_update_changes_nothing(mlp):
     mlp.update({})
     mlp.execute(2)
     assert current(mlp) == before
-    assert_matches(mlp, models.mlp(), feeds_for("mlp", np.random.default_rng(0)))
+    assert_matches(mlp, zoo.mlp(), feeds_for("mlp", np.random.default_rng(0)))
 
 
 def test_absent_inputs_keep(mlp):
@@ -336,7 +316,7 @@ def test_cast_into_fp32_variable(mlp, src):
     assert current(mlp)["fc0.weight"] == w.astype(np.float32).tobytes()
     assert current(mlp)["fc0.bias"] == b.astype(np.float32).tobytes()
     feeds = feeds_for("mlp", rng)
-    assert_matches(mlp, models.with_weights(models.mlp(), {"fc0.weight": w, "fc0.bias": b}), feeds)
+    assert_matches(mlp, zoo.with_weights(zoo.mlp(), {"fc0.weight": w, "fc0.bias": b}), feeds)
     # a same-dtype update after a cast one still works (separate update sessions per input dtypes)
     w32 = rng.standard_normal((16, 32)).astype(np.float32)
     mlp.update({"fc0.weight": w32})
@@ -344,15 +324,15 @@ def test_cast_into_fp32_variable(mlp, src):
 
 
 @pytest.mark.parametrize("src", [np.float64, np.float32])
-def test_cast_into_fp16_variable(load, src):
-    b = load(bundle_bytes("mlp_fp16"))
+def test_cast_into_fp16_variable(load, src, built):
+    b = load(built("mlp_fp16"))
     b.init()
     rng = np.random.default_rng(5)
     new = {v.name: (rng.standard_normal(v.shape) * 0.5).astype(src) for v in b.variables}
     b.update(new)
     for n, a in new.items():
         assert current(b)[n] == a.astype(np.float16).tobytes(), n
-    assert_matches(b, models.with_weights(_mlp16(), new), feeds_for("mlp_fp16", rng), FP16_TOL)
+    assert_matches(b, zoo.with_weights(MODELS["mlp_fp16"](), new), feeds_for("mlp_fp16", rng), FP16_TOL)
     # mixed dtypes in one update
     part = {"fc0.bias": np.full(32, 0.25, np.float64), "fc1.bias": np.full(32, -0.5, np.float32), "fc2.bias": np.full(8, 2.0, np.float16)}
     b.update(part)
@@ -405,7 +385,7 @@ def test_bad_update_is_all_or_nothing(mlp, name, bad, fragment):
         mlp.execute(2, {**good, name: bad})
     assert current(mlp) == before and mlp.version == version
     # and the bundle still serves and still accepts a good update afterwards
-    assert_matches(mlp, models.mlp(), feeds_for("mlp", np.random.default_rng(0)))
+    assert_matches(mlp, zoo.mlp(), feeds_for("mlp", np.random.default_rng(0)))
     mlp.update(good)
     assert mlp.version == version + 1
 
@@ -434,15 +414,15 @@ def test_expected_version_compare_and_swap(mlp):
     assert mlp.update({"fc0.bias": np.zeros(32, np.float32)}, expected_version=1) == 2
 
 
-def test_expected_version_before_any_weights(load):
-    b = load(bundle_bytes("mlp"))
+def test_expected_version_before_any_weights(load, built):
+    b = load(built("mlp"))
     with pytest.raises(wb.VersionConflictError):
         b.update(random_weights(b.variables, np.random.default_rng(0)), expected_version=0)
     assert b.version is None
 
 
-def test_version_numbers(load):
-    b = load(bundle_bytes("mlp"))
+def test_version_numbers(load, built):
+    b = load(built("mlp"))
     assert b.version is None
     assert b.init() == 0 and b.version == 0
     rng = np.random.default_rng(0)
@@ -459,9 +439,9 @@ def test_version_numbers(load):
 # ---------------------------------------------------------------------------------------------
 # bundles without an init graph
 # ---------------------------------------------------------------------------------------------
-def test_no_init_bundle(load):
-    full, bare = bundle_bytes("mlp"), bundle_bytes("mlp", include_init=False)
-    variables = wb.convert(models.mlp()).variables
+def test_no_init_bundle(load, built):
+    full, bare = built("mlp"), built("mlp", include_init=False)
+    variables = wb.convert(zoo.mlp()).variables
     assert len(full) - len(bare) >= sum(v.nbytes for v in variables)
     b = load(bare)
     assert b.model_num == 2
@@ -494,34 +474,34 @@ def test_no_init_bundle(load):
 
     b.execute(2, w)
     assert b.version == 0
-    assert_matches(b, models.with_weights(models.mlp(), w), feeds)
+    assert_matches(b, zoo.with_weights(zoo.mlp(), w), feeds)
     part = random_weights(b.variables, rng, {"fc1.weight"})
     b.execute(2, part)
-    assert_matches(b, models.with_weights(models.mlp(), {**w, **part}), feeds)
+    assert_matches(b, zoo.with_weights(zoo.mlp(), {**w, **part}), feeds)
 
 
-def test_no_init_bundle_from_file(tmp_path, load):
+def test_no_init_bundle_from_file(tmp_path, load, built):
     p = tmp_path / "bare.bundle"
-    wb.save_bundle(p, bundle_bytes("convnet", include_init=False))
+    wb.save_bundle(p, built("convnet", include_init=False))
     with wb.Bundle.load_from_file(p) as b:
         w = random_weights(b.variables, np.random.default_rng(0))
         b.update(w)
-        assert_matches(b, models.with_weights(models.convnet(), w), feeds_for("convnet", np.random.default_rng(1)))
+        assert_matches(b, zoo.with_weights(zoo.convnet(), w), feeds_for("convnet", np.random.default_rng(1)))
 
 
 # ---------------------------------------------------------------------------------------------
 # loading and the CANN-style surface
 # ---------------------------------------------------------------------------------------------
-def test_load_from_file(tmp_path):
+def test_load_from_file(tmp_path, built):
     p = tmp_path / "mlp.bundle"
-    wb.save_bundle(p, bundle_bytes("mlp"))
+    wb.save_bundle(p, built("mlp"))
     for path in (p, str(p)):
         b = wb.Bundle.load_from_file(path)
         try:
             assert b.model_num == 3
             assert [b.model_id(i) for i in range(3)] == [0, 1, 2]
             b.execute(b.model_id(1))
-            assert_matches(b, models.mlp(), feeds_for("mlp", np.random.default_rng(0)))
+            assert_matches(b, zoo.mlp(), feeds_for("mlp", np.random.default_rng(0)))
         finally:
             b.unload()
 
@@ -531,11 +511,11 @@ def test_load_from_file(tmp_path):
     [bytes, bytearray, memoryview, lambda d: memoryview(bytearray(d)), lambda d: memoryview(b"\0" * 7 + d)[7:]],
     ids=["bytes", "bytearray", "memoryview", "memoryview-rw", "memoryview-offset"],
 )
-def test_load_from_mem(wrap, load):
-    b = load(wrap(bundle_bytes("mlp")))
+def test_load_from_mem(wrap, load, built):
+    b = load(wrap(built("mlp")))
     assert b.model_num == 3 and b.has_init
     b.execute(1)
-    assert_matches(b, models.mlp(), feeds_for("mlp", np.random.default_rng(0)))
+    assert_matches(b, zoo.mlp(), feeds_for("mlp", np.random.default_rng(0)))
 
 
 @pytest.mark.parametrize("index", [3, 4, -1, 100])
@@ -590,12 +570,12 @@ def test_inference_accepts_non_contiguous_and_empty_batches(mlp):
     rng = np.random.default_rng(8)
     x = rng.standard_normal((16, 5)).astype(np.float32).T
     assert not x.flags.c_contiguous
-    np.testing.assert_allclose(mlp.execute(0, {"x": x})["y"], models.ort_run(models.mlp(), {"x": np.ascontiguousarray(x)})["y"], **FP32_TOL)
+    np.testing.assert_allclose(mlp.execute(0, {"x": x})["y"], zoo.ort_run(zoo.mlp(), {"x": np.ascontiguousarray(x)})["y"], **FP32_TOL)
     assert mlp.execute(0, {"x": np.zeros((0, 16), np.float32)})["y"].shape == (0, 8)
 
 
-def test_inference_input_errors_attention(load):
-    b = load(bundle_bytes("attention"))
+def test_inference_input_errors_attention(load, built):
+    b = load(built("attention"))
     b.init()
     with pytest.raises(wb.InputError, match="dtype"):
         b.execute(0, {"ids": np.zeros((1, 3), np.int32)})
@@ -607,8 +587,8 @@ def test_inference_input_errors_attention(load):
     b.execute(0, {"ids": np.array([[0, 49]], np.int64)})  # and the bundle still serves
 
 
-def test_inference_before_init_raises(load):
-    b = load(bundle_bytes("mlp"))
+def test_inference_before_init_raises(load, built):
+    b = load(built("mlp"))
     with pytest.raises(wb.NotInitializedError, match="not initialised"):
         b.execute(0, feeds_for("mlp", np.random.default_rng(0)))
 
@@ -616,7 +596,7 @@ def test_inference_before_init_raises(load):
 def test_inputs_and_outputs_signature(mlp):
     assert [(s.name, s.dtype, s.shape) for s in mlp.inputs] == [("x", np.dtype(np.float32), (None, 16))]
     assert [(s.name, s.dtype) for s in mlp.outputs] == [("y", np.dtype(np.float32))]
-    assert [v.name for v in mlp.variables] == [v.name for v in wb.convert(models.mlp()).variables]
+    assert [v.name for v in mlp.variables] == [v.name for v in wb.convert(zoo.mlp()).variables]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,17 +619,17 @@ USES_AFTER_UNLOAD = {
 
 
 @pytest.mark.parametrize("use", sorted(USES_AFTER_UNLOAD))
-def test_any_use_after_unload_raises(use):
-    b = wb.Bundle.load_from_mem(bundle_bytes("mlp"))
+def test_any_use_after_unload_raises(use, built):
+    b = wb.Bundle.load_from_mem(built("mlp"))
     b.init()
     b.unload()
     with pytest.raises(wb.UnloadedError, match="unload"):
         USES_AFTER_UNLOAD[use](b)
 
 
-def test_unload_is_idempotent_and_removes_the_store(tmp_path):
+def test_unload_is_idempotent_and_removes_the_store(tmp_path, built):
     p = tmp_path / "mlp.bundle"
-    wb.save_bundle(p, bundle_bytes("mlp"))
+    wb.save_bundle(p, built("mlp"))
     b = wb.Bundle.load_from_file(p)
     b.init()
     b.update({"fc0.bias": np.ones(32, np.float32)})
@@ -667,8 +647,8 @@ def test_unload_is_idempotent_and_removes_the_store(tmp_path):
     os.unlink(p)  # the file is no longer needed
 
 
-def test_context_manager_unloads():
-    with wb.Bundle.load_from_mem(bundle_bytes("mlp")) as b:
+def test_context_manager_unloads(built):
+    with wb.Bundle.load_from_mem(built("mlp")) as b:
         b.execute(1)
         store = b.store.path
         assert os.path.isdir(store)
@@ -678,9 +658,9 @@ def test_context_manager_unloads():
     b.unload()
 
 
-def test_context_manager_unloads_on_error():
+def test_context_manager_unloads_on_error(built):
     with pytest.raises(RuntimeError):
-        with wb.Bundle.load_from_mem(bundle_bytes("mlp")) as b:
+        with wb.Bundle.load_from_mem(built("mlp")) as b:
             b.init()
             store = b.store.path
             raise RuntimeError("boom")
@@ -690,7 +670,7 @@ def test_context_manager_unloads_on_error():
 
 
 @pytest.mark.parametrize("damage", ["checksum", "variable-table"])
-def test_failed_load_leaves_no_store(monkeypatch, damage):
+def test_failed_load_leaves_no_store(monkeypatch, damage, built):
     from weightbundle import format as fmt
     from weightbundle.store import WeightStore
 
@@ -704,11 +684,11 @@ def test_failed_load_leaves_no_store(monkeypatch, damage):
 
     monkeypatch.setattr(WeightStore, "private", classmethod(spy))
     if damage == "checksum":
-        bad = bytearray(bundle_bytes("mlp"))
+        bad = bytearray(built("mlp"))
         bad[-1] ^= 1
         bad = bytes(bad)
     else:
-        layout = fmt.decode(bundle_bytes("mlp"))
+        layout = fmt.decode(built("mlp"))
         vs = layout.variables[1:]
         bad = fmt.encode({k: bytes(v) for k, v in layout.graphs.items()}, vs, {v.name: layout.initial[v.name] for v in vs})
     with pytest.raises(wb.FormatError):
@@ -719,15 +699,15 @@ def test_failed_load_leaves_no_store(monkeypatch, damage):
 # --- hybrid swap (lead) -------------------------------------------------------------------
 @pytest.mark.parametrize("hybrid", [True, False])
 def test_hybrid_serves_new_version_at_once_then_swaps_in_the_prepacked_session(hybrid):
-    m = models.convnet()
+    m = zoo.convnet()
     feeds = {"x": np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32)}
     opts = wb.RuntimeOptions(prepack=True, hybrid=hybrid, optimization="all")
     with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), opts) as b:
         b.execute(1)
-        inits = models.initializers(m)
+        inits = zoo.initializers(m)
         new = {"conv1.weight": (inits["conv1.weight"] * -1.5).astype(np.float32), "bn0.var": inits["bn0.var"] * 2}
         b.execute(2, new)
-        ref = models.ort_run(models.with_weights(m, new), feeds)["y"]
+        ref = zoo.ort_run(zoo.with_weights(m, new), feeds)["y"]
         first, v1 = b.infer(feeds)  # served by whichever session is current: must be the new version
         assert v1 == 1
         np.testing.assert_allclose(first["y"], ref, rtol=1e-4, atol=1e-5)
@@ -744,7 +724,7 @@ def test_hybrid_serves_new_version_at_once_then_swaps_in_the_prepacked_session(h
 
 # --- staging blob fast path (lead) ----------------------------------------------------------
 def _staging_bundle(**opts):
-    m = models.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES
+    m = zoo.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(**opts))
     b.execute(1)
     return m, b
@@ -764,14 +744,14 @@ def test_staging_path_full_and_partial_updates_match_ort():
     m, b = _staging_bundle()
     with b:
         feeds = {"x": np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)}
-        inits = models.initializers(m)
+        inits = zoo.initializers(m)
         assert _wait_staging(b)
         new = {n: np.random.default_rng(i).standard_normal(a.shape).astype(np.float32) / 20 for i, (n, a) in enumerate(inits.items())}
         b.update(new)
         assert "staging.bin" not in os.listdir(b.store.path) or _wait_staging(b)
         cur = b.store.current()
         assert {cur.entries[n][0] for n in new} == {f"blob-{cur.number}.bin"}  # published from the staging blob
-        np.testing.assert_allclose(b.infer(feeds)[0]["y"], models.ort_run(models.with_weights(m, new), feeds)["y"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.infer(feeds)[0]["y"], zoo.ort_run(zoo.with_weights(m, new), feeds)["y"], rtol=1e-4, atol=1e-5)
         assert _wait_staging(b)
         w1 = np.random.default_rng(99).standard_normal((512, 512)).astype(np.float64)  # cast inside the graph
         b.update({"w1": w1})
@@ -781,7 +761,7 @@ def test_staging_path_full_and_partial_updates_match_ort():
         np.testing.assert_array_equal(b.store.array(cur, "w1"), w1.astype(np.float32))
         blob = os.path.join(b.store.path, cur.entries["w1"][0])
         assert os.stat(blob).st_blocks * 512 < 2 * 512 * 512 * 4  # pages of untouched variables punched out
-        ref = models.ort_run(models.with_weights(m, {**new, "w1": w1.astype(np.float32)}), feeds)["y"]
+        ref = zoo.ort_run(zoo.with_weights(m, {**new, "w1": w1.astype(np.float32)}), feeds)["y"]
         np.testing.assert_allclose(b.infer(feeds)[0]["y"], ref, rtol=1e-4, atol=1e-5)
 
 
@@ -815,7 +795,7 @@ def test_falls_back_to_the_source_graph_when_the_compiled_one_cannot_load():
 
     from weightbundle import format as fmt
 
-    m = models.mlp()
+    m = zoo.mlp()
     g = wb.convert(m)
     good = fmt.decode(wb.build_bundle(g))
     broken = _onnx.ModelProto()
@@ -829,4 +809,4 @@ def test_falls_back_to_the_source_graph_when_the_compiled_one_cannot_load():
     x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
     with wb.Bundle.load_from_mem(data) as b:
         b.execute(1)
-        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], models.ort_run(m, {"x": x})["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.execute(0, {"x": x})["y"], zoo.ort_run(m, {"x": x})["y"], rtol=1e-5, atol=1e-6)

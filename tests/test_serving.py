@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle.control import Authorizer, ControlError, parse_command
 from weightbundle.serving import Service, ServingSettings
@@ -20,7 +20,7 @@ SECRET = "t0ps3cret"
 
 
 def _repo(tmp_path, model=None, batching=8, **params):
-    model = model or models.mlp()
+    model = model or zoo.mlp()
     d = tmp_path / "repo" / "m"
     (d / "1").mkdir(parents=True)
     wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(wb.convert(model)))
@@ -49,7 +49,7 @@ def x(n=2, seed=0) -> np.ndarray:
 def test_inference_matches_ort_and_reports_version(service):
     [r] = service.handle([{"x": x()}])
     assert r.error is None
-    np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.outputs["y"], zoo.ort_run(zoo.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
     assert r.outputs["WEIGHTS_VERSION"].tolist() == [[0], [0]]
 
 
@@ -60,7 +60,7 @@ def test_update_then_inference_in_one_batch_respects_order(service):
     assert replies[0].outputs["WEIGHTS_VERSION"].ravel().tolist() == [0, 0]
     assert replies[1].outputs["WEIGHTS_VERSION"].ravel().tolist() == [1]
     assert replies[2].outputs["WEIGHTS_VERSION"].ravel().tolist() == [1, 1]
-    ref = models.ort_run(models.with_weights(models.mlp(), {"fc0.weight": w[0]}), {"x": x()})["y"]
+    ref = zoo.ort_run(zoo.with_weights(zoo.mlp(), {"fc0.weight": w[0]}), {"x": x()})["y"]
     np.testing.assert_allclose(replies[2].outputs["y"], ref, rtol=1e-5, atol=1e-6)
     assert json.loads(replies[1].outputs["CONTROL_RESULT"].ravel()[0])["updated"] == ["fc0.weight"]
 
@@ -69,7 +69,7 @@ def test_consecutive_inference_requests_are_batched_and_split(service):
     reqs = [{"x": x(n, seed=n)} for n in (1, 3, 2)]
     replies = service.handle(reqs)
     for req, r in zip(reqs, replies):
-        np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), req)["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.outputs["y"], zoo.ort_run(zoo.mlp(), req)["y"], rtol=1e-5, atol=1e-6)
         assert r.outputs["WEIGHTS_VERSION"].shape == (len(req["x"]), 1)
 
 
@@ -114,7 +114,7 @@ def test_bad_update_is_all_or_nothing(service, weights, needle):
     assert r.error is not None and needle in r.error, r.error
     assert service.bundle.version == 0
     store = service.bundle.store
-    np.testing.assert_array_equal(store.array(store.current(), "fc1.weight"), models.initializers(models.mlp())["fc1.weight"])
+    np.testing.assert_array_equal(store.array(store.current(), "fc1.weight"), zoo.initializers(zoo.mlp())["fc1.weight"])
 
 
 def test_secret_is_required_and_compared(service):
@@ -142,7 +142,7 @@ def test_cas_reset_rollback_status(service):
     [r] = service.handle([{"CONTROL": ctl(op="reset", secret=SECRET)}])
     assert r.error is None and service.bundle.version == 3
     [r] = service.handle([{"x": x()}])
-    np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.outputs["y"], zoo.ort_run(zoo.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_weight_inputs_without_control_are_refused(service):
@@ -187,7 +187,7 @@ def test_no_init_bundle_serves_after_first_full_update(tmp_path, monkeypatch):
     monkeypatch.setenv("WB_TEST_SECRET", SECRET)
     d = tmp_path / "repo" / "m"
     (d / "1").mkdir(parents=True)
-    g = wb.convert(models.mlp())
+    g = wb.convert(zoo.mlp())
     wb.save_bundle(d / "1" / "model.bundle", wb.build_bundle(g, include_init=False))
     cfg = {
         "max_batch_size": 0,
@@ -201,13 +201,13 @@ def test_no_init_bundle_serves_after_first_full_update(tmp_path, monkeypatch):
     try:
         [r] = svc.handle([{"x": x()}])
         assert "not initialised" in r.error and r.code == "UNAVAILABLE"
-        inits = models.initializers(models.mlp())
+        inits = zoo.initializers(zoo.mlp())
         [r] = svc.handle(
             [{"CONTROL": np.array([json.dumps({"op": "update", "secret": SECRET}).encode()], dtype=object), **{v.name: inits[v.name] for v in g.variables}}]
         )
         assert r.error is None and r.outputs["WEIGHTS_VERSION"].tolist() == [0]
         [r] = svc.handle([{"x": x()}])
-        np.testing.assert_allclose(r.outputs["y"], models.ort_run(models.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.outputs["y"], zoo.ort_run(zoo.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
     finally:
         svc.close()
 
@@ -224,7 +224,7 @@ def test_two_instances_share_one_store_and_last_one_out_removes_it(tmp_path, mon
     assert r.error is None
     [r] = b.handle([{"x": x()}])
     assert r.outputs["WEIGHTS_VERSION"].ravel().tolist() == [1, 1]
-    ref = models.ort_run(models.with_weights(models.mlp(), {"fc2.bias": np.ones(8, np.float32)}), {"x": x()})["y"]
+    ref = zoo.ort_run(zoo.with_weights(zoo.mlp(), {"fc2.bias": np.ones(8, np.float32)}), {"x": x()})["y"]
     np.testing.assert_allclose(r.outputs["y"], ref, rtol=1e-5, atol=1e-6)
     path = a.bundle.store.path
     a.close()
@@ -245,7 +245,7 @@ def test_commit_writes_a_loadable_version_folder_with_the_current_weights(servic
     with wb.Bundle.load_from_file(res["path"]) as b:
         b.execute(1)
         out = b.execute(0, {"x": x()[:1]})
-    ref = models.ort_run(models.with_weights(models.mlp(), {"fc2.weight": w[0]}), {"x": x()[:1]})["y"]
+    ref = zoo.ort_run(zoo.with_weights(zoo.mlp(), {"fc2.weight": w[0]}), {"x": x()[:1]})["y"]
     np.testing.assert_allclose(out["y"], ref, rtol=1e-5, atol=1e-6)
     [r] = service.handle([{"CONTROL": ctl(op="commit", secret=SECRET, expected_version=0)}])
     assert "current version is 1" in r.error

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-import models
+from weightbundle import zoo
 import weightbundle as wb
 from weightbundle.errors import UpdateError, VersionConflictError, VersionOrderError
 
-MODEL = models.mlp(sizes=(16, 32, 8))
+MODEL = zoo.mlp(sizes=(16, 32, 8))
 X = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
 
 
@@ -55,7 +55,7 @@ def test_stage_serves_nothing_until_activated(bundle):
     assert [s.number for s in bundle.store.staged_versions()] == [5]
     v = bundle.store.activate(5, expected_version=0)
     assert v.number == 5 and bundle.version == 5 and bundle.store.staged_versions() == []
-    ref = models.ort_run(models.with_weights(MODEL, w), {"x": X})["y"]
+    ref = zoo.ort_run(zoo.with_weights(MODEL, w), {"x": X})["y"]
     y, ver = bundle.infer({"x": X})
     assert ver == 5
     np.testing.assert_allclose(y["y"], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
@@ -191,7 +191,7 @@ def test_aborted_number_restaged_with_other_weights_serves_the_new_ones(bundle):
     bundle.abort(3)
     bundle.stage(w2, version=3)
     bundle.activate(3)
-    ref = models.ort_run(models.with_weights(MODEL, w2), {"x": X})["y"]
+    ref = zoo.ort_run(zoo.with_weights(MODEL, w2), {"x": X})["y"]
     y, v = bundle.infer({"x": X})
     assert v == 3
     np.testing.assert_allclose(y["y"], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())

@@ -177,9 +177,9 @@ def test_export_reproduces_the_current_state_and_keeps_partial_pushes_working(bu
 
 def test_format_1_0_bundles_still_load(monkeypatch, bundles):
     """A bundle written before sources existed: every variable is its own source."""
-    import models
+    from weightbundle import zoo
 
-    graphs = wb.convert(models.mlp())
+    graphs = wb.convert(zoo.mlp())
     monkeypatch.setattr(fmt, "FORMAT_MINOR", 0)
     layout = fmt.decode(wb.build_bundle(graphs))
     meta = {k: v for k, v in layout.toc.items() if k not in ("graphs", "variables", "weights", "extra", "sources", "derived")}

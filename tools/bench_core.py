@@ -47,11 +47,11 @@ import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT / "backend", ROOT / "tests"):
+for p in (ROOT / "backend",):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import models  # noqa: E402  (tests/models.py)
+from weightbundle import zoo  # noqa: E402
 import weightbundle as wb  # noqa: E402
 from weightbundle import RuntimeOptions  # noqa: E402
 
@@ -70,8 +70,8 @@ def mode_name(mode: tuple[bool, str, bool]) -> str:
 
 # --------------------------------------------------------------------------- models
 def bench_convnet(channels=(3, 64, 128, 256, 512), hw: int = 64, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
-    """tests/models.convnet's blocks (Conv -> BatchNorm -> Relu -> MaxPool, GAP, Gemm head), wider, larger input."""
-    return models.convnet(channels=channels, classes=classes, seed=seed, hw=hw)
+    """tests/zoo.convnet's blocks (Conv -> BatchNorm -> Relu -> MaxPool, GAP, Gemm head), wider, larger input."""
+    return zoo.convnet(channels=channels, classes=classes, seed=seed, hw=hw)
 
 
 def model_specs(quick: bool) -> list[dict]:
@@ -79,7 +79,7 @@ def model_specs(quick: bool) -> list[dict]:
     if quick:
         return [
             {"name": "mlp-quick", "desc": "2x(256x256) FP32 MLP, batch 8", "make": ["big_mlp", {"n": 256, "layers": 2}], "x": [8, 256]},
-            {"name": "conv-quick", "desc": "tests/models.convnet() (3,8,16) 16x16, batch 4", "make": ["convnet", {}], "x": [4, 3, 16, 16]},
+            {"name": "conv-quick", "desc": "tests/zoo.convnet() (3,8,16) 16x16, batch 4", "make": ["convnet", {}], "x": [4, 3, 16, 16]},
         ]
     return [
         {"name": "mlp", "desc": "4x(2048x2048) FP32 MLP, batch 32", "make": ["big_mlp", {}], "x": [32, 2048]},
@@ -94,7 +94,7 @@ def model_specs(quick: bool) -> list[dict]:
 
 def make_model(spec: dict) -> onnx.ModelProto:
     fn, kw = spec["make"]
-    return bench_convnet(**kw) if fn == "bench_convnet" else getattr(models, fn)(**kw)
+    return bench_convnet(**kw) if fn == "bench_convnet" else getattr(zoo, fn)(**kw)
 
 
 def make_input(spec: dict) -> np.ndarray:
@@ -104,7 +104,7 @@ def make_input(spec: dict) -> np.ndarray:
 def weight_sets(model: onnx.ModelProto, variables: list, n: int = 2) -> list[dict[str, np.ndarray]]:
     """``n`` full sets of new weights: each original scaled elementwise by U(0.9, 1.1) (keeps
     signs, so BatchNorm variances stay positive), deterministic so probes can remake them."""
-    orig = models.initializers(model)
+    orig = zoo.initializers(model)
     rng = np.random.default_rng(7)
     return [{v.name: (orig[v.name] * rng.uniform(0.9, 1.1, orig[v.name].shape)).astype(v.np_dtype) for v in variables} for _ in range(n)]
 
@@ -352,7 +352,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
 
     # sanity: every mode serves the last weights, matching ORT on the original model with them
     last = sets[(iters - 1) % 2]
-    ref = baked_session(models.with_weights(model, last).SerializeToString(), threads).run(None, feeds)[0]
+    ref = baked_session(zoo.with_weights(model, last).SerializeToString(), threads).run(None, feeds)[0]
     R["max_abs_err_vs_ort"] = {mode_name(m): float(np.max(np.abs(bundles[m].infer(feeds)[0]["y"] - ref))) for m in MODES}
     R["ref_max_abs"] = float(np.max(np.abs(ref)))
     for b in bundles.values():

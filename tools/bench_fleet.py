@@ -15,7 +15,7 @@ Each round does three things:
      control), until all three have returned.
 The order of B and C rotates every round. Reported values are medians over the rounds.
 
-Model: ``tests/models.big_mlp``: 4 x (2048 x 2048) FP32, 64 MiB (``--quick``: 2 x 256², 0.5 MiB, 1 round).
+Model: ``tests/zoo.big_mlp``: 4 x (2048 x 2048) FP32, 64 MiB (``--quick``: 2 x 256², 0.5 MiB, 1 round).
 
     python tools/bench_fleet.py            # about 1-2 minutes on 2 cores
     python tools/bench_fleet.py --quick    # keeps this script from rotting (run by the test suite)
@@ -47,7 +47,7 @@ for _p in (ROOT / "backend", ROOT / "tests"):
 
 from safetensors.numpy import save_file  # noqa: E402
 
-import models  # noqa: E402  (tests/models.py)
+from weightbundle import zoo  # noqa: E402
 import weightbundle as wb  # noqa: E402
 from s3_util import ACCESS_KEY, SECRET_KEY, running_seaweed  # noqa: E402  (tests/s3_util.py)
 from weightbundle import fleet  # noqa: E402
@@ -67,8 +67,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "tools" / "out"))
     a = ap.parse_args()
     n, layers, rounds = (256, 2, 1) if a.quick else (2048, 4, a.rounds)
-    model = models.big_mlp(n=n, layers=layers)
-    nbytes = sum(v.nbytes for v in models.initializers(model).values())
+    model = zoo.big_mlp(n=n, layers=layers)
+    nbytes = sum(v.nbytes for v in zoo.initializers(model).values())
     os.makedirs(a.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="wb-bench-fleet-")
     os.environ.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, SECRET_ENV: SECRET})
@@ -108,7 +108,7 @@ def main() -> int:
             urls = [f"127.0.0.1:{s.http_port}" for s in servers]
             for r in range(rounds):
                 rng = np.random.default_rng(100 + r)
-                w = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in models.initializers(model).items()}
+                w = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in zoo.initializers(model).items()}
                 ckpt = os.path.join(tmp, f"ckpt-{r}.safetensors")
                 save_file(w, ckpt)
                 version = 1000 * (r + 1)  # above whatever the per-server pushes numbered
@@ -144,7 +144,7 @@ def main() -> int:
                                 c.push_file(ckpt, via="file")
                         note("sequential_push_s", time.perf_counter() - t0)
                     else:  # C: three Triton reloads of a new version folder
-                        data = wb.build_bundle(wb.convert(models.with_weights(model, w)))  # initial weights = the new ones
+                        data = wb.build_bundle(wb.convert(zoo.with_weights(model, w)))  # initial weights = the new ones
                         for repo in repos:
                             vdir = os.path.join(repo, "m", str(2 + r))
                             os.makedirs(vdir, exist_ok=True)

@@ -6,7 +6,7 @@ sample) and ``update_latency.png`` into ``--out``.  All figures come from ONE ru
 one machine; repetitions are interleaved (the order rotates every round) so a noisy
 machine shifts a ratio's numerator and denominator alike; reported values are medians.
 
-Model: ``tests/models.big_mlp``, L x (n x n) FP32 MatMul+Relu, no bias (n=2048: 16 MiB per
+Model: ``tests/zoo.big_mlp``, L x (n x n) FP32 MatMul+Relu, no bias (n=2048: 16 MiB per
 layer), batch-32 input, no Triton batching (max_batch_size 0), ORT default threads.
 
 P1  update latency, 16/64/256 MiB of weights (L = 1/4/16), full updates.  Time from the
@@ -63,13 +63,13 @@ from typing import Any, Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT / "backend", ROOT / "tests"):
+for _p in (ROOT / "backend",):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 import onnxruntime as ort  # noqa: E402
 
-import models  # noqa: E402  (tests/models.py)
+from weightbundle import zoo  # noqa: E402
 import weightbundle as wb  # noqa: E402
 from weightbundle.client import WeightClient  # noqa: E402
 from weightbundle.modelconfig import make_config  # noqa: E402
@@ -283,8 +283,8 @@ class Artifact:
 
     def __init__(self, n: int, layers: int, workdir: str):
         self.n, self.layers = n, layers
-        self.model = models.big_mlp(n, layers, seed=0)
-        self.A = models.initializers(self.model)
+        self.model = zoo.big_mlp(n, layers, seed=0)
+        self.A = zoo.initializers(self.model)
         self.B = {k: v * np.float32(0.5) for k, v in self.A.items()}  # exact (power of 2)
         self.nbytes = sum(a.nbytes for a in self.A.values())
         self.label = mib_label(self.nbytes)
@@ -292,7 +292,7 @@ class Artifact:
         t0 = now()
         wb.save_bundle(self.bundle_path, wb.build_bundle(wb.convert(self.model)))
         self.build_s = now() - t0
-        self.onnx = {"A": self.model.SerializeToString(), "B": models.with_weights(self.model, self.B).SerializeToString()}
+        self.onnx = {"A": self.model.SerializeToString(), "B": zoo.with_weights(self.model, self.B).SerializeToString()}
 
     def weights(self, which: str) -> dict[str, np.ndarray]:
         return self.A if which == "A" else self.B
@@ -922,7 +922,7 @@ def p4_refs(art: Artifact, x: np.ndarray) -> dict[str, list[np.ndarray]]:
                 rs.append(b.infer({"x": x})[0]["y"])
             refs[m] = rs
     # cross-check against plain ORT on the edited model, so the references are not self-referential
-    y = models.ort_run(models.with_weights(art.model, {"w0": base * np.float32(P4_SCALES[2])}), {"x": x})["y"]
+    y = zoo.ort_run(zoo.with_weights(art.model, {"w0": base * np.float32(P4_SCALES[2])}), {"x": x})["y"]
     np.testing.assert_allclose(refs["T"][2], y, rtol=1e-4, atol=1e-5)
     return refs
 

@@ -14,41 +14,17 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 import weightbundle as wb
+from weightbundle import zoo
 from weightbundle.modelconfig import make_config
 
 SIZES = (16, 64, 64, 4)
 
 
 def example_model(seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], "features"
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        inits += [
-            numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"fc{i}.weight"),
-            numpy_helper.from_array((0.1 * rng.standard_normal(b)).astype(np.float32), f"fc{i}.bias"),
-        ]
-        nodes += [helper.make_node("MatMul", [x, f"fc{i}.weight"], [f"mm{i}"]), helper.make_node("Add", [f"mm{i}", f"fc{i}.bias"], [f"h{i}"])]
-        x = f"h{i}"
-        if i < len(SIZES) - 2:
-            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
-            x = f"r{i}"
-    nodes.append(helper.make_node("Identity", [x], ["scores"]))
-    g = helper.make_graph(
-        nodes,
-        "scorer",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", SIZES[0]])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", SIZES[-1]])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="weightbundle-example")
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return zoo.mlp(SIZES, seed, input_name="features", output_name="scores", name="scorer")
 
 
 # The example enables updates; the secret comes from this environment variable (never the config).

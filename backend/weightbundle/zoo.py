@@ -1,4 +1,11 @@
-"""Small real ONNX models built with onnx.helper, for tests and benchmarks."""
+"""Small real ONNX models built with ``onnx.helper`` (fixed seeds, no downloads), plus the
+helpers to run them with plain ONNX Runtime: the one model zoo of the tests, the
+benchmarks and the example repository.
+
+>>> from weightbundle import zoo                                          # doctest: +SKIP
+>>> m = zoo.mlp(sizes=(16, 64, 8))
+>>> y = zoo.ort_run(m, {"x": x})["y"]
+"""
 
 from __future__ import annotations
 
@@ -11,28 +18,32 @@ OPSET = 17
 
 def _model(nodes, inputs, outputs, inits, name) -> onnx.ModelProto:
     g = helper.make_graph(nodes, name, inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="weightbundle-tests")
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="weightbundle-zoo")
     m.ir_version = 8
     onnx.checker.check_model(m)
     return m
 
 
-def mlp(sizes=(16, 32, 32, 8), seed: int = 0, dtype=np.float32) -> onnx.ModelProto:
+def mlp(sizes=(16, 32, 32, 8), seed: int = 0, dtype=np.float32, input_name: str = "x", output_name: str = "y", name: str = "mlp") -> onnx.ModelProto:
     """MatMul + Add + Relu layers; weights 'fc{i}.weight', 'fc{i}.bias'."""
     rng = np.random.default_rng(seed)
-    nodes, inits, x = [], {}, "x"
+    nodes, inits, x = [], {}, input_name
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         inits[f"fc{i}.weight"] = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(dtype)
-        inits[f"fc{i}.bias"] = rng.standard_normal((b,)).astype(dtype) * 0.1
+        inits[f"fc{i}.bias"] = (0.1 * rng.standard_normal((b,))).astype(dtype)
         nodes += [helper.make_node("MatMul", [x, f"fc{i}.weight"], [f"mm{i}"]), helper.make_node("Add", [f"mm{i}", f"fc{i}.bias"], [f"h{i}"])]
         x = f"h{i}"
         if i < len(sizes) - 2:
             nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
             x = f"r{i}"
-    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    nodes.append(helper.make_node("Identity", [x], [output_name]))
     T = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     return _model(
-        nodes, [helper.make_tensor_value_info("x", T, ["batch", sizes[0]])], [helper.make_tensor_value_info("y", T, ["batch", sizes[-1]])], inits, "mlp"
+        nodes,
+        [helper.make_tensor_value_info(input_name, T, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info(output_name, T, ["batch", sizes[-1]])],
+        inits,
+        name,
     )
 
 
@@ -172,3 +183,13 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, n
 
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return {o.name: a for o, a in zip(s.get_outputs(), s.run(None, feeds))}
+
+
+# The zoo by name: the models the runtime, convert and format tests sweep over.
+MODELS = {
+    "mlp": mlp,
+    "mlp_fp16": lambda: mlp(dtype=np.float16),
+    "convnet": convnet,
+    "attention": attention,
+    "with_int_initializers": with_int_initializers,
+}

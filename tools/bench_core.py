@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the bundle core (issue 2 item 7): steady-state speed and update latency.
+"""Benchmark of the bundle core: steady-state speed and update latency.
 
 Not a test: it measures, prints a markdown table and writes the raw numbers as JSON.
 Every ratio in the table comes from ONE run in which the compared things were
@@ -594,7 +594,7 @@ def bench_trainer(args, log) -> tuple[str, dict]:
     out["update_cost_fixture"] = fx
     md = [
         "",
-        "**Trainer pushes (issue 9)**",
+        "**Trainer pushes**",
         "",
         "| steady inference, transformer fixture (TorchScript default export, built with `--checkpoint`) | ORT on the folded export ms | bundle ms | bundle / ORT (p10) | bundle's session alone / ORT |",
         "|---|---:|---:|---:|---:|",

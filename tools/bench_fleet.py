@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fleet benchmark (issue 11): a 64 MiB fleet push to 3 tritonservers from SeaweedFS.
+"""Fleet benchmark: a 64 MiB fleet push to 3 tritonservers from SeaweedFS.
 
 Not a test: it measures and prints a markdown table, and writes ``bench_fleet.md`` and
 ``bench_fleet.json`` (every raw sample) into ``--out``. Everything runs on this machine:

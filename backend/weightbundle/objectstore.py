@@ -272,18 +272,19 @@ def write_active(client: Any, model_url: S3Url, version: int, previous: Active |
 
 # -- publish ------------------------------------------------------------------------------
 def _read_header(path: str) -> tuple[int, dict]:
-    from safetensors import SafetensorError, safe_open
+    """(data start, header) of a local checkpoint, through the transport's validating parser."""
+    from .control import ControlError
+    from .transport import safetensors_header
 
     try:
-        with safe_open(path, framework="np") as f:  # validates offsets, overlaps, dtypes
-            f.keys()
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-    except (SafetensorError, OSError, ValueError) as e:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header, start = safetensors_header(fd, os.fstat(fd).st_size)  # bounds, dtypes, overlaps
+        finally:
+            os.close(fd)
+    except (ControlError, OSError) as e:
         raise ObjectStoreError(f"{path} is not a readable safetensors file: {e}") from None
-    header.pop("__metadata__", None)
-    return 8 + n, header
+    return start, header
 
 
 def _tensor_sha(data: np.ndarray, start: int, end: int) -> str:

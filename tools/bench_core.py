@@ -89,12 +89,23 @@ def model_specs(quick: bool) -> list[dict]:
             "make": ["bench_convnet", {}],
             "x": [4, 3, 64, 64],
         },
+        {
+            "name": "resnet50",
+            "desc": "ResNet-50 (onnx light zoo graph, random weights, 98 MiB), batch 1",
+            "make": ["resnet50", {}],
+            "x": [1, 3, 224, 224],
+            "input": "gpu_0/data_0",
+        },
     ]
 
 
 def make_model(spec: dict) -> onnx.ModelProto:
     fn, kw = spec["make"]
     return bench_convnet(**kw) if fn == "bench_convnet" else getattr(zoo, fn)(**kw)
+
+
+def input_name(spec: dict) -> str:
+    return spec.get("input", "x")
 
 
 def make_input(spec: dict) -> np.ndarray:
@@ -164,7 +175,7 @@ def probe(req: dict) -> dict:
         t0 = now()
         sess = baked_session(model_bytes, threads)
         t1 = now()
-        sess.run(None, {"x": x})
+        sess.run(None, {input_name(spec): x})
         m1 = mem_now()
         return {"create_s": t1 - t0, "mem_before": m0, "mem_steady": m1}
     pp, lvl, hy = req["mode"]
@@ -178,11 +189,11 @@ def probe(req: dict) -> dict:
     b = wb.Bundle.load_from_file(req["bundle_path"], opts)
     m_load = mem_now()
     b.init()
-    b.infer({"x": x})
+    b.infer({input_name(spec): x})
     m_v0 = mem_now()
     for w in sets:
         b.update(w)
-        b.infer({"x": x})
+        b.infer({input_name(spec): x})
     gc.collect()
     m_ss = mem_now()
     store = dir_bytes(b.store.path)
@@ -218,7 +229,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     with open(model_path, "wb") as f:
         f.write(model_bytes)
     x = make_input(spec)
-    feeds = {"x": x}
+    feeds = {input_name(spec): x}
 
     t0 = now()
     data = wb.build_bundle(wb.convert(model))
@@ -353,7 +364,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     # sanity: every mode serves the last weights, matching ORT on the original model with them
     last = sets[(iters - 1) % 2]
     ref = baked_session(zoo.with_weights(model, last).SerializeToString(), threads).run(None, feeds)[0]
-    R["max_abs_err_vs_ort"] = {mode_name(m): float(np.max(np.abs(bundles[m].infer(feeds)[0]["y"] - ref))) for m in MODES}
+    R["max_abs_err_vs_ort"] = {mode_name(m): float(np.max(np.abs(next(iter(bundles[m].infer(feeds)[0].values())) - ref))) for m in MODES}
     R["ref_max_abs"] = float(np.max(np.abs(ref)))
     for b in bundles.values():
         b.unload()
@@ -623,7 +634,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=3, help="timed inferences per mode per steady round (default 3)")
     ap.add_argument("--out", default=str(ROOT / "tools" / "out"), help="folder for the JSON and markdown (default tools/out)")
     ap.add_argument("--_probe", help=argparse.SUPPRESS)
-    ap.add_argument("--trainer-only", action="store_true", help="only the issue-9 section (trainer pushes, hoisted transformer)")
+    ap.add_argument("--trainer-only", action="store_true", help="only the trainer section (trainer pushes, hoisted transformer)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="only these models (mlp, conv, resnet50; quick: mlp-quick, conv-quick)")
     args = ap.parse_args(argv)
     if args._probe:
         print(json.dumps(probe(json.loads(args._probe))))
@@ -642,7 +654,7 @@ def main(argv=None) -> int:
     results, summaries = [], []
     workdir = tempfile.mkdtemp(prefix="bench-core-")
     try:
-        for spec in [] if args.trainer_only else model_specs(args.quick):
+        for spec in [] if args.trainer_only else [s for s in model_specs(args.quick) if not args.only or s["name"] in args.only]:
             R = bench_model(spec, args, workdir, log)
             results.append(R)
             summaries.append(summarize(R))

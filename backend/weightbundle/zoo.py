@@ -193,3 +193,41 @@ MODELS = {
     "attention": attention,
     "with_int_initializers": with_int_initializers,
 }
+
+
+def resnet50(seed: int = 0) -> onnx.ModelProto:
+    """ResNet-50 (Conv+BatchNorm, 53 of each) from the onnx package's light model zoo, whose
+    weights are ConstantOfShape placeholders there: materialised here as seeded random
+    initializers (~98 MiB), so the real architecture can be benchmarked without a download."""
+    import os
+
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_resnet50.onnx")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: this onnx package does not ship the light model zoo")
+    m = onnx.load(path)
+    rng = np.random.default_rng(seed)
+    shapes = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    bn_var = {n.input[4] for n in m.graph.node if n.op_type == "BatchNormalization"}
+    new, kept = [], []
+    for n in m.graph.node:
+        if n.op_type != "ConstantOfShape":
+            kept.append(n)
+            continue
+        shape = tuple(int(d) for d in shapes[n.input[0]])
+        if n.output[0] in bn_var:  # variances must be positive
+            a = rng.uniform(0.5, 1.5, shape)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            a = rng.standard_normal(shape) * (1.0 / np.sqrt(fan_in) if len(shape) > 1 else 0.1)
+        new.append(numpy_helper.from_array(a.astype(np.float32), n.output[0]))
+    used = {i for n in kept for i in n.input}
+    inits = [t for t in m.graph.initializer if t.name in used] + new
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    names = {t.name for t in inits}
+    inputs = [i for i in m.graph.input if i.name not in names and i.name not in shapes]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    return m

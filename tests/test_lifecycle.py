@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,13 +86,27 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("arm", [True, False])
-def test_a_child_holding_the_gil_exits_when_its_parent_is_killed_only_with_pdeathsig(arm):
-    child_code = textwrap.dedent(CHILD.format(arm=arm))
+@contextlib.contextmanager
+def _parent_of(child_code: str) -> Iterator[subprocess.Popen]:
+    """A parent process (own process group) that starts ``child_code`` and prints "CHILD <pid>";
+    the whole group is killed at the end, whatever the test did."""
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(PARENT.format(child=child_code))], stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
+        yield parent
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        parent.wait(10)
+
+
+@pytest.mark.parametrize("arm", [True, False])
+def test_a_child_holding_the_gil_exits_when_its_parent_is_killed_only_with_pdeathsig(arm):
+    child_code = textwrap.dedent(CHILD.format(arm=arm))
+    with _parent_of(child_code) as parent:
         first = parent.stdout.readline()
         pid = int(first.split()[1])
         assert parent.stdout.readline().strip() == ("armed" if arm else "not armed")
@@ -98,12 +115,6 @@ def test_a_child_holding_the_gil_exits_when_its_parent_is_killed_only_with_pdeat
         exited = _wait(lambda: not _alive(pid), 5)
         # Without PDEATHSIG the watchdog thread never gets the GIL: the child stays, as stubs did.
         assert exited is arm
-    finally:
-        try:
-            os.killpg(parent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        parent.wait(10)
 
 
 def test_the_watchdog_alone_ends_a_child_whose_main_thread_is_idle(tmp_path):
@@ -113,19 +124,12 @@ def test_the_watchdog_alone_ends_a_child_whose_main_thread_is_idle(tmp_path):
         lifecycle.watch_parent(arm=False, grace=0.2)
         time.sleep(60)
     """)
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT.format(child=code))], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with _parent_of(code) as parent:
         pid = int(parent.stdout.readline().split()[1])
         time.sleep(0.5)
         parent.kill()
         parent.wait(10)
         assert _wait(lambda: not _alive(pid), 5)
-    finally:
-        try:
-            os.killpg(parent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        parent.wait(10)
 
 
 def test_sweep_leftovers_spares_used_fresh_and_foreign_regions(tmp_path, monkeypatch):

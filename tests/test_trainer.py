@@ -66,6 +66,20 @@ def bundles():
         b.unload()
 
 
+def _xy_model(nodes: list, name: str, inits: list, width: int = 4) -> onnx.ModelProto:
+    """A float graph x[b, width] -> y[b, width] (opset 17, IR 8) from ``nodes`` and ``inits``."""
+    g = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", width])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 # ---------------------------------------------------------------------------------------------
 # every fixture: build, init == torch before, push the trained state_dict == torch after
 # ---------------------------------------------------------------------------------------------
@@ -240,15 +254,7 @@ def _hoist_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         n("MatMul", ["h6", "f44i"], ["y"]),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in {**w, **consts}.items()]
-    g = helper.make_graph(
-        nodes,
-        "hoist",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = _xy_model(nodes, "hoist", inits)
     return m, w
 
 
@@ -311,15 +317,7 @@ def _anon_slices_model(ck: dict[str, np.ndarray]) -> onnx.ModelProto:
         n("MatMul", ["k", "onnx::MatMul_2"], ["v"]),
         n("Mul", ["v", "norm.weight"], ["y"]),
     ]
-    g = helper.make_graph(
-        nodes,
-        "slices",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = _xy_model(nodes, "slices", inits)
     return m
 
 
@@ -353,14 +351,11 @@ def test_recovery_casts_a_bf16_checkpoint(bundles):
 def test_ambiguous_checkpoint_fails_naming_the_candidates():
     ck = {"ln1.weight": np.ones(4, np.float32), "ln2.weight": np.ones(4, np.float32), "w": np.eye(4, dtype=np.float32) * 2}
     n = helper.make_node
-    g = helper.make_graph(
+    m = _xy_model(
         [n("MatMul", ["x", "w"], ["h"]), n("Mul", ["h", "onnx::Mul_7"], ["y"])],
         "amb",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
         [numpy_helper.from_array(ck["w"], "w"), numpy_helper.from_array(np.ones(4, np.float32), "onnx::Mul_7")],
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(wb.ConvertError, match=r"'onnx::Mul_7'.*ln1\.weight.*ln2\.weight"):
         wb.convert(m, checkpoint=ck)
     # the same names declared as one tensor (tied) resolve it
@@ -528,15 +523,12 @@ def test_derived_variables_take_the_staging_fast_path(bundles, monkeypatch):
     w = ck["attn.in_proj_weight"]
     n = helper.make_node
     inits = [numpy_helper.from_array(np.ascontiguousarray(w[i * 512 : (i + 1) * 512].T), f"onnx::MatMul_{i}") for i in range(3)]
-    g = helper.make_graph(
+    m = _xy_model(
         [n("MatMul", ["x", "onnx::MatMul_0"], ["q"]), n("MatMul", ["q", "onnx::MatMul_1"], ["k"]), n("MatMul", ["k", "onnx::MatMul_2"], ["y"])],
         "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 512])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 512])],
         inits,
+        width=512,
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m, checkpoint={"attn.in_proj_weight": w})))
     bundles.append(b)
     b.init()

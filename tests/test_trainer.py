@@ -498,6 +498,25 @@ def test_unfolded_batchnorm_is_folded_in_the_update_graph(name, tag, bundles):
     assert_torch_close(b.infer({"x": io["x"]})[0]["y"], io["y_after"])
 
 
+def test_batchnorm_folds_in_an_ir3_model(bundles):
+    """Old (IR 3) exports list initializers as graph inputs, like the model zoo's ResNet-50:
+    folding must still type the derived weights and leave no unread constant behind."""
+    from weightbundle import zoo
+
+    m = zoo.convnet()
+    m.ir_version = 3
+    m.opset_import[0].version = 9
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m, fold_bn=True)))
+    bundles.append(b)
+    assert "BatchNormalization" not in [n.op_type for n in b._graphs[fmt.GRAPH_INFERENCE].graph.node]
+    b.init()
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = b.infer({"x": x})[0]["y"]
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
 def test_cli_build_with_checkpoint_and_inspect(tmp_path, capsys):
     from weightbundle.cli import main
 

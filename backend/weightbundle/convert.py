@@ -287,6 +287,11 @@ def convert(
     kept_nodes = [n for n, orig in zip(infer.graph.node, m.graph.node) if id(orig) not in hoisted]
     del infer.graph.node[:]
     infer.graph.node.extend(kept_nodes)
+    # Constants only hoisted nodes read (BN-fold epsilons, reshape targets) leave too: an
+    # IR < 4 model may not hold an initializer that no node reads.
+    hoisted_reads = {i for n in plan.nodes for i in n.input}
+    still_read = {name for _, _, name in _uses(infer.graph)}
+    gone |= hoisted_reads - still_read
     kept = [t for t in infer.graph.initializer if t.name not in gone]
     del infer.graph.initializer[:]
     infer.graph.initializer.extend(kept + [make_placeholder(s) for s in specs if s.name in read])

@@ -226,7 +226,9 @@ def evaluate(model: onnx.ModelProto, plan: Plan, values: dict[str, np.ndarray]) 
         helper.make_graph(nodes, "probe", [], [helper.make_tensor_value_info(v, TensorProto.UNDEFINED, None) for v in derived], consts),
         opset_imports=list(model.opset_import),
     )
-    probe.ir_version = min(model.ir_version or 8, 10) if model.ir_version else 8
+    # IR < 4 only types initializers that are also graph inputs, so shape inference would
+    # leave every derived dtype unknown (the light-zoo ResNet-50 is IR 3).
+    probe.ir_version = max(4, min(model.ir_version or 8, 10))
     typed = onnx.shape_inference.infer_shapes(probe)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(typed.graph.value_info) + list(typed.graph.output)}
     del probe.graph.output[:]
@@ -279,7 +281,7 @@ def fold_batchnorm(model: onnx.ModelProto, sources: Sequence[str]) -> list[str]:
         w = conv.input[1]
         b = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
         params = list(bn.input[1:5])
-        graph_inputs = {i.name for i in g.input}
+        graph_inputs = {i.name for i in g.input} - set(inits)  # IR < 4 lists initializers as inputs too
         # The conv bias may be computed (the dynamo exporter makes a zero bias from the activation's
         # dtype): then the folded bias is computed in inference, the folded weight still in the update.
         if w not in src or (b is not None and b in graph_inputs) or not all(p in src for p in params) or w not in inits:

@@ -1,0 +1,130 @@
+"""Compile once (weightbundle.compiled): learned weight layouts replay ORT's optimizer bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import weightbundle as wb
+from weightbundle import compiled, zoo
+
+
+def _bundle(model: onnx.ModelProto, **convert_kw) -> wb.Bundle:
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(model, **convert_kw)), wb.RuntimeOptions(prepack=False))
+    b.init()
+    return b
+
+
+def _weights(b: wb.Bundle, seed: int | None = None) -> dict[str, np.ndarray]:
+    cur = b.store.current()
+    real = {n: np.asarray(b.store.array(cur, n)) for n in b.variables_read}
+    if seed is None:
+        return real
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(a.shape) * (np.abs(a).mean() + 0.1)).astype(a.dtype) for n, a in real.items()}
+
+
+def _baked(b: wb.Bundle, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
+    """What plain ONNX Runtime serves: the graph with these weights baked in, optimized at "all"."""
+    m = onnx.ModelProto()
+    m.CopyFrom(b._graphs[0])
+    for t in m.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feeds(b: wb.Bundle) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {s.name: rng.standard_normal(tuple(d or 2 for d in s.shape)).astype(s.dtype) for s in b.inputs}
+
+
+def _assert_replays(b: wb.Bundle, cg: compiled.CompiledGraph) -> None:
+    x = _feeds(b)
+    for seed in (None, 1, 2):  # the learned weights, then versions the optimizer never saw
+        w = _weights(b, seed)
+        got = cg.session(w, ort.SessionOptions(), ["CPUExecutionProvider"]).run(None, x)
+        want = _baked(b, w).run(None, x)
+        for g, e in zip(got, want):
+            assert g.tobytes() == e.tobytes(), f"seed {seed}: max diff {np.abs(g - e).max()}"
+
+
+def test_conv_filters_relaid_like_the_optimizer_bit_for_bit():
+    b = _bundle(zoo.convnet(channels=(3, 16, 32)), fold_bn=True)
+    cg = compiled.learn(b._graphs[0], _weights(b))
+    # Where the optimizer re-laid filters (NCHWc on AVX2/AVX-512 CPUs), it was learned as a
+    # blocked transpose, not a per-element gather; where it did not, everything is identity.
+    optimized_names = {t.name for t in cg.model.graph.initializer}
+    relaid = [lay for lay in cg.layouts.values() if not lay.identity]
+    assert all(lay.index is None for lay in relaid)
+    assert bool(relaid) == bool(optimized_names - set(b.variables_read))
+    for lay in relaid:
+        assert lay.source.endswith("::bn_fold/weight") and len(lay.split) > len(lay.padded)
+    _assert_replays(b, cg)
+    # the optimized graph is kept without weight bytes: they come from each version
+    assert all(t.data_location == TensorProto.EXTERNAL for t in cg.model.graph.initializer if t.name in cg.layouts)
+    b.unload()
+
+
+def test_mlp_needs_no_probes_and_stays_zero_copy():
+    b = _bundle(zoo.mlp())
+    w = _weights(b)
+    cg = compiled.learn(b._graphs[0], w)
+    assert cg.layouts and all(lay.identity for lay in cg.layouts.values())
+    relaid = cg.relaid(w)
+    assert all(np.shares_memory(relaid[n], w[cg.layouts[n].source]) for n in relaid)
+    _assert_replays(b, cg)
+    b.unload()
+
+
+def test_weight_arithmetic_in_the_optimizer_is_refused():
+    """Unfolded BatchNorm: ORT's Conv+BN fusion computes new weights, which no layout replays."""
+    b = _bundle(zoo.convnet(), fold_bn=False)
+    with pytest.raises(compiled.NotCompilable, match="computed from weights"):
+        compiled.learn(b._graphs[0], _weights(b))
+    b.unload()
+
+
+def test_constant_folded_transpose_is_learned():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 12)).astype(np.float32)
+    g = helper.make_graph(  # (a MatMul would absorb the Transpose as transB instead)
+        [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("Add", ["x", "Wt"], ["y"])],
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 12, 8])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    b = _bundle(m, hoist=False)  # the Transpose stays in inference, so ORT folds it into a constant
+    cg = compiled.learn(b._graphs[0], _weights(b))
+    (lay,) = [lay for lay in cg.layouts.values() if not lay.identity]
+    assert lay.source == "W" and lay.perm == (1, 0) and lay.shape == (12, 8)
+    _assert_replays(b, cg)
+    b.unload()
+
+
+def test_a_permutation_with_no_block_form_becomes_a_gather():
+    rng = np.random.default_rng(5)
+    src = rng.standard_normal((6, 7)).astype(np.float32)
+    perm = rng.permutation(src.size)
+    index = (perm + 1).astype(np.float32).reshape(7, 6)
+    index.flat[:3] = 0  # padding positions
+    tensor = np.where(index == 0, 0, -1).astype(np.float32)
+    lay = compiled._layout_of("t", index, tensor, ["w"], {"w": src}, {})
+    assert lay.index is not None
+    want = np.concatenate([[0], src.ravel()])[index.astype(np.int64).ravel()].reshape(7, 6)
+    assert lay.apply(src).tobytes() == want.astype(np.float32).tobytes()
+
+
+def test_values_that_are_not_indices_are_refused():
+    src = np.ones((4, 4), np.float32)
+    with pytest.raises(compiled.NotCompilable):
+        compiled._layout_of("t", np.full((4, 4), 0.5, np.float32), np.full((4, 4), -1, np.float32), ["w"], {"w": src}, {})
+    with pytest.raises(compiled.NotCompilable, match="mixes"):
+        two = np.array([[-1, -2]], np.float32)
+        compiled._layout_of("t", np.array([[1, 1]], np.float32), two, ["w", "v"], {"w": src, "v": src}, {})

@@ -38,7 +38,7 @@ def pair(tmp_path, monkeypatch):
 
 def packed(b: wb.Bundle) -> np.ndarray:
     b.infer({"x": X})
-    assert b._builder.wait_idle(60)
+    assert b._sessions.builder.wait_idle(60)
     out, _ = b.infer({"x": X})
     assert b.fully_optimised
     return out["y"]

@@ -711,7 +711,7 @@ def test_hybrid_serves_new_version_at_once_then_swaps_in_the_prepacked_session(h
         first, v1 = b.infer(feeds)  # served by whichever session is current: must be the new version
         assert v1 == 1
         np.testing.assert_allclose(first["y"], ref, rtol=1e-4, atol=1e-5)
-        assert b._builder.wait_idle(60)
+        assert b._sessions.builder.wait_idle(60)
         assert b.fully_optimised
         sess_a = b.infer_session()[1]
         later, v2 = b.infer(feeds)

@@ -178,9 +178,9 @@ def test_version_field_and_two_phase_ops_over_the_protocol(tmp_path, monkeypatch
 
 def test_expired_stage_drops_its_prebuilt_session(bundle):
     bundle.stage(_new(bundle, 10), version=4, ttl=0.05)
-    assert bundle._prebuilt is not None and bundle._prebuilt[0] == 4
+    assert bundle._sessions.prebuilt is not None and bundle._sessions.prebuilt[0] == 4
     time.sleep(0.1)
-    assert bundle.staged_versions() == [] and bundle._prebuilt is None
+    assert bundle.staged_versions() == [] and bundle._sessions.prebuilt is None
     assert bundle.infer({"x": X})[1] == 0
 
 

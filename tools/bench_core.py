@@ -527,7 +527,7 @@ def bench_trainer(args, log) -> tuple[str, dict]:
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(src, checkpoint=before)), opts)
     b.init()
     b.infer({"x": x})
-    b._builder.wait_idle()
+    b._sessions.builder.wait_idle()
     out["transformer_steady"] = {}
     for batch in (32, 512):
         xb = np.tile(x1, (batch // 2, 1))
@@ -564,7 +564,7 @@ def bench_trainer(args, log) -> tuple[str, dict]:
             bb.infer({"x": xin})
             alt = [push, {k: v * np.float32(1.01) for k, v in push.items()}]
             for r in range(rounds + 1):
-                bb._builder.wait_idle()
+                bb._sessions.builder.wait_idle()
                 time.sleep(QUIESCE_S)
                 t0 = now()
                 v = bb.load_state_dict(alt[r % 2])["version"]

@@ -1,0 +1,343 @@
+"""Inference sessions per weight version: built on first use, pre-packed, swapped in.
+
+A ``SessionCache`` serves one bundle's inference graph from whatever version is the
+store's head.  How a version's session is built follows ``RuntimeOptions``: zero-copy
+(placeholders memory-map the store's blobs), pre-packed (ORT's packed copy, shared
+between instances through ``packing``), or hybrid (zero-copy at once, the pre-packed
+one built by ``_Builder`` on a background thread and swapped in).  A running
+inference keeps the session it started with, so it is never torn.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import packing
+from .convert import is_placeholder
+from .errors import BundleError, FormatError, NotInitializedError
+from .format import VariableSpec
+from .memory import release_free_memory
+from .store import StagedVersion, Version, WeightStore
+
+if TYPE_CHECKING:  # runtime.py imports this module
+    from .runtime import RuntimeOptions, TensorSpec
+
+LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(options: RuntimeOptions, prepack: bool, level: str, housekeeping: bool = False) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.log_severity_level = 3
+    if housekeeping:
+        # Init/update graphs only cast and copy (memory-bound): one thread, and no
+        # spinning pool left behind to steal the cores inference needs.
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif options.intra_op_threads:
+        so.intra_op_num_threads = options.intra_op_threads
+    so.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
+    return so
+
+
+class SessionCache:
+    """The session serving the current version, the staged version's prebuilt one, and the
+    background builder of pre-packed sessions.  ``Bundle`` owns one and delegates to it."""
+
+    def __init__(
+        self,
+        options: RuntimeOptions,
+        store: WeightStore,
+        graph: onnx.ModelProto,
+        source_graph: Callable[[], onnx.ModelProto | None],
+        specs: Mapping[str, VariableSpec],
+        inputs: list[TensorSpec],
+        has_init: bool,
+        log: Callable[[str], None],
+    ):
+        self.options = options
+        self._store = store
+        self._compiled_graph = graph
+        self._infer_graph = graph  # or the bundle's unoptimised source graph, see _new_session
+        self._source_graph = source_graph  # parsed only when the compiled graph does not load
+        self._specs = specs
+        self.inputs = inputs
+        self.has_init = has_init
+        self._log = log
+        self._lock = threading.Lock()
+        self.current: tuple[int, ort.InferenceSession] | None = None
+        self.prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see prebuild)
+        self.builder = _Builder(
+            self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed (its zero-copy session keeps serving it): {e!r}")
+        )
+
+    def close(self) -> None:
+        """Stop the builder and drop every session (``Bundle.unload``)."""
+        self.builder.stop()
+        self.current = None
+        self.prebuilt = None
+
+    def _infer_proto_for(self, v: Version) -> onnx.ModelProto:
+        """The inference graph with placeholders pointing at version ``v``'s blobs."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self._infer_graph)
+        for t in m.graph.initializer:
+            if not is_placeholder(t):
+                continue
+            del t.external_data[:]
+            blob, off = v.entries[t.name]
+            for k, val in (("location", blob), ("offset", off), ("length", self._specs[t.name].nbytes)):
+                t.external_data.add(key=k, value=str(val))
+        return m
+
+    def _new_session(self, v: Version, prepack: bool, level: str) -> ort.InferenceSession:
+        so = session_options(self.options, prepack, level)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
+        try:
+            return ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=list(self.options.providers))
+        except Exception as e:
+            if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
+                raise _Superseded(v.number) from None  # newer updates collected its blobs meanwhile
+            source = self._source_graph() if self._infer_graph is self._compiled_graph else None
+            if source is not None:
+                # The graph compiled at build time may not load here (another ONNX Runtime
+                # version or provider): fall back, once, to the unoptimised graph the bundle keeps.
+                self._infer_graph = source
+                return self._new_session(v, prepack, level)
+            raise FormatError(f"ONNX Runtime cannot build the inference session: {e}") from None
+
+    def infer_session(self) -> tuple[int, ort.InferenceSession]:
+        """(version, session) for the current weights; builds the session on a new version."""
+        cur = self.current
+        head = self._store.head()
+        if head is None:
+            raise NotInitializedError(
+                "weights are not initialised yet: run the init graph, or apply a full update first"
+                + ("" if self.has_init else " (this bundle has no init graph)")
+            )
+        if cur is not None and cur[0] == head:
+            return cur
+        with self._lock:
+            for _ in range(100):
+                try:
+                    return self._session_for_current()
+                except _Superseded:
+                    continue  # a burst of updates outran the build: take the newest version
+            raise BundleError("weights change faster than an inference session can be built")
+
+    def _session_for_current(self) -> tuple[int, ort.InferenceSession]:
+        """Caller holds ``self._lock``."""
+        v = self._store.current()
+        assert v is not None
+        if self.prebuilt is not None and self.prebuilt[0] <= v.number:
+            built, self.prebuilt = self.prebuilt, None
+            if built[0] == v.number and (self.current is None or self.current[0] != v.number):
+                self.current = built  # activated a version staged by this instance: its session is ready
+        if self.current is None or self.current[0] != v.number:
+            opts = self.options
+            if opts.prepack and opts.hybrid:
+                # Serve the new version now from the zero-copy mapping; the fast session follows.
+                # Same optimisation level as the final session, so both give the same numbers.
+                self.current = (v.number, self._new_session(v, prepack=False, level=opts.optimization))
+                self.builder.request(v)
+            elif opts.prepack:
+                self.current = (v.number, self._packed_session(v))
+            else:
+                self.current = (v.number, self._new_session(v, False, opts.optimization))
+        return self.current
+
+    def _packed_session(self, v: Version) -> ort.InferenceSession:
+        """Version ``v``'s pre-packed session: from the store's shared packed copy (built here
+        if no instance has yet), or a private one where sharing is off or unsupported."""
+        opts = self.options
+        if opts.share_packed and tuple(opts.providers) == ("CPUExecutionProvider",):
+            probe = _probe_feeds(self.inputs)
+            expected: list[Any] = []
+            try:
+                path = packing.ensure(
+                    self._store.packed_path,
+                    v.number,
+                    lambda m, d: expected.extend(self._write_packed(v, m, d, probe)),
+                    lambda m: self._verify_packed(m, probe, expected),
+                )
+                sess = self._load_packed(path)
+                release_free_memory()  # ORT packs once more at load to check the file, then frees that copy
+                return sess
+            except _Superseded:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. an ORT without saved pre-packing: a private copy still serves
+                self._log(f"shared pre-packed weights unavailable for version {v.number}, using a private copy: {e}")
+        return self._new_session(v, prepack=True, level=opts.optimization)
+
+    def _load_packed(self, model_path: str) -> ort.InferenceSession:
+        so = session_options(self.options, prepack=True, level="none")
+        return ort.InferenceSession(model_path, so, providers=list(self.options.providers))
+
+    def _write_packed(self, v: Version, model_path: str, data_name: str, probe: dict[str, np.ndarray] | None) -> list[Any]:
+        """Optimize and pre-pack version ``v`` once into ``model_path`` (+ data file); returns
+        the builder session's outputs on ``probe`` for ``_verify_packed``."""
+        so = session_options(self.options, prepack=True, level=self.options.optimization)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
+        so.optimized_model_filepath = model_path
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        try:
+            builder = ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception:
+            if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
+                raise _Superseded(v.number) from None
+            raise
+        return builder.run(None, probe) if probe is not None else []
+
+    def _verify_packed(self, model_path: str, probe: dict[str, np.ndarray] | None, expected: list[Any]) -> None:
+        """The packed model must give the builder's exact bytes before anyone may load it."""
+        sess = self._load_packed(model_path)
+        if probe is not None:
+            got = sess.run(None, probe)
+            if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(expected, got)):
+                raise BundleError("the saved pre-packed model does not reproduce the builder's outputs")
+
+    def _swap_in(self, v: Version) -> None:
+        """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
+        sess = self._packed_session(v)
+        with self._lock:
+            if self.current is not None and self.current[0] == v.number:
+                self.current = (v.number, sess)
+
+    @property
+    def fully_optimised(self) -> bool:
+        """True when the current version is served by its final (pre-packed) session."""
+        return not (self.options.prepack and self.options.hybrid) or self.builder.idle()
+
+    def prebuild(self, st: StagedVersion) -> None:
+        """Build the staged version's final inference session now, in the stage phase, so
+        that activating it swaps a pointer instead of building a session."""
+        entries = dict(self._store.version(st.base).entries) if st.base is not None else {}
+        entries.update(st.entries)
+        v = Version(st.number, st.op, entries, st.time, st.base)
+        # The pre-packed copy goes to the store's shared packed files (keyed by number), so the
+        # other instances load it after activation instead of packing again.  It maps the
+        # staged blob, and the rename at activation keeps that mapping valid.
+        sess = self._packed_session(v) if self.options.prepack else self._new_session(v, False, self.options.optimization)
+        with self._lock:
+            self.prebuilt = (st.number, sess)
+
+    def drop_prebuilt(self, number: int) -> None:
+        """Forget the session built for staged version ``number`` (aborted)."""
+        with self._lock:
+            if self.prebuilt is not None and self.prebuilt[0] == number:
+                self.prebuilt = None
+
+    def drop_expired_prebuilt(self, staged: set[int]) -> None:
+        """Forget the prebuilt session when its version is neither staged (``staged``) nor activated."""
+        with self._lock:
+            if self.prebuilt is not None and self.prebuilt[0] not in staged:
+                head = self._store.head()
+                if head is None or self.prebuilt[0] > head:  # not activated either: it expired
+                    self.prebuilt = None
+
+
+def _probe_feeds(specs: list[TensorSpec]) -> dict[str, np.ndarray] | None:
+    """A small fixed input for the graph (dynamic dims -> 1), or None when one cannot be made."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for s in specs:
+        if s.shape is None or s.dtype == np.dtype(object):
+            return None
+        shape = tuple(1 if d is None else d for d in s.shape)
+        if s.dtype.kind == "f":
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype.kind in "iub":
+            feeds[s.name] = np.zeros(shape, s.dtype)  # index 0 is valid for any Gather/embedding
+        else:
+            return None
+    return feeds
+
+
+class _Superseded(Exception):
+    """A version's blobs were garbage-collected while its session was being built."""
+
+
+class _Builder:
+    """One daemon thread that builds the newest requested session; stale requests are skipped.
+
+    ORT releases the GIL while it builds, so inference goes on meanwhile.  Before a build
+    it waits for the version to settle: at least as long as the last build took, and twice
+    the last gap between versions.  Under a stream of updates a build would be obsolete
+    before it paid off, and on a small machine it would steal the cores that inference
+    needs; the zero-copy session serves meanwhile.
+    """
+
+    def __init__(self, build: Any, on_error: Any = None):
+        self._build = build
+        self._on_error = on_error or (lambda v, e: None)
+        self._cv = threading.Condition()
+        self._want: Version | None = None
+        self._busy = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._build_s = 0.05  # duration of the last build
+        self._gap_s = float("inf")  # time between the last two requests (versions)
+        self._last_request = 0.0
+
+    def request(self, v: Version) -> None:
+        with self._cv:
+            t = time.monotonic()
+            self._gap_s, self._last_request = t - self._last_request, t
+            self._want = v
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="weightbundle-session-builder", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return self._want is None and not self._busy
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: self._want is None and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._want is not None or self._stop)
+                if self._stop:
+                    return
+                v, self._want, self._busy = self._want, None, True
+                # Settle: a newer request during the wait replaces this one.
+                settle = min(max(self._build_s, 2 * self._gap_s if self._gap_s < 1.0 else 0.0), 2.0)
+                if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=settle):
+                    self._busy = False
+                    continue
+            t0 = time.perf_counter()
+            try:
+                self._build(v)
+            except Exception as e:  # noqa: BLE001 - the zero-copy session keeps serving this version correctly
+                self._on_error(v, e)
+            finally:
+                with self._cv:
+                    self._build_s = min(max(time.perf_counter() - t0, 0.01), 2.0)
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+            t = self._thread
+        if t is not None:
+            t.join(timeout=60)

@@ -1,0 +1,327 @@
+"""Weight updates: check what a client sends, run the update graph, publish or stage the result.
+
+The ``Updater`` turns an update (source name -> array) into a new store version, all or
+nothing: it validates names, dtypes and shapes (``check_update``), fills derived entries'
+kept sources from the current version, runs the update graph (retyped per client dtype,
+``_update_session``) and writes its outputs either straight into the pre-allocated
+staging blob (``_run_update_into``) or through the plain path (``_run_update``).  A
+background thread prepares the next staging blob after each publish.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import format as fmt
+from .convert import UPDATED_SUFFIX, VALID_OUTPUT, retype_update_graph
+from .errors import UpdateError
+from .format import VariableSpec
+from .memory import release_free_memory
+from .sessions import session_options
+from .store import STAGING, StagedVersion, WeightStore
+
+if TYPE_CHECKING:
+    from .runtime import RuntimeOptions
+
+STAGING_MIN_BYTES = 1 << 20  # below this, the plain write path is as fast and holds no staging blob
+
+
+class Updater:
+    """Applies and stages updates of one bundle's weights; ``Bundle`` owns one and delegates."""
+
+    def __init__(
+        self,
+        options: RuntimeOptions,
+        store: WeightStore,
+        graph: onnx.ModelProto,
+        variables: list[VariableSpec],
+        sources: list[VariableSpec],
+        aliases: dict[str, str],
+        deps: dict[str, list[str]],
+    ):
+        self.options = options
+        self._store = store
+        self._graph = graph  # the update graph
+        self.variables = variables
+        self._specs = {v.name: v for v in variables}
+        self.sources = sources
+        self._source_specs = {s.name: s for s in sources}
+        self.aliases = aliases  # tied update input -> the source it sets
+        self._deps = deps  # store entry -> the sources it is computed from
+        self.staging_thread: threading.Thread | None = None
+        self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
+        self._update_sessions: dict[tuple[tuple[str, str], ...], ort.InferenceSession] = {}
+
+    def close(self) -> None:
+        """Let the staging thread finish (it writes into the store) and drop the update sessions."""
+        if self.staging_thread is not None:
+            self.staging_thread.join(timeout=30)
+        self._update_sessions.clear()
+
+    def check_update(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Validate an update before touching anything: names, castable dtypes, shapes.
+
+        Returns the full feed (absent inputs become empty = keep) and the dtypes that
+        need a retyped update graph.
+        """
+        specs = self._source_specs
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown:
+            raise UpdateError(f"unknown weight(s) {unknown}; this bundle's update inputs are {list(specs)[:20]}")
+        feed, retype = {}, {}
+        for name, spec in specs.items():
+            a = inputs.get(name)
+            if a is None:
+                feed[name] = np.empty((0,), spec.np_dtype)
+                continue
+            if not isinstance(a, np.ndarray):
+                raise UpdateError(f"weight {name!r} must be a numpy array, got {type(a).__name__}")
+            want = spec.np_dtype
+            if a.dtype != want:
+                bf16 = a.dtype.name == "bfloat16"  # ml_dtypes: safetensors BF16, cast inside the update graph
+                castable = (
+                    (a.dtype.kind == want.kind == "f")
+                    or (bf16 and want.kind == "f")
+                    or (a.dtype.kind in "iu" and want.kind in "iu" and np.can_cast(a.dtype, want))
+                )
+                if not castable or (a.dtype.name not in fmt.DTYPES and not bf16):
+                    raise UpdateError(f"weight {name!r}: dtype {a.dtype} cannot be cast to the variable's dtype {want}")
+                retype[name] = a.dtype.name
+            if a.size == 0 and 0 in a.shape:
+                feed[name] = a
+                continue
+            if a.shape != spec.shape:
+                raise UpdateError(f"weight {name!r}: shape {a.shape} does not match the variable's shape {spec.shape} (send an empty tensor to keep it)")
+            feed[name] = a
+        return feed, retype
+
+    def changed_by(self, pushed: set[str]) -> list[str]:
+        """Store entries an update of ``pushed`` sources recomputes (every entry derived from one)."""
+        return [v.name for v in self.variables if pushed.intersection(self._deps[v.name])]
+
+    def update(self, inputs: Mapping[str, np.ndarray], expected_version: int | None = None, reject_nonfinite: bool = False, version: int | None = None) -> int:
+        """Apply an update through the update graph, all-or-nothing. Returns the new version.
+
+        ``version``: a publisher-chosen number (must exceed the current one), so that a
+        fleet labels the same weights alike; default current + 1.
+        """
+        return self._through_update_graph(
+            inputs, expected_version, reject_nonfinite, lambda feed, retype, changed, ev: self._apply(feed, retype, changed, ev, reject_nonfinite, version)
+        )
+
+    def _through_update_graph(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        expected_version: int | None,
+        reject_nonfinite: bool,
+        sink: Callable[[dict[str, np.ndarray], dict[str, str], list[str], int | None], Any],
+    ) -> Any:
+        """Check an update and work out what it recomputes; ``sink`` runs the update graph and
+        stores the result (``_apply`` publishes it, ``stage`` stages it)."""
+        feed, retype = self.check_update(inputs)
+        if reject_nonfinite:  # name the source sent; values that overflow in the cast are caught after it (_check_finite)
+            for name, a in feed.items():
+                if a.size and a.dtype.kind in "fV" and not np.isfinite(a.astype(np.float32) if a.dtype.kind == "V" else a).all():
+                    raise UpdateError(f"weight {name!r} contains NaN or Inf")
+                if a.size and a.dtype.name == "bfloat16" and not np.isfinite(a.astype(np.float32)).all():
+                    raise UpdateError(f"weight {name!r} contains NaN or Inf")
+        # Zero-size sources count as set when named, so a first full update can include them.
+        sent = {n for n, a in feed.items() if a.size or (self._source_specs[n].nbytes == 0 and n in inputs)}
+        for alias in sorted(sent & set(self.aliases)):  # tied names: one tensor, so both copies must agree
+            p = self.aliases[alias]
+            if p in sent and not np.array_equal(np.asarray(feed[alias], np.float64), np.asarray(feed[p], np.float64), equal_nan=True):
+                raise UpdateError(f"{alias!r} and {p!r} are one tied tensor, but the values sent differ")
+        pushed = {self.aliases.get(n, n) for n in sent}
+        changed = self.changed_by(pushed)
+        # A derived entry needs all its sources: those not pushed are kept sources, read from the
+        # current version.  Then reading and publishing must be one step (under the store lock).
+        fill = sorted({d for e in changed for d in self._deps[e] if d not in pushed}, key=[s.name for s in self.sources].index)
+        if fill:
+            with self._store.locked():
+                cur = self._store.current()
+                if cur is None:
+                    raise UpdateError(f"no current value for {fill[:5]}: the first update must set every weight")
+                for d in fill:
+                    if d not in cur.entries:
+                        raise UpdateError(f"source {d!r} is needed to recompute {[e for e in changed if d in self._deps[e]][:5]} but has no stored value")
+                    feed[d] = np.asarray(self._store.array(cur, d))
+                    retype.pop(d, None)
+                return sink(feed, retype, changed, cur.number if expected_version is None else expected_version)
+        return sink(feed, retype, changed, expected_version)
+
+    def _apply(
+        self,
+        feed: dict[str, np.ndarray],
+        retype: dict[str, str],
+        changed: list[str],
+        expected_version: int | None,
+        reject_nonfinite: bool = False,
+        version: int | None = None,
+    ) -> int:
+        sess = self._update_session(retype)
+        staged = None
+        if self.options.staging and sum(self._specs[n].nbytes for n in changed) >= STAGING_MIN_BYTES:
+            staged = self._store.claim_staging()
+        if staged is not None:
+            try:
+                self._run_update_into(sess, feed, changed, staged, reject_nonfinite)
+            except BaseException:
+                self._store.release_staging(staged)
+                raise
+            version = self._store.publish_staged(staged, changed, op="update", expected_version=expected_version, version=version).number
+        else:
+            values = self._run_update(sess, feed, changed)
+            if reject_nonfinite:
+                _check_finite(values)
+            version = self._store.publish(values, op="update", expected_version=expected_version, version=version).number
+        self.after_publish()
+        return version
+
+    def after_publish(self) -> None:
+        """Ready the next update: a fresh staging blob, or the freed heap back to the OS."""
+        if self.options.staging:
+            self._prepare_staging_soon()
+        else:
+            release_free_memory()
+
+    def stage(self, inputs: Mapping[str, np.ndarray], version: int | None, reject_nonfinite: bool, ttl: float, op: str, origin: dict | None) -> StagedVersion:
+        """Like ``update``, but the result is a *staged* version that serves nothing until
+        activated.  Same checks, same sources-to-entries logic and the same update graph as
+        ``update`` (``_through_update_graph``); only where the result goes differs.
+        """
+
+        def sink(feed: dict[str, np.ndarray], retype: dict[str, str], changed: list[str], _ev: int | None) -> StagedVersion:
+            # Entries derived from kept sources were computed from the current version: then
+            # this runs under the store lock, so the staged version's base is that version.
+            values = self._run_update(self._update_session(retype), feed, changed)
+            if reject_nonfinite:
+                _check_finite(values)
+            return self._store.stage(((n, values.pop(n)) for n in changed), op, version=version, ttl=ttl, origin=origin)
+
+        return self._through_update_graph(inputs, None, reject_nonfinite, sink)
+
+    @staticmethod
+    def _bind_inputs(io: Any, feed: Mapping[str, np.ndarray]) -> None:
+        for name, a in feed.items():
+            if a.dtype.name == "bfloat16":  # numpy has no bfloat16: hand ORT the raw 16-bit words, typed
+                v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.require(a, requirements="C").view(np.uint16), onnx.TensorProto.BFLOAT16)
+                io.bind_ortvalue_input(name, v)
+            else:
+                io.bind_cpu_input(name, np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
+
+    def _run_update(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str]) -> dict[str, np.ndarray]:
+        """Plain path: the update graph's outputs come back as arrays."""
+        io = sess.io_binding()
+        self._bind_inputs(io, feed)
+        names = [o.name for o in sess.get_outputs()]
+        for n in names:
+            io.bind_output(n, "cpu")
+        try:
+            sess.run_with_iobinding(io)
+        except Exception as e:
+            raise UpdateError(f"update graph rejected the update: {e}") from None
+        outs = [o.numpy() for o in io.get_outputs()]
+        self._check_valid(outs[names.index(VALID_OUTPUT)])
+        return {n: outs[names.index(n + UPDATED_SUFFIX)].reshape(self._specs[n].shape) for n in changed}
+
+    def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str, reject_nonfinite: bool = False) -> None:
+        """Fast path: bind the update graph's outputs straight into the claimed staging blob."""
+        offsets, size = self._store.staging_layout()
+        premapped, self._staging_map = self._staging_map, None
+        if premapped is not None and premapped[0] == os.stat(path).st_ino:
+            mm = premapped[1]  # populated in the background: no page faults on this path
+        else:
+            mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        try:
+            io = sess.io_binding()
+            self._bind_inputs(io, feed)
+            views = {}
+            for v in self.variables:
+                out = v.name + UPDATED_SUFFIX
+                if v.name in changed and v.nbytes:
+                    view = mm[offsets[v.name] : offsets[v.name] + v.nbytes].view(v.np_dtype).reshape(v.shape)
+                    views[out] = view
+                    io.bind_output(out, "cpu", 0, v.np_dtype, list(v.shape), view.ctypes.data)
+                else:
+                    io.bind_output(out, "cpu")
+            io.bind_output(VALID_OUTPUT, "cpu")
+            try:
+                sess.run_with_iobinding(io)
+            except Exception as e:
+                raise UpdateError(f"update graph rejected the update: {e}") from None
+            outs = dict(zip([o.name for o in sess.get_outputs()], io.get_outputs()))
+            self._check_valid(outs[VALID_OUTPUT].numpy())
+            for out, view in views.items():  # ORT normally writes in place; copy if it chose not to
+                if outs[out].data_ptr() != view.ctypes.data:
+                    np.copyto(view, outs[out].numpy())
+            if reject_nonfinite:
+                _check_finite({out[: -len(UPDATED_SUFFIX)]: view for out, view in views.items()})
+        finally:
+            del mm
+
+    def _check_valid(self, valid: np.ndarray) -> None:
+        if not valid.all():
+            bad = [v.name for v, ok in zip(self.sources, valid) if not ok]
+            raise UpdateError(f"update graph rejected the shape of {bad}")
+
+    def _prepare_staging_soon(self) -> None:
+        """Allocate the next staging blob on a background thread (never on the update's path)."""
+        store = self._store
+
+        def run() -> None:
+            try:
+                store.prepare_staging()
+                self._staging_map = _populated_map(os.path.join(store.path, STAGING))
+            except (OSError, ValueError):  # store gone (unload), tmpfs full, or claimed meanwhile: plain path
+                pass
+            release_free_memory()
+
+        t = threading.Thread(target=run, name="weightbundle-staging", daemon=True)
+        self.staging_thread = t
+        t.start()
+
+    def _update_session(self, retype: dict[str, str]) -> ort.InferenceSession:
+        key = tuple(sorted(retype.items()))
+        sess = self._update_sessions.get(key)
+        if sess is None:
+            proto = self._graph
+            if retype:  # same graph, inputs declared with the client's dtype; its Cast nodes convert
+                proto = retype_update_graph(proto, retype)
+            sess = ort.InferenceSession(
+                proto.SerializeToString(), session_options(self.options, prepack=False, level="basic", housekeeping=True), providers=["CPUExecutionProvider"]
+            )
+            self._update_sessions[key] = sess
+        return sess
+
+    # -- sessions per version -----------------------------------------------------
+
+
+def _check_finite(values: Mapping[str, np.ndarray]) -> None:
+    """Refuse NaN/Inf in the values the update graph produced, i.e. *after* the cast to the
+    variable's dtype: a float64 1e39 is finite but becomes +inf in a float32 variable."""
+    for name, a in values.items():
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            raise UpdateError(f"weight {name!r} contains NaN or Inf in the variable's dtype {a.dtype} (values out of that dtype's range overflow to Inf)")
+
+
+def _populated_map(path: str) -> tuple[int, np.ndarray]:
+    """Map a file writable with its page tables filled now, not on first touch (~1.4 us/page)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        ino, size = os.fstat(fd).st_ino, os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    try:
+        mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))  # Linux >= 5.14
+    except OSError:
+        arr = np.frombuffer(mm, np.uint8)
+        arr[:: mmap.PAGESIZE] = 0  # older kernels: touch every page (contents are overwritten anyway)
+    return ino, np.frombuffer(mm, np.uint8)

@@ -810,3 +810,29 @@ def test_falls_back_to_the_source_graph_when_the_compiled_one_cannot_load():
     with wb.Bundle.load_from_mem(data) as b:
         b.execute(1)
         np.testing.assert_allclose(b.execute(0, {"x": x})["y"], zoo.ort_run(m, {"x": x})["y"], rtol=1e-5, atol=1e-6)
+
+
+# --- update, init and activate return ready to serve ------------------------------------------
+@pytest.mark.parametrize("opts", [{"prepack": True, "hybrid": True}, {"prepack": True, "hybrid": False}, {"prepack": False}])
+def test_init_update_and_activate_return_with_the_new_versions_session_built(opts):
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(zoo.mlp())), wb.RuntimeOptions(**opts)) as b:
+        w = {"fc0.weight": np.full((16, 32), 0.25, np.float32)}
+        for op in (b.init, lambda: b.update(w), lambda: b.activate(b.stage(w).number).number):
+            v = op()
+            assert b._sessions.current is not None and b._sessions.current[0] == v  # no inference needed to build it
+
+
+def test_a_session_build_failure_after_publish_is_logged_and_the_version_returned(monkeypatch):
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(zoo.mlp()))) as b:
+        b.init()
+        logs: list[str] = []
+        b._log = logs.append
+
+        def fail() -> None:
+            raise wb.BundleError("no session today")
+
+        monkeypatch.setattr(b._sessions, "infer_session", fail)
+        assert b.update({"fc0.weight": np.zeros((16, 32), np.float32)}) == 1 and b.version == 1  # published, and said so
+        assert any("version 1" in m and "no session today" in m for m in logs)
+        monkeypatch.undo()
+        assert b.infer({"x": np.ones((1, 16), np.float32)})[1] == 1  # the next inference builds it

@@ -145,6 +145,21 @@ def test_cas_reset_rollback_status(service):
     np.testing.assert_allclose(r.outputs["y"], zoo.ort_run(zoo.mlp(), {"x": x()})["y"], rtol=1e-5, atol=1e-6)
 
 
+def test_an_applied_update_is_reported_applied_even_if_its_session_fails_to_build(service, monkeypatch):
+    """Building the new version's session is best effort once the update is published: the reply
+    must still say it was applied (the next inference builds the session again)."""
+
+    def fail() -> None:
+        raise wb.BundleError("no session today")
+
+    monkeypatch.setattr(service.bundle._sessions, "infer_session", fail)
+    [r] = service.handle([{"CONTROL": ctl(op="update", secret=SECRET), "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
+    assert r.error is None and r.outputs["WEIGHTS_VERSION"].ravel().tolist() == [1] and service.bundle.version == 1
+    monkeypatch.undo()
+    [r] = service.handle([{"x": x()}])
+    assert r.error is None and r.outputs["WEIGHTS_VERSION"].ravel().tolist() == [1, 1]
+
+
 def test_weight_inputs_without_control_are_refused(service):
     [r] = service.handle([{"x": x(), "fc0.weight": np.zeros((1, 16, 32), np.float32)}])
     assert "CONTROL" in r.error

@@ -7,8 +7,10 @@
 ...     b.execute(2, {"w0": np.zeros((4, 4), np.float32), "w1": np.empty((0,), np.float32)})  # w1 kept
 
 Every weight version lives in a ``WeightStore`` as immutable, memory-mapped
-files; an inference session is built per version on first use (zero-copy, or a
-pre-packed copy when ``prepack=True``), so a running inference is never torn.
+files; an inference session is built per version (zero-copy, or a pre-packed copy
+when ``prepack=True``), so a running inference is never torn.  ``init``, ``update``
+and ``activate`` return with the new version's session built; a version another
+instance published to a shared store gets its session on the next inference here.
 """
 
 from __future__ import annotations
@@ -312,7 +314,7 @@ class Bundle:
 
     def init(self, version: int | None = None) -> int:
         """Run the init graph: every variable <- its initial value. Returns the new version
-        (``version`` when given: a publisher-chosen number, see ``update``)."""
+        (``version`` when given: a publisher-chosen number, see ``update``), ready to serve."""
         self._alive()
         if not self.has_init:
             raise BundleError("this bundle was built without an init graph (--no-init); set weights with an update")
@@ -331,6 +333,19 @@ class Bundle:
         del outs
         self._drop_weight_pages()  # initial weights are in the store now
         self._updater.after_publish()
+        return self._ready(version)
+
+    def _ready(self, version: int) -> int:
+        """Build the session that serves the store's head now, so that no inference waits for it.
+
+        Best effort: ``version`` is published already and the caller must hear so.  A failure
+        here (e.g. another instance's newer update collected it meanwhile) is logged, and the
+        next inference builds the session again.
+        """
+        try:
+            self._sessions.infer_session()
+        except Exception as e:  # noqa: BLE001 - see above
+            self._log(f"building the inference session for weights version {version} failed (the next inference tries again): {e!r}")
         return version
 
     def export(self, version: Version | None = None) -> bytes:
@@ -402,10 +417,11 @@ class Bundle:
         """Apply an update through the update graph, all-or-nothing. Returns the new version.
 
         ``version``: a publisher-chosen number (must exceed the current one), so that a
-        fleet labels the same weights alike; default current + 1.
+        fleet labels the same weights alike; default current + 1.  Returns once the new
+        version's session is built, ready to serve.
         """
         self._alive()
-        return self._updater.update(inputs, expected_version, reject_nonfinite, version)
+        return self._ready(self._updater.update(inputs, expected_version, reject_nonfinite, version))
 
     def stage(
         self,
@@ -435,7 +451,7 @@ class Bundle:
         self._alive()
         v = self._store.activate(number, expected_version, collect=False)
         old = self._sessions.current
-        self.infer_session()
+        self._ready(v.number)  # the session prebuilt at stage: a pointer swap
         # Freeing the old version (its blob's pages, its session) does not delay the switch.
         t = threading.Thread(target=self._collect, args=(old,), name="weightbundle-collect", daemon=True)
         self._collect_threads = [x for x in self._collect_threads if x.is_alive()] + [t]

@@ -124,7 +124,9 @@ class Service:
             elif settings.s3_allowed_prefixes:
                 svc._warm_s3()
             if bundle.version is not None:
-                bundle.infer_session()  # build the session now, not on the first request
+                # Another instance may have set the shared store's weights (init and catch-up
+                # here return ready): build this instance's session now, not on the first request.
+                bundle.infer_session()
             if settings.weights_source and settings.follow_seconds > 0:
                 svc.start_following()
             return svc
@@ -264,7 +266,6 @@ class Service:
         if cmd.op in MUTATING:
             self._emit(Event("update_applied", cmd.op, seconds=time.perf_counter() - t0, version=version))
             self.log(f"{self.model_name}: {cmd.op} -> weights version {version} ({(time.perf_counter() - t0) * 1000:.0f} ms)", "info")
-            self._warm()
         body = json.dumps({"op": cmd.op, "version": version, **result}).encode()
         out = {RESULT_OUTPUT: np.array([body], dtype=object)}
         if version is not None:
@@ -274,7 +275,8 @@ class Service:
         return Reply(out)
 
     def _warm(self) -> None:
-        """Build the session for the newest version now, so the next inference does not wait.
+        """Build the session for the newest version now, so the next inference does not wait
+        (rollback: the ops through ``Bundle`` (update, reset, activate) return ready).
 
         Best effort, after the op was applied: a failure here (e.g. a newer update from
         another instance collected this version meanwhile) must not report the op as failed.
@@ -353,6 +355,7 @@ class Service:
     def _op_rollback(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)
         v = self.bundle.store.rollback(cmd.expected_version, version=_version_arg(cmd))
+        self._warm()
         return {"version": v.number, "restored": v.op}
 
     def _op_commit(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:

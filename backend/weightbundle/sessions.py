@@ -1,4 +1,4 @@
-"""Inference sessions per weight version: built on first use, pre-packed, swapped in.
+"""Inference sessions per weight version: built when a version becomes the head, pre-packed, swapped in.
 
 A ``SessionCache`` serves one bundle's inference graph from whatever version is the
 store's head.  How a version's session is built follows ``RuntimeOptions``: zero-copy

@@ -128,3 +128,81 @@ def test_values_that_are_not_indices_are_refused():
     with pytest.raises(compiled.NotCompilable, match="mixes"):
         two = np.array([[-1, -2]], np.float32)
         compiled._layout_of("t", np.array([[1, 1]], np.float32), two, ["w", "v"], {"w": src, "v": src}, {})
+
+
+# -- in the runtime: a version's sessions come from the once-optimized graph ----------------
+CONV = zoo.convnet(channels=(3, 16, 32))
+XC = np.random.default_rng(11).standard_normal((2, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.fixture
+def spy(monkeypatch, tmp_path):
+    """Records every optimization level a session is built with, and every learn()."""
+    from weightbundle import sessions
+
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(tmp_path / "disk"))
+    seen: dict[str, list] = {"levels": [], "learned": []}
+    real_options, real_learn = sessions.session_options, compiled.learn
+
+    def options(opts, prepack, level, housekeeping=False):
+        seen["levels"].append(level)
+        return real_options(opts, prepack, level, housekeeping)
+
+    def learn(*a, **kw):
+        seen["learned"].append(1)
+        return real_learn(*a, **kw)
+
+    monkeypatch.setattr(sessions, "session_options", options)
+    monkeypatch.setattr(compiled, "learn", learn)
+    return seen
+
+
+def _new_conv_weights(b: wb.Bundle, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {s.name: (rng.standard_normal(s.shape) * 0.2 + (1.0 if s.name.endswith(".var") else 0.0)).astype(s.dtype) for s in b.update_inputs}
+
+
+@pytest.mark.parametrize("prepack,hybrid", [(True, True), (True, False), (False, False)])
+def test_versions_load_the_once_optimized_graph_and_serve_what_ort_serves(spy, prepack, hybrid):
+    logs: list[str] = []
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(CONV, fold_bn=True)), wb.RuntimeOptions(prepack=prepack, hybrid=hybrid))
+    b._log = logs.append
+    b.init()
+    assert any("optimized once" in m for m in logs), logs
+    for seed in (1, 2, 3):
+        w = _new_conv_weights(b, seed)
+        b.update(w)
+        want = zoo.ort_run(zoo.with_weights(CONV, w), {"x": XC})["y"]  # plain ORT, the unfolded model: BN folded by ORT
+        got = b.infer({"x": XC})[0]["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        if prepack and hybrid:
+            assert b._sessions.builder.wait_idle(60)
+            assert b.fully_optimised  # the shared pre-packed session, packed from the once-optimized graph
+            np.testing.assert_allclose(b.infer({"x": XC})[0]["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert spy["learned"] == [1]  # once per load
+    # after learning, no session of any version ran the optimizer
+    first_none = spy["levels"].index("none") if "none" in spy["levels"] else len(spy["levels"])
+    assert set(spy["levels"][first_none:]) == {"none"}, spy["levels"]
+    b.unload()
+
+
+def test_an_unfoldable_graph_is_optimized_per_version_as_before(spy):
+    logs: list[str] = []
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(CONV, fold_bn=False)), wb.RuntimeOptions(prepack=False))
+    b._log = logs.append
+    b.init()
+    assert any("optimizing each weight version" in m for m in logs), logs
+    w = _new_conv_weights(b, 4)
+    b.update(w)
+    want = zoo.ort_run(zoo.with_weights(CONV, w), {"x": XC})["y"]
+    np.testing.assert_allclose(b.infer({"x": XC})[0]["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert "all" in spy["levels"]
+    b.unload()
+
+
+def test_compile_once_off_never_learns(spy):
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(CONV, fold_bn=True)), wb.RuntimeOptions(compile_once=False))
+    b.init()
+    b.update(_new_conv_weights(b, 5))
+    assert spy["learned"] == [] and "all" in spy["levels"]
+    b.unload()

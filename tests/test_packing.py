@@ -72,8 +72,10 @@ def test_a_dead_builders_leftovers_are_swept(pair):
     d = a.store.packed_path
     dead = os.path.join(d, f"{packing.BUILDING}999999999-abcd.onnx")
     open(dead, "wb").close()
+    scratch = os.path.join(d, f"{packing.BUILDING}999999999-compile-abcd")  # a learn() cut short
+    os.makedirs(os.path.join(scratch, "sub"))
     a.update({"fc2.bias": np.zeros(8, np.float32)})
-    assert not os.path.exists(dead)
+    assert not os.path.exists(dead) and not os.path.exists(scratch)
 
 
 def test_unsupported_sharing_falls_back_to_a_private_copy(tmp_path, monkeypatch):

@@ -116,16 +116,17 @@ def learn(
     proto: onnx.ModelProto,
     weights: Mapping[str, np.ndarray],
     level: str = "all",
-    scratch: str | None = None,
+    scratch: tuple[str | None, str] = (None, "weightbundle-compile-"),
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> CompiledGraph:
     """Optimize ``proto`` (whose initializers named in ``weights`` are placeholders) once and
     learn how its weights are re-laid.  ``weights`` are real values: the result is verified
-    against the optimizer's output on them.  Raises ``NotCompilable``."""
+    against the optimizer's output on them.  ``scratch`` (folder, name prefix) holds the
+    optimizer's output meanwhile, about three model sizes.  Raises ``NotCompilable``."""
     names = list(weights)
     real = {n: np.asarray(weights[n]) for n in names}
     consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name not in real and t.data_location != TensorProto.EXTERNAL}
-    with tempfile.TemporaryDirectory(prefix="weightbundle-compile-", dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(prefix=scratch[1], dir=scratch[0]) as tmp:
         opt = _Optimizer(proto, level, tmp, providers)
         r_model, r_vals = opt.run(real, "real")
 

@@ -88,5 +88,11 @@ def packed_root() -> str:
     return "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
 
 
+def scratch_prefix() -> str:
+    """Name prefix of this process's scratch folders (``compiled.learn``): swept like a
+    builder's leftovers once the process is dead."""
+    return f"{BUILDING}{os.getpid()}-compile-"
+
+
 def is_building_leftover(name: str) -> bool:
     return name.startswith(BUILDING) and not name.endswith(".lock")

@@ -55,6 +55,11 @@ class RuntimeOptions:
     hybrid=True (with prepack): a new version is served at once from a zero-copy session
     while the pre-packed one builds on a background thread, then swapped in; so an update
     is visible after about one memcpy and full speed follows a build later.
+    compile_once=True: the graph is optimized once, at the first session build; every later
+    version's session loads the optimized graph at level "none" with its weights re-laid
+    (NCHWc blocks, folded transposes) by numpy, so a version costs no optimizer run.  Where
+    the optimizer does arithmetic on weights (e.g. an unfolded BatchNorm: build with
+    ``fold_bn``), each version is optimized as before.
     """
 
     prepack: bool = True
@@ -65,6 +70,7 @@ class RuntimeOptions:
     history: int = 1  # previous versions kept for rollback
     staging: bool = True  # keep one pre-allocated staging blob (one model size of tmpfs) for fast updates
     share_packed: bool = True  # prepack: one packed copy per version in the store, mapped by every instance
+    compile_once: bool = True  # optimize the graph once per load and re-lay each version's weights (``compiled``)
     store_dir: str | None = None  # shared store directory; None: a private one
 
 

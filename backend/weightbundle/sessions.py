@@ -6,6 +6,9 @@ store's head.  How a version's session is built follows ``RuntimeOptions``: zero
 between instances through ``packing``), or hybrid (zero-copy at once, the pre-packed
 one built by ``_Builder`` on a background thread and swapped in).  A running
 inference keeps the session it started with, so it is never torn.
+
+With ``compile_once`` the graph is optimized only for the first version (``compiled``);
+every session after that loads the optimized graph with no optimizer run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import packing
+from . import compiled, packing
+from .compiled import LEVELS
 from .convert import is_placeholder
 from .errors import BundleError, FormatError, NotInitializedError
 from .format import VariableSpec
@@ -28,13 +32,6 @@ from .store import StagedVersion, Version, WeightStore
 
 if TYPE_CHECKING:  # runtime.py imports this module
     from .runtime import RuntimeOptions, TensorSpec
-
-LEVELS = {
-    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 def session_options(options: RuntimeOptions, prepack: bool, level: str, housekeeping: bool = False) -> ort.SessionOptions:
@@ -79,6 +76,9 @@ class SessionCache:
         self._lock = threading.Lock()
         self.current: tuple[int, ort.InferenceSession] | None = None
         self.prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see prebuild)
+        self._read = [t.name for t in graph.graph.initializer if is_placeholder(t)]  # the variables inference reads
+        self._compiled: compiled.CompiledGraph | None = None
+        self._compile_tried = False
         self.builder = _Builder(
             self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed (its zero-copy session keeps serving it): {e!r}")
         )
@@ -102,7 +102,40 @@ class SessionCache:
                 t.external_data.add(key=k, value=str(val))
         return m
 
+    def _weights(self, v: Version) -> dict[str, np.ndarray]:
+        """Version ``v``'s variables as read-only mappings of its blobs (no copy)."""
+        try:
+            return {n: self._store.array(v, n) for n in self._read}
+        except FileNotFoundError:
+            raise _Superseded(v.number) from None  # newer updates collected its blobs meanwhile
+
+    def _compiled_for(self, v: Version, level: str) -> compiled.CompiledGraph | None:
+        """The graph optimized once at ``level``, learned from version ``v`` on first use; None
+        where compiling once is off or does not apply (then each version is optimized)."""
+        opts = self.options
+        if level != opts.optimization or level == "none" or not opts.compile_once or tuple(opts.providers) != ("CPUExecutionProvider",):
+            return None
+        if not self._compile_tried:
+            t0 = time.perf_counter()
+            try:
+                scratch: tuple[str | None, str] = (self._store.packed_path, packing.scratch_prefix())  # disk-backed, swept with the store
+                try:
+                    os.makedirs(self._store.packed_path, exist_ok=True)
+                except OSError:
+                    scratch = (None, scratch[1])  # the temp dir then
+                self._compiled = compiled.learn(self._infer_graph, self._weights(v), level, scratch=scratch)
+                relaid = sum(not lay.identity for lay in self._compiled.layouts.values())
+                self._log(f"inference graph optimized once in {time.perf_counter() - t0:.2f} s; {relaid} weight(s) re-laid per version")
+            except compiled.NotCompilable as e:
+                self._log(f"optimizing each weight version, not once: {e}")
+            self._compile_tried = True
+            release_free_memory()  # the probes' buffers
+        return self._compiled
+
     def _new_session(self, v: Version, prepack: bool, level: str) -> ort.InferenceSession:
+        cg = self._compiled_for(v, level)
+        if cg is not None:
+            return cg.session(self._weights(v), session_options(self.options, prepack, "none"), self.options.providers)
         so = session_options(self.options, prepack, level)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         try:
@@ -188,14 +221,18 @@ class SessionCache:
     def _write_packed(self, v: Version, model_path: str, data_name: str, probe: dict[str, np.ndarray] | None) -> list[Any]:
         """Optimize and pre-pack version ``v`` once into ``model_path`` (+ data file); returns
         the builder session's outputs on ``probe`` for ``_verify_packed``."""
-        so = session_options(self.options, prepack=True, level=self.options.optimization)
+        cg = self._compiled_for(v, self.options.optimization)
+        so = session_options(self.options, prepack=True, level="none" if cg is not None else self.options.optimization)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         so.optimized_model_filepath = model_path
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         try:
-            builder = ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            if cg is not None:  # pack the once-optimized graph: no optimizer run for this version
+                builder = cg.session(self._weights(v), so, ["CPUExecutionProvider"])
+            else:
+                builder = ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception:
             if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
                 raise _Superseded(v.number) from None

@@ -65,6 +65,11 @@ class ServingSettings:
     share_packed: bool = param(
         True, "with `prepack`: one process packs each version once into a disk-backed file (`/var/tmp`, or `WEIGHTBUNDLE_PACKED_ROOT`) that every instance maps"
     )
+    compile_once: bool = param(
+        True,
+        "optimize the inference graph once per load and only re-lay each new version's weights, so a version costs no optimizer run "
+        "(Conv filters: build with `--fold-bn`)",
+    )
     staging: bool = param(True, "keep one pre-allocated staging blob (one model size of tmpfs) so an update is written once, straight from the update graph")
     optimization: str = param(
         "all", "ONNX Runtime level used when a version's session is built (`all` gives Conv+BatchNorm folding and NCHWc, like a baked session)"

@@ -526,7 +526,10 @@ class WeightStore:
             elif lock_n.isdigit() and int(lock_n) < head:
                 unlink_quiet(os.path.join(d, f))
             elif packing.is_building_leftover(f) and left_by_dead_process(f, packing.BUILDING):
-                unlink_quiet(os.path.join(d, f))
+                if os.path.isdir(os.path.join(d, f)):  # a dead process's compile scratch
+                    shutil.rmtree(os.path.join(d, f), ignore_errors=True)
+                else:
+                    unlink_quiet(os.path.join(d, f))
 
     # -- sharing between processes ------------------------------------------------
     # Each attached process holds an flock on instances/<pid>; a lock that can be

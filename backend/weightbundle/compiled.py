@@ -174,6 +174,7 @@ class _Optimizer:
         so = ort.SessionOptions()
         so.graph_optimization_level = LEVELS[self._level]
         so.log_severity_level = 3  # the "hardware specific optimizations" warning: we optimize on the serving machine
+        so.add_session_config_entry("session.disable_prepacking", "1")  # only the saved graph is wanted, not a packed copy
         path = os.path.join(self._tmp, f"{tag}.onnx")
         so.optimized_model_filepath = path
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{tag}.data")

@@ -90,25 +90,51 @@ class CompiledGraph:
     def __post_init__(self) -> None:
         self._bytes = self.model.SerializeToString()
 
-    def relaid(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every optimized initializer for ``weights`` (identity layouts return the array itself)."""
+    def relaid(self, weights: Mapping[str, np.ndarray], only: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The optimized initializers (all, or ``only``) for ``weights``; identity layouts
+        return the array itself."""
         out = {}
-        for name, lay in self.layouts.items():
+        for name in self.layouts if only is None else only:
+            lay = self.layouts[name]
             src = np.asarray(weights[lay.source])
             out[name] = src.reshape(lay.shape) if lay.identity else lay.apply(src)
         return out
 
-    def session(self, weights: Mapping[str, np.ndarray], so: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
+    def session(
+        self,
+        weights: Mapping[str, np.ndarray],
+        so: ort.SessionOptions,
+        providers: Sequence[str],
+        files: Mapping[str, tuple[str, int]] | None = None,
+    ) -> ort.InferenceSession:
         """A session for ``weights`` (variable name -> array) over the optimized graph, with no
-        graph optimization.  Identity layouts are used in place (a store mmap stays zero-copy);
-        the session keeps the arrays it reads alive."""
-        arrays = self.relaid(weights)
+        graph optimization.
+
+        ``files`` gives, per variable, where its bytes already lie (file name and offset in
+        the folder ``session.model_external_initializers_file_folder_path`` of ``so``):
+        weights whose layout is the identity then point there, and ORT maps the file with no
+        copy.  Re-laid weights, and every weight without a file, are handed over as
+        OrtValues, which ORT copies.
+        """
         so.graph_optimization_level = LEVELS["none"]
-        names = list(arrays)
-        values = [ort.OrtValue.ortvalue_from_numpy(np.require(arrays[n], requirements="C")) for n in names]
-        so.add_external_initializers(names, values)
-        sess = ort.InferenceSession(self._bytes, so, providers=list(providers))
-        sess._weightbundle_keepalive = (arrays, values)  # ORT reads these buffers, it does not copy them
+        files = files or {}
+        model = self.model
+        placed = [n for n, lay in self.layouts.items() if lay.identity and lay.source in files]
+        if placed:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            for t in model.graph.initializer:
+                if t.name in placed:
+                    blob, off = files[self.layouts[t.name].source]
+                    del t.external_data[:]
+                    for k, v in (("location", blob), ("offset", str(off)), ("length", str(weights[self.layouts[t.name].source].nbytes))):
+                        t.external_data.add(key=k, value=v)
+        arrays = self.relaid(weights, [n for n in self.layouts if n not in placed])
+        values = [ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) for a in arrays.values()]
+        if arrays:
+            so.add_external_initializers(list(arrays), values)
+        sess = ort.InferenceSession(model.SerializeToString() if placed else self._bytes, so, providers=list(providers))
+        sess._weightbundle_keepalive = values  # in case this ORT reads the buffers instead of copying them
         return sess
 
 

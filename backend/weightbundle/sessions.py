@@ -135,7 +135,9 @@ class SessionCache:
     def _new_session(self, v: Version, prepack: bool, level: str) -> ort.InferenceSession:
         cg = self._compiled_for(v, level)
         if cg is not None:
-            return cg.session(self._weights(v), session_options(self.options, prepack, "none"), self.options.providers)
+            so = session_options(self.options, prepack, "none")
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
+            return cg.session(self._weights(v), so, self.options.providers, files=v.entries)
         so = session_options(self.options, prepack, level)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         try:
@@ -230,7 +232,7 @@ class SessionCache:
         so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         try:
             if cg is not None:  # pack the once-optimized graph: no optimizer run for this version
-                builder = cg.session(self._weights(v), so, ["CPUExecutionProvider"])
+                builder = cg.session(self._weights(v), so, ["CPUExecutionProvider"], files=v.entries)
             else:
                 builder = ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception:

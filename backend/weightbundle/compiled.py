@@ -114,7 +114,8 @@ class CompiledGraph:
         the folder ``session.model_external_initializers_file_folder_path`` of ``so``):
         weights whose layout is the identity then point there, and ORT maps the file with no
         copy.  Re-laid weights, and every weight without a file, are handed over as
-        OrtValues, which ORT copies.
+        OrtValues, which ORT copies at load (``add_external_initializers``; ``add_initializer``
+        would use them in place, but ORT then still checks the placeholder's file).
         """
         so.graph_optimization_level = LEVELS["none"]
         files = files or {}
@@ -131,11 +132,9 @@ class CompiledGraph:
                         t.external_data.add(key=k, value=v)
         arrays = self.relaid(weights, [n for n in self.layouts if n not in placed])
         values = [ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) for a in arrays.values()]
-        if arrays:
+        if arrays:  # ORT copies these into the graph at load; ours are dropped once it has
             so.add_external_initializers(list(arrays), values)
-        sess = ort.InferenceSession(model.SerializeToString() if placed else self._bytes, so, providers=list(providers))
-        sess._weightbundle_keepalive = values  # in case this ORT reads the buffers instead of copying them
-        return sess
+        return ort.InferenceSession(model.SerializeToString() if placed else self._bytes, so, providers=list(providers))
 
 
 def learn(

@@ -75,6 +75,7 @@ def test_a_dead_builders_leftovers_are_swept(pair):
     scratch = os.path.join(d, f"{packing.BUILDING}999999999-compile-abcd")  # a learn() cut short
     os.makedirs(os.path.join(scratch, "sub"))
     a.update({"fc2.bias": np.zeros(8, np.float32)})
+    a._updater.settle()  # collection runs after the update, off its path
     assert not os.path.exists(dead) and not os.path.exists(scratch)
 
 

@@ -179,12 +179,15 @@ class WeightStore:
                 if self._lock_depth == 0:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def publish(self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None, version: int | None = None) -> Version:
+    def publish(
+        self, arrays: Mapping[str, np.ndarray], op: str, expected_version: int | None = None, version: int | None = None, collect: bool = True
+    ) -> Version:
         """Write ``arrays`` as a new version; variables not given keep their current blob.
 
         Arrays must already have the variable's dtype and shape (the update graph
         guarantees it).  Call inside ``locked()`` when the check and the write must be
         one step, e.g. compare-and-swap by the caller; ``expected_version`` does that here.
+        ``collect=False`` leaves dropping old versions to a later ``collect()``.
         """
         with self.locked():
             cur = self._check_publish(set(arrays), expected_version)
@@ -193,7 +196,7 @@ class WeightStore:
             if arrays:
                 blob = f"blob-{number}.bin"
                 entries.update(self._write_blob(blob, arrays))
-            return self._commit(number, op, entries, None if cur is None else cur.number)
+            return self._commit(number, op, entries, None if cur is None else cur.number, collect=collect)
 
     # -- staging blob ------------------------------------------------------------------
     # A new file on tmpfs costs ~2x a memcpy to fill, because every page is allocated and
@@ -247,8 +250,11 @@ class WeightStore:
         """Give a claimed staging blob back unpublished (the update was rejected)."""
         self._return_staging(path)
 
-    def publish_staged(self, path: str, names: Sequence[str], op: str, expected_version: int | None = None, version: int | None = None) -> Version:
-        """Publish a claimed staging blob holding new values for ``names`` at their layout offsets."""
+    def publish_staged(
+        self, path: str, names: Sequence[str], op: str, expected_version: int | None = None, version: int | None = None, collect: bool = True
+    ) -> Version:
+        """Publish a claimed staging blob holding new values for ``names`` at their layout offsets.
+        ``collect=False`` leaves dropping old versions to a later ``collect()``."""
         offsets, _ = self.staging_layout()
         keep = set(names)
         with self.locked():
@@ -263,7 +269,7 @@ class WeightStore:
             os.rename(path, os.path.join(self.path, blob))
             entries = dict(cur.entries) if cur else {}
             entries.update({n: (blob, offsets[n]) for n in names})
-            return self._commit(number, op, entries, None if cur is None else cur.number)
+            return self._commit(number, op, entries, None if cur is None else cur.number, collect=collect)
 
     @contextmanager
     def transaction(self, expected_version: int | None = None) -> Iterator[Version | None]:

@@ -33,6 +33,15 @@ def test_build_inspect_roundtrip(onnx_path, tmp_path, capsys):
     assert "fc0.weight" in text and "update-graph input order" in text
 
 
+def test_build_suggests_fold_bn_for_batchnorm_models(tmp_path, capsys):
+    p = str(tmp_path / "conv.onnx")
+    onnx.save(zoo.convnet(), p)
+    assert main(["build", p, "-o", str(tmp_path / "a.bundle")]) == 0
+    assert "2 BatchNormalization node(s) stay" in capsys.readouterr().out
+    assert main(["build", p, "-o", str(tmp_path / "b.bundle"), "--fold-bn"]) == 0
+    assert "BatchNormalization" not in capsys.readouterr().out
+
+
 def test_build_with_weights_and_no_init(onnx_path, tmp_path, capsys):
     full, small = str(tmp_path / "full.bundle"), str(tmp_path / "small.bundle")
     assert main(["build", onnx_path, "-o", full]) == 0

@@ -39,6 +39,13 @@ def _cmd_build(a: argparse.Namespace) -> int:
             + (f", tied {r['tied']}" if r["tied"] else "")
             + (f", restored dropped {r['restored']}" if r["restored"] else "")
         )
+    bn = sum(n.op_type == "BatchNormalization" for n in graphs.infer.graph.node)
+    if bn and not a.no_hoist:
+        print(
+            f"note: {bn} BatchNormalization node(s) stay in the inference graph; ONNX Runtime folds them into the "
+            "weights, so each new weight version is optimized again (compile_once cannot apply). "
+            "Pass --fold-bn to fold them in the update graph instead."
+        )
     return 0
 
 
@@ -214,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--tie", action="append", metavar="A,B", help="checkpoint names that are one tensor in the trainer (tied weights)")
     b.add_argument("--no-hoist", action="store_true", help="keep weight preprocessing (Transpose, Slice, ...) in the inference graph")
     b.add_argument(
-        "--fold-bn", action="store_true", help="fold Conv/Gemm+BatchNormalization into weights the update graph recomputes (default with --checkpoint)"
+        "--fold-bn",
+        action="store_true",
+        help="fold Conv/Gemm+BatchNormalization into weights the update graph recomputes "
+        "(default with --checkpoint; lets compile_once apply to Conv+BN models)",
     )
     b.set_defaults(fn=_cmd_build)
 

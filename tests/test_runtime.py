@@ -39,6 +39,8 @@ def feeds_for(name: str, rng: np.random.Generator, batch: int = 3) -> dict[str, 
         return {"x": rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)}
     if name == "attention":
         return {"ids": rng.integers(0, 50, (batch, 7)).astype(np.int64)}
+    if name == "transformer_encoder":  # the tiny config: vocab 50, up to 16 positions
+        return {"ids": rng.integers(0, 50, (batch, 11)).astype(np.int64)}
     if name == "with_int_initializers":
         return {"x": (3 * rng.standard_normal((batch, 12))).astype(np.float32)}  # large enough to hit the Clip
     raise KeyError(name)
@@ -147,7 +149,7 @@ def test_exact_after_init_full_and_partial_updates(name, load, built):
     ],
     ids=["no-prepack", "opt-none", "opt-all", "uncompiled", "compiled-basic"],
 )
-@pytest.mark.parametrize("name", ["mlp", "convnet", "attention"])
+@pytest.mark.parametrize("name", ["mlp", "convnet", "attention", "transformer_encoder"])
 def test_exact_under_runtime_options(name, options, optimize, load, built):
     """Compile-time folding must never bake a variable: results track updates under every setting."""
     model = MODELS[name]()

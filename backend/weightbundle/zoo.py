@@ -137,6 +137,114 @@ def attention(vocab: int = 50, d: int = 16, seed: int = 0) -> onnx.ModelProto:
     )
 
 
+def transformer_encoder(
+    layers: int = 4,
+    d_model: int = 512,
+    heads: int = 8,
+    ffn: int = 2048,
+    vocab: int = 8000,
+    max_positions: int = 512,
+    seed: int = 0,
+    small: bool = False,
+) -> onnx.ModelProto:
+    """A BERT-style post-LayerNorm encoder (about 65 MiB of FP32 weights at the defaults).
+
+    Input ``ids`` (batch, seq) int64 token ids, ``seq`` <= ``max_positions``; output ``y``
+    (batch, seq, d_model), the last hidden state. Token embedding (Gather) + position
+    embedding (Gather of Range(seq)), embedding LayerNorm, then ``layers`` x [multi-head
+    self-attention: separate Q/K/V MatMul+Add, Reshape/Transpose to heads, scaled Softmax,
+    output projection, residual, LayerNorm; FFN: MatMul+Add, Gelu written with Erf (opset 17),
+    MatMul+Add, residual, LayerNorm]. Weights are named like a Hugging Face BERT
+    (``layer{i}.attn.q.weight``...) and stored [in, out]; scalar and int64 initializers
+    (attention scale, Gelu constants, reshape shapes) stay constants. Seeded, scaled
+    1/sqrt(fan_in), so outputs are finite and O(1).
+
+    ``small=True``: a tiny config (2 layers, d_model 16, 2 heads, ffn 32, vocab 50, 16
+    positions) for unit tests; explicit arguments are ignored then."""
+    if small:
+        layers, d_model, heads, ffn, vocab, max_positions = 2, 16, 2, 32, 50, 16
+    if d_model % heads:
+        raise ValueError(f"d_model {d_model} is not a multiple of heads {heads}")
+    dh = d_model // heads
+    rng = np.random.default_rng(seed)
+
+    def dense(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        return (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), (0.02 * rng.standard_normal(b)).astype(np.float32)
+
+    def ln_params(prefix: str) -> None:
+        inits[f"{prefix}.gamma"] = (1 + 0.05 * rng.standard_normal(d_model)).astype(np.float32)
+        inits[f"{prefix}.beta"] = (0.02 * rng.standard_normal(d_model)).astype(np.float32)
+
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, np.ndarray] = {
+        "embed.weight": rng.standard_normal((vocab, d_model)).astype(np.float32),
+        "pos.weight": (0.5 * rng.standard_normal((max_positions, d_model))).astype(np.float32),
+    }
+    ln_params("embed.ln")
+    # constants, never weights: int64 shapes/indices and scalar floats
+    consts = {
+        "c.zero": np.array(0, np.int64),
+        "c.one": np.array(1, np.int64),
+        "c.heads_shape": np.array([0, 0, heads, dh], np.int64),
+        "c.merge_shape": np.array([0, 0, d_model], np.int64),
+        "c.attn_scale": np.array(1.0 / np.sqrt(dh), np.float32),
+        "c.inv_sqrt2": np.array(1.0 / np.sqrt(2.0), np.float32),
+        "c.half": np.array(0.5, np.float32),
+        "c.fone": np.array(1.0, np.float32),
+    }
+
+    def node(op: str, ins: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+    def layer_norm(x: str, prefix: str) -> str:
+        return node("LayerNormalization", [x, f"{prefix}.gamma", f"{prefix}.beta"], f"{prefix}.out", axis=-1, epsilon=1e-5)
+
+    def linear(x: str, prefix: str, a: int, b: int) -> str:
+        inits[f"{prefix}.weight"], inits[f"{prefix}.bias"] = dense(a, b)
+        return node("Add", [node("MatMul", [x, f"{prefix}.weight"], f"{prefix}.mm"), f"{prefix}.bias"], f"{prefix}.out")
+
+    node("Shape", ["ids"], "ids_shape")
+    node("Gather", ["ids_shape", "c.one"], "seq_len", axis=0)
+    node("Range", ["c.zero", "seq_len", "c.one"], "positions")
+    tok = node("Gather", ["embed.weight", "ids"], "tok_emb", axis=0)
+    pos = node("Gather", ["pos.weight", "positions"], "pos_emb", axis=0)
+    x = layer_norm(node("Add", [tok, pos], "emb"), "embed.ln")
+    for i in range(layers):
+        p = f"layer{i}"
+        split = {}
+        for t in ("q", "k", "v"):
+            h = linear(x, f"{p}.attn.{t}", d_model, d_model)
+            r = node("Reshape", [h, "c.heads_shape"], f"{p}.attn.{t}.heads")
+            # (batch, heads, seq, dh); K as (batch, heads, dh, seq)
+            split[t] = node("Transpose", [r], f"{p}.attn.{t}.t", perm=[0, 2, 3, 1] if t == "k" else [0, 2, 1, 3])
+        s = node("MatMul", [split["q"], split["k"]], f"{p}.attn.scores")
+        s = node("Mul", [s, "c.attn_scale"], f"{p}.attn.scaled")
+        a = node("Softmax", [s], f"{p}.attn.probs", axis=-1)
+        c = node("MatMul", [a, split["v"]], f"{p}.attn.ctx")
+        c = node("Transpose", [c], f"{p}.attn.ctx.t", perm=[0, 2, 1, 3])
+        c = node("Reshape", [c, "c.merge_shape"], f"{p}.attn.merged")
+        o = linear(c, f"{p}.attn.o", d_model, d_model)
+        ln_params(f"{p}.attn.ln")
+        x = layer_norm(node("Add", [x, o], f"{p}.attn.res"), f"{p}.attn.ln")
+        h = linear(x, f"{p}.ffn.fc1", d_model, ffn)
+        # Gelu(h) = 0.5 * h * (1 + erf(h / sqrt(2)))
+        e = node("Erf", [node("Mul", [h, "c.inv_sqrt2"], f"{p}.ffn.gelu.scaled")], f"{p}.ffn.gelu.erf")
+        e = node("Add", [e, "c.fone"], f"{p}.ffn.gelu.erf1")
+        g = node("Mul", [node("Mul", [h, e], f"{p}.ffn.gelu.he"), "c.half"], f"{p}.ffn.gelu")
+        f2 = linear(g, f"{p}.ffn.fc2", ffn, d_model)
+        ln_params(f"{p}.ffn.ln")
+        x = layer_norm(node("Add", [x, f2], f"{p}.ffn.res"), f"{p}.ffn.ln")
+    node("Identity", [x], "y")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d_model])],
+        {**inits, **consts},
+        "transformer_encoder",
+    )
+
+
 def with_int_initializers(seed: int = 0) -> onnx.ModelProto:
     """Float weights plus int64 shape / index initializers that must stay constants."""
     rng = np.random.default_rng(seed)
@@ -191,6 +299,7 @@ MODELS = {
     "mlp_fp16": lambda: mlp(dtype=np.float16),
     "convnet": convnet,
     "attention": attention,
+    "transformer_encoder": lambda: transformer_encoder(small=True),
     "with_int_initializers": with_int_initializers,
 }
 

@@ -7,7 +7,8 @@ measured side by side, their repetitions interleaved (the order rotates each rou
 so a noisy machine shifts numerator and denominator alike.  Reported values are
 medians over the repetitions.
 
-Per model (the 4x(2048x2048) FP32 MLP at batch 32, and a conv net with BatchNorm):
+Per model (the 4x(2048x2048) FP32 MLP at batch 32, a conv net with BatchNorm, ResNet-50 at
+batch 1 and a BERT-style transformer encoder at batch 8 x seq 128; ``--only NAME`` picks some):
 
   (a) baked   plain ONNX Runtime on the original model, initializers baked in, default
               session options (ORT_ENABLE_ALL): the speed baseline.
@@ -19,6 +20,8 @@ Per model (the 4x(2048x2048) FP32 MLP at batch 32, and a conv net with BatchNorm
               the same total bytes into a pre-faulted buffer, measured in the same rounds.
               The "tmpfs floor" (writing those bytes to a new file in the store's tmpfs) is
               shown too: a new immutable blob has to pay for page allocation.
+  (e) reload  a baked ORT session created from scratch plus its first run: what serving new
+              weights costs without a bundle; the table gives reload / update→served per mode.
   (d) session build time, process RSS growth per mode (a fresh subprocess per mode, so
               modes do not pollute each other's numbers), load_from_file time.
 
@@ -80,6 +83,14 @@ def model_specs(quick: bool) -> list[dict]:
         return [
             {"name": "mlp-quick", "desc": "2x(256x256) FP32 MLP, batch 8", "make": ["big_mlp", {"n": 256, "layers": 2}], "x": [8, 256]},
             {"name": "conv-quick", "desc": "tests/zoo.convnet() (3,8,16) 16x16, batch 4", "make": ["convnet", {}], "x": [4, 3, 16, 16]},
+            {
+                "name": "transformer-quick",
+                "desc": "zoo.transformer_encoder(small=True), batch 2, seq 8",
+                "make": ["transformer_encoder", {"small": True}],
+                "x": [2, 8],
+                "input": "ids",
+                "vocab": 50,
+            },
         ]
     return [
         {"name": "mlp", "desc": "4x(2048x2048) FP32 MLP, batch 32", "make": ["big_mlp", {}], "x": [32, 2048]},
@@ -96,6 +107,14 @@ def model_specs(quick: bool) -> list[dict]:
             "x": [1, 3, 224, 224],
             "input": "gpu_0/data_0",
         },
+        {
+            "name": "transformer",
+            "desc": "BERT-style encoder (zoo.transformer_encoder: 4 layers, d_model 512, 8 heads, ffn 2048, vocab 8000, 65 MiB), batch 8, seq 128",
+            "make": ["transformer_encoder", {}],
+            "x": [8, 128],
+            "input": "ids",
+            "vocab": 8000,
+        },
     ]
 
 
@@ -109,7 +128,11 @@ def input_name(spec: dict) -> str:
 
 
 def make_input(spec: dict) -> np.ndarray:
-    return np.random.default_rng(123).standard_normal(spec["x"]).astype(np.float32)
+    """Token ids in [0, vocab) for a model with a ``vocab``, else standard normal FP32."""
+    rng = np.random.default_rng(123)
+    if "vocab" in spec:
+        return rng.integers(0, spec["vocab"], spec["x"]).astype(np.int64)
+    return rng.standard_normal(spec["x"]).astype(np.float32)
 
 
 def weight_sets(model: onnx.ModelProto, variables: list, n: int = 2) -> list[dict[str, np.ndarray]]:
@@ -245,15 +268,20 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
         "bundle_file_bytes": os.path.getsize(bundle_path),
     }
 
-    # (a) baseline: plain ORT, baked initializers. Creation timed a few times.
-    creates = []
+    # (a) baseline: plain ORT, baked initializers. Creation and the first run of the new session
+    # timed a few times: together they are the "reload" analogue, what serving new weights costs
+    # without a bundle (a new baked session from scratch, as a Triton reload builds one).
+    creates, firsts = [], []
     for _ in range(args.create_reps):
         gc.collect()
         t0 = now()
         baked = baked_session(model_bytes, threads)
-        creates.append(now() - t0)
-    baked.run(None, feeds)
+        t1 = now()
+        baked.run(None, feeds)
+        creates.append(t1 - t0)
+        firsts.append(now() - t1)
     R["baked_create_s"] = creates
+    R["baked_first_run_s"] = firsts
 
     # (d) load_from_file, init, cold first inference, for every mode
     bundles: dict[tuple[bool, str], wb.Bundle] = {}
@@ -384,6 +412,7 @@ def summarize(R: dict) -> dict:
     base = med(R["steady_s"]["baked"])
     floor = med(R["floor_s"]["memcpy"])
     base_p10 = float(np.percentile(R["steady_s"]["baked"], 10))
+    reload_s = med([c + f for c, f in zip(R["baked_create_s"], R["baked_first_run_s"])])
     rows = {}
     for key, u in R["update_s"].items():
         st = med(R["steady_s"][key])
@@ -401,6 +430,7 @@ def summarize(R: dict) -> dict:
             "build_ms": build * 1e3,
             "latency_ms": lat * 1e3,
             "latency_x_memcpy": lat / floor,
+            "reload_over_latency": reload_s / lat,
             "update_x_memcpy": med(u["update"]) / floor,
             "cold_build_ms": (R["setup"][key]["first_infer_after_init_s"] - st) * 1e3,
             "rss_growth_mib": mem["mem_steady"]["rss"] - mem["mem_before"]["rss"] if "mem_steady" in mem else None,
@@ -415,6 +445,8 @@ def summarize(R: dict) -> dict:
         "tmpfs_ms": med(R["floor_s"]["tmpfs_new_file"]) * 1e3,
         "memcpy_gbps": R["weights"]["bytes"] / floor / 1e9,
         "baked_create_ms": med(R["baked_create_s"]) * 1e3,
+        "baked_first_run_ms": med(R["baked_first_run_s"]) * 1e3,
+        "reload_ms": reload_s * 1e3,
         "baked_rss_growth_mib": bm["mem_steady"]["rss"] - bm["mem_before"]["rss"] if "mem_steady" in bm else None,
         "baked_anon_growth_mib": bm["mem_steady"].get("anon", float("nan")) - bm["mem_before"].get("anon", float("nan")) if "mem_steady" in bm else None,
         "load_from_file_ms": med(R["load_from_file_s"]) * 1e3,
@@ -430,18 +462,20 @@ def fmt(v, spec=".2f", suffix=""):
 def markdown(results: list[dict], summaries: list[dict]) -> str:
     out = []
     out.append(
-        "| model | mode | steady ms | vs baked (p10) | update() ms (vs memcpy) | 1st infer ms | build ms | update→served ms | vs memcpy | RSS +MiB (anon) | store MiB |"
+        "| model | mode | steady ms | vs baked (p10) | update() ms (vs memcpy) | 1st infer ms | build ms | update→served ms | vs memcpy | reload ÷ this "
+        "| RSS +MiB (anon) | store MiB |"
     )
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for R, S in zip(results, summaries):
         out.append(
-            f"| {R['name']} | (a) baked ORT | {S['baked_ms']:.2f} | 1.00 | | | {S['baked_create_ms']:.0f} (create) | | | "
+            f"| {R['name']} | (a) baked ORT | {S['baked_ms']:.2f} | 1.00 | | {S['baked_first_run_ms']:.1f} | {S['baked_create_ms']:.0f} (create) | "
+            f"{S['reload_ms']:.1f} (reload) | {S['reload_ms'] / S['memcpy_ms']:.1f}x | 1.00 | "
             f"{fmt(S['baked_rss_growth_mib'], '.0f')} ({fmt(S['baked_anon_growth_mib'], '.0f')}) | |"
         )
         for key, r in S["rows"].items():
             out.append(
                 f"| {R['name']} | {key} | {r['steady_ms']:.2f} | {r['steady_ratio']:.2f}x ({r['steady_ratio_p10']:.2f}x) | {r['update_ms']:.1f} ({r['update_x_memcpy']:.1f}x) | {r['first_infer_ms']:.1f} | "
-                f"{r['build_ms']:.1f} | {r['latency_ms']:.1f} | {r['latency_x_memcpy']:.1f}x | "
+                f"{r['build_ms']:.1f} | {r['latency_ms']:.1f} | {r['latency_x_memcpy']:.1f}x | {r['reload_over_latency']:.2f}x | "
                 f"{fmt(r['rss_growth_mib'], '.0f')} ({fmt(r['anon_growth_mib'], '.0f')}) | {fmt(r['store_mib'], '.0f')} |"
             )
     out.append("")
@@ -635,7 +669,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "tools" / "out"), help="folder for the JSON and markdown (default tools/out)")
     ap.add_argument("--_probe", help=argparse.SUPPRESS)
     ap.add_argument("--trainer-only", action="store_true", help="only the trainer section (trainer pushes, hoisted transformer)")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="only these models (mlp, conv, resnet50; quick: mlp-quick, conv-quick)")
+    ap.add_argument(
+        "--only", nargs="+", metavar="NAME", help="only these models (mlp, conv, resnet50, transformer; quick: mlp-quick, conv-quick, transformer-quick)"
+    )
     args = ap.parse_args(argv)
     if args._probe:
         print(json.dumps(probe(json.loads(args._probe))))
@@ -682,6 +718,8 @@ def main(argv=None) -> int:
         "\nsteady: Bundle.infer; vs baked: median over rounds of the per-round ratio to (a) (p10: ratio of 10th percentiles, "
         "closer to an uncontended machine). update→served: update() + first infer of the new version - the steady infer "
         "that follows it (paired per round); vs memcpy: over np.copyto of the same bytes in this run. build: first infer - steady. "
+        "reload: a baked ORT session created from scratch + its first run (the no-bundle way to serve new weights); "
+        "reload ÷ this: how many times faster this mode serves an update than a reload (>= 10 is issue 12's target). "
         "RSS: growth of a fresh process from before load to after init + 2 full updates (anon = private copies, e.g. pre-packed "
         "weights; the rest is mapped tmpfs blobs, shared with the store). store: tmpfs bytes the store holds (history=1)."
     )

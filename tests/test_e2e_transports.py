@@ -20,10 +20,23 @@ ORIG = zoo.initializers(MODEL)
 X = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
 
 
-def _shm_files() -> set[str]:
-    """Client shm regions (wbpush-*) and this module's weight stores; other processes' files
-    (a concurrently running server or benchmark) are not ours to count."""
-    return {f for f in os.listdir("/dev/shm") if f.startswith("wbpush-")}
+def _shm_files(pid: int | None = None) -> set[str]:
+    """The shm regions a WeightClient in process ``pid`` (default: this one) can create: the
+    client names them ``wbpush-<pid>-<random>``. Other processes' files (test runs in parallel,
+    a server, a benchmark) are not ours to count."""
+    prefix = f"wbpush-{os.getpid() if pid is None else pid}-"
+    return {f for f in os.listdir("/dev/shm") if f.startswith(prefix)}
+
+
+def _run_cli(cmd: list[str], secret: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI; also return its pid, the one its shm region names carry."""
+    with subprocess.Popen(cmd, env=dict(os.environ, WEIGHTBUNDLE_SECRET=secret), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), proc.pid
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +183,13 @@ def test_push_cli_prints_summary_and_cleans_shm(env, tmp_path):
     path = tmp_path / "w.safetensors"
     w = rand("fc1.weight", 4)
     save_file({"fc1.weight": w}, str(path))
-    shm_before = _shm_files()
     cmd = [sys.executable, "-m", "weightbundle.cli", "push", srv.http_url, "m", str(path), "--via", "shm"]
-    p = subprocess.run(cmd, env=dict(os.environ, WEIGHTBUNDLE_SECRET=SECRET), capture_output=True, text=True, timeout=60)
+    p, pid = _run_cli(cmd, SECRET)
     assert p.returncode == 0, p.stderr
     assert "weights version" in p.stdout and "MiB via shm" in p.stdout and "GiB/s" in p.stdout
-    assert _shm_files() == shm_before
-    p = subprocess.run(cmd, env=dict(os.environ, WEIGHTBUNDLE_SECRET="wrong"), capture_output=True, text=True, timeout=60)
+    assert _shm_files(pid) == set(), "the CLI left its shm region behind"
+    p, pid = _run_cli(cmd, "wrong")
     assert p.returncode == 1 and "secret" in p.stderr
+    assert _shm_files(pid) == set(), "the CLI left its shm region behind after a refusal"
     with WeightClient(srv.http_url, "m", secret=SECRET) as c:
         check_serving(c, {"fc1.weight": w})

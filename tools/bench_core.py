@@ -682,7 +682,7 @@ def main(argv=None) -> int:
     if args.iters is None:
         args.iters = 3 if args.quick else 15
     args.iters = max(1, args.iters)
-    args.create_reps = 1 if args.quick else 3
+    args.create_reps = 1 if args.quick else max(3, args.iters)  # the reload analogue: as many samples as update rounds
 
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     mach = machine()

@@ -83,7 +83,13 @@ def model_specs(quick: bool) -> list[dict]:
     if quick:
         return [
             {"name": "mlp-quick", "desc": "2x(256x256) FP32 MLP, batch 8", "make": ["big_mlp", {"n": 256, "layers": 2}], "x": [8, 256]},
-            {"name": "conv-quick", "desc": "tests/zoo.convnet() (3,8,16) 16x16, batch 4", "make": ["convnet", {}], "x": [4, 3, 16, 16]},
+            {
+                "name": "conv-quick",
+                "desc": "tests/zoo.convnet() (3,8,16) 16x16, batch 4, built with --fold-bn",
+                "make": ["convnet", {}],
+                "x": [4, 3, 16, 16],
+                "convert": {"fold_bn": True},
+            },
             {
                 "name": "transformer-quick",
                 "desc": "zoo.transformer_encoder(small=True), batch 2, seq 8",
@@ -97,15 +103,17 @@ def model_specs(quick: bool) -> list[dict]:
         {"name": "mlp", "desc": "4x(2048x2048) FP32 MLP, batch 32", "make": ["big_mlp", {}], "x": [32, 2048]},
         {
             "name": "conv",
-            "desc": "conv net Conv-BN-Relu-MaxPool x4, channels (3,64,128,256,512), 64x64, 1000 classes, batch 4",
+            "desc": "conv net Conv-BN-Relu-MaxPool x4, channels (3,64,128,256,512), 64x64, 1000 classes, batch 4, built with --fold-bn",
             "make": ["bench_convnet", {}],
             "x": [4, 3, 64, 64],
+            "convert": {"fold_bn": True},  # BN folded by the update graph, so compile_once applies
         },
         {
             "name": "resnet50",
-            "desc": "ResNet-50 (onnx light zoo graph, random weights, 98 MiB), batch 1",
+            "desc": "ResNet-50 (onnx light zoo graph, random weights, 98 MiB), batch 1, built with --fold-bn",
             "make": ["resnet50", {}],
             "x": [1, 3, 224, 224],
+            "convert": {"fold_bn": True},
             "input": "gpu_0/data_0",
         },
         {
@@ -205,7 +213,7 @@ def probe(req: dict) -> dict:
     pp, lvl, hy = req["mode"]
     opts = RuntimeOptions(prepack=pp, optimization=lvl, hybrid=hy, intra_op_threads=threads)
     probe_bundle = wb.Bundle.load_from_file(req["bundle_path"], RuntimeOptions())
-    sets = weight_sets(model, probe_bundle.variables)
+    sets = weight_sets(model, probe_bundle.sources)
     probe_bundle.unload()
     del model
     gc.collect()
@@ -256,7 +264,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     feeds = {input_name(spec): x}
 
     t0 = now()
-    data = wb.build_bundle(wb.convert(model))
+    data = wb.build_bundle(wb.convert(model, **spec.get("convert", {})))
     build_s = now() - t0
     wb.save_bundle(bundle_path, data)
     del data
@@ -300,7 +308,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
         bundles[mode] = b
         setup[mode_name(mode)] = {"load_s": t1 - t0, "init_s": t2 - t1, "first_infer_after_init_s": t3 - t2}
     R["setup"] = setup
-    variables = bundles[MODES[0]].variables
+    variables = bundles[MODES[0]].sources  # what an update pushes (with --fold-bn, the store also holds the folded pair)
     total_bytes = int(sum(v.nbytes for v in variables))
     R["weights"] = {"count": len(variables), "bytes": total_bytes}
     loads = []

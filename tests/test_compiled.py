@@ -229,3 +229,23 @@ def test_zero_copy_sessions_map_the_store_instead_of_copying_it():
         sess = b._sessions._new_session(v, prepack=False, level="all")  # what a new version's zero-copy session is
         sess.run(None, {"x": np.zeros((1, 16), np.float32)})
         assert _anon_mib() - before < 8, "the version's session copied the weights"
+
+
+def test_a_version_collected_while_its_session_builds_is_superseded(tmp_path, monkeypatch):
+    """Another instance's updates may collect a version's blobs before this instance builds its
+    session: that is a retry with the newest version (_Superseded), never an error reply."""
+    from weightbundle.sessions import _Superseded
+
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(tmp_path / "disk"))
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(CONV, fold_bn=True)), wb.RuntimeOptions(prepack=False, history=1))
+    b.init()
+    b.infer({"x": XC})
+    old = b.store.current()
+    for seed in (6, 7):
+        b.update(_new_conv_weights(b, seed))
+    b._updater.settle()  # the collection ran: the old version's blob is gone
+    assert b._sessions._compiled is not None and b._sessions._collected(old)
+    with pytest.raises(_Superseded):
+        b._sessions._new_session(old, prepack=False, level="all")
+    assert b.infer({"x": XC})[1] == b.version  # the newest version serves
+    b.unload()

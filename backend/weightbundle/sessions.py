@@ -132,19 +132,27 @@ class SessionCache:
             release_free_memory()  # the probes' buffers
         return self._compiled
 
+    def _collected(self, v: Version) -> bool:
+        """True when newer updates collected some of version ``v``'s blobs meanwhile."""
+        return not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values())
+
     def _new_session(self, v: Version, prepack: bool, level: str) -> ort.InferenceSession:
         cg = self._compiled_for(v, level)
-        if cg is not None:
-            so = session_options(self.options, prepack, "none")
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
-            return cg.session(self._weights(v), so, self.options.providers, files=v.entries)
-        so = session_options(self.options, prepack, level)
+        so = session_options(self.options, prepack, "none" if cg is not None else level)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         try:
+            if cg is not None:
+                return cg.session(self._weights(v), so, self.options.providers, files=v.entries)
             return ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=list(self.options.providers))
+        except _Superseded:
+            raise
         except Exception as e:
-            if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
-                raise _Superseded(v.number) from None  # newer updates collected its blobs meanwhile
+            if self._collected(v):
+                raise _Superseded(v.number) from None
+            if cg is not None:  # should not happen; serve correctly anyway, optimizing per version
+                self._log(f"the once-optimized graph failed to load, optimizing each version from now on: {e}")
+                self._compiled = None
+                return self._new_session(v, prepack, level)
             source = self._source_graph() if self._infer_graph is self._compiled_graph else None
             if source is not None:
                 # The graph compiled at build time may not load here (another ONNX Runtime
@@ -235,8 +243,10 @@ class SessionCache:
                 builder = cg.session(self._weights(v), so, ["CPUExecutionProvider"], files=v.entries)
             else:
                 builder = ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except _Superseded:
+            raise
         except Exception:
-            if not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values()):
+            if self._collected(v):
                 raise _Superseded(v.number) from None
             raise
         return builder.run(None, probe) if probe is not None else []

@@ -84,7 +84,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
                 try:
                     out, v = wc.infer({"x": x})
                 except Exception as e:  # noqa: BLE001 - every failure counts, with its reason
-                    fails.append(repr(e)[:200])
+                    fails.append(f"{type(e).__name__}: {e}"[:300])  # tritonclient exceptions repr() without their message
                     continue
                 mine.append(now() - t0)
                 k = m.state_of.get(v)
@@ -120,7 +120,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
                 try:
                     r = wc.update({"w0": m.w0[k]}, via="shm", expected_version=m.version)
                 except Exception as e:  # noqa: BLE001
-                    upd_fail.append(repr(e)[:200])
+                    upd_fail.append(f"{type(e).__name__}: {e}"[:300])
                 else:
                     upd_lat.append(now() - t0)
                     m.version, m.state = r.version, k

@@ -192,11 +192,12 @@ class Updater:
     def after_publish(self, collect: bool = False) -> None:
         """Ready the next update on a background thread: drop what the history no longer keeps
         (``collect``: unlinking a model-sized blob costs ~10 ms), then a fresh staging blob, or
-        the freed heap back to the OS.  None of it is on the update's path."""
+        the freed heap back to the OS.  None of it is on the update's path.  (It runs at normal
+        priority: at the lowest, a saturated machine starved it, the next update found no
+        staging blob and took the slower plain path.)"""
         store, staging = self._store, self.options.staging
 
         def run() -> None:
-            _lower_priority()  # the new version's first inferences come first
             try:
                 if collect:
                     store.collect()
@@ -331,10 +332,3 @@ def _populated_map(path: str) -> tuple[int, np.ndarray]:
         arr[:: mmap.PAGESIZE] = 0  # older kernels: touch every page (contents are overwritten anyway)
     return ino, np.frombuffer(mm, np.uint8)
 
-
-def _lower_priority() -> None:
-    """Lowest CPU priority for the calling thread (Linux: a thread is a task of its own)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (OSError, AttributeError):
-        pass

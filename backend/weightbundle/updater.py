@@ -331,4 +331,3 @@ def _populated_map(path: str) -> tuple[int, np.ndarray]:
         arr = np.frombuffer(mm, np.uint8)
         arr[:: mmap.PAGESIZE] = 0  # older kernels: touch every page (contents are overwritten anyway)
     return ino, np.frombuffer(mm, np.uint8)
-

@@ -155,10 +155,6 @@ def server_env(base: Mapping[str, str] = os.environ) -> Dict[str, str]:
     prepend("LD_LIBRARY_PATH", [paths.libs_dir, sysconfig.get_config_var("LIBDIR")])
     # The stub's embedded interpreter finds its prefix via `python3` on PATH; make that this venv.
     prepend("PATH", [os.path.dirname(sys.executable)])
-    # glibc gives each thread that allocates its own arena and trims them poorly: a stub's
-    # background session builds left 15-30 MiB of freed heap per instance.  Two arenas keep
-    # that away (measured: 104 MiB settled anonymous memory instead of 118-135).
-    env.setdefault("MALLOC_ARENA_MAX", "2")
     return env
 
 

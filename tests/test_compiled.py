@@ -249,3 +249,22 @@ def test_a_version_collected_while_its_session_builds_is_superseded(tmp_path, mo
         b._sessions._new_session(old, prepack=False, level="all")
     assert b.infer({"x": XC})[1] == b.version  # the newest version serves
     b.unload()
+
+
+def test_a_failure_while_learning_falls_back_to_optimizing_each_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(tmp_path / "disk"))
+
+    def no_room(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compiled, "learn", no_room)
+    logs: list[str] = []
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(CONV, fold_bn=True)), wb.RuntimeOptions(prepack=False))
+    b._log = logs.append
+    b.init()
+    w = _new_conv_weights(b, 8)
+    b.update(w)
+    want = zoo.ort_run(zoo.with_weights(CONV, w), {"x": XC})["y"]
+    np.testing.assert_allclose(b.infer({"x": XC})[0]["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert b._sessions._compiled is None and any("No space left" in m for m in logs), logs
+    b.unload()

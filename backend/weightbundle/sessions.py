@@ -79,6 +79,7 @@ class SessionCache:
         self._read = [t.name for t in graph.graph.initializer if is_placeholder(t)]  # the variables inference reads
         self._compiled: compiled.CompiledGraph | None = None
         self._compile_tried = False
+        self._compile_lock = threading.Lock()
         self.builder = _Builder(
             self._swap_in, lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed (its zero-copy session keeps serving it): {e!r}")
         )
@@ -115,21 +116,26 @@ class SessionCache:
         opts = self.options
         if level != opts.optimization or level == "none" or not opts.compile_once or tuple(opts.providers) != ("CPUExecutionProvider",):
             return None
-        if not self._compile_tried:
-            t0 = time.perf_counter()
-            try:
-                scratch: tuple[str | None, str] = (self._store.packed_path, packing.scratch_prefix())  # disk-backed, swept with the store
+        with self._compile_lock:  # the background builder may ask too: learn once
+            if not self._compile_tried:
+                t0 = time.perf_counter()
                 try:
-                    os.makedirs(self._store.packed_path, exist_ok=True)
-                except OSError:
-                    scratch = (None, scratch[1])  # the temp dir then
-                self._compiled = compiled.learn(self._infer_graph, self._weights(v), level, scratch=scratch)
-                relaid = sum(not lay.identity for lay in self._compiled.layouts.values())
-                self._log(f"inference graph optimized once in {time.perf_counter() - t0:.2f} s; {relaid} weight(s) re-laid per version")
-            except compiled.NotCompilable as e:
-                self._log(f"optimizing each weight version, not once: {e}")
-            self._compile_tried = True
-            release_free_memory()  # the probes' buffers
+                    scratch: tuple[str | None, str] = (self._store.packed_path, packing.scratch_prefix())  # disk-backed, swept with the store
+                    try:
+                        os.makedirs(self._store.packed_path, exist_ok=True)
+                    except OSError:
+                        scratch = (None, scratch[1])  # the temp dir then
+                    self._compiled = compiled.learn(self._infer_graph, self._weights(v), level, scratch=scratch)
+                    relaid = sum(not lay.identity for lay in self._compiled.layouts.values())
+                    self._log(f"inference graph optimized once in {time.perf_counter() - t0:.2f} s; {relaid} weight(s) re-laid per version")
+                except _Superseded:
+                    raise  # learn from the newest version instead
+                except compiled.NotCompilable as e:
+                    self._log(f"optimizing each weight version, not once: {e}")
+                except Exception as e:  # noqa: BLE001 - e.g. no room for the scratch files: serving goes on, optimizing per version
+                    self._log(f"optimizing each weight version, not once: learning the layouts failed: {e!r}")
+                self._compile_tried = True
+                release_free_memory()  # the probes' buffers
         return self._compiled
 
     def _collected(self, v: Version) -> bool:

@@ -90,3 +90,32 @@ def test_unsupported_sharing_falls_back_to_a_private_copy(tmp_path, monkeypatch)
         y = packed(b)
     np.testing.assert_allclose(y, zoo.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(y).max())
     assert any("private copy" in m for m in logs)
+
+
+def test_a_bundle_never_unloaded_leaves_no_store_and_no_packed_files(tmp_path):
+    """Dropped without unload(): collected with the GC; exiting while a pack is in flight: the
+    exit finalizer stops the builder before it removes the store, so no packed twin outlives it."""
+    import gc
+    import subprocess
+    import sys
+
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(MODEL)))
+    b.init()
+    b.infer({"x": X})  # the background builder starts
+    store, twin = b.store.path, b.store.packed_path
+    del b
+    gc.collect()
+    assert not os.path.exists(store) and not os.path.exists(twin)
+
+    root = tmp_path / "disk"
+    code = (
+        "import numpy as np, weightbundle as wb; from weightbundle import zoo\n"
+        "m = zoo.big_mlp(n=1024, layers=2)\n"
+        "b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)))\n"
+        "b.init(); b.infer({'x': np.zeros((4, 1024), np.float32)})\n"
+        "print(b.store.path)\n"  # and exit at once, packing in flight, no unload()
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WEIGHTBUNDLE_PACKED_ROOT": str(root)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not os.path.exists(out.stdout.strip())
+    assert not root.exists() or os.listdir(root) == [], os.listdir(root)

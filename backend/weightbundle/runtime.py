@@ -74,6 +74,19 @@ class RuntimeOptions:
     store_dir: str | None = None  # shared store directory; None: a private one
 
 
+def _call(ref: "weakref.ref[Bundle]", method: str, *args: Any) -> Any:
+    """``ref().method(*args)``, or None once the bundle is gone."""
+    b = ref()
+    return None if b is None else getattr(b, method)(*args)
+
+
+def _release_private(store: WeightStore, builder: Any, updater: Updater) -> None:
+    """What a private store's bundle leaves: stop the threads that write into the store, then remove it."""
+    builder.stop()
+    updater.settle()
+    WeightStore.destroy(store)
+
+
 def _graph_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
     """Signature from the graph itself: no session (and no weights) needed."""
     out = []
@@ -140,8 +153,6 @@ class Bundle:
             else WeightStore.private(self.variables, self.options.history)
         )
         self._owns_store = self.options.store_dir is None
-        # A private store must not outlive the process if the caller forgets unload().
-        self._finalizer = weakref.finalize(self, WeightStore.destroy, self._store) if self._owns_store else (lambda: None)
         self._collect_threads: list[threading.Thread] = []  # see activate
         g = self._graphs[GRAPH_INFERENCE].graph
         consts = {t.name for t in g.initializer}
@@ -150,16 +161,20 @@ class Bundle:
         self._unloaded = False
         self._log: Any = lambda message: None  # the serving layer points this at Triton's log
         self._updater = Updater(self.options, self._store, self._graphs[GRAPH_UPDATE], self.variables, self.sources, self.aliases, self._deps)
+        me = weakref.ref(self)  # the session cache must not keep this bundle alive (see the finalizer)
         self._sessions = SessionCache(
             self.options,
             self._store,
             self._graphs[GRAPH_INFERENCE],
-            self._source_graph,
+            lambda: _call(me, "_source_graph"),
             self._specs,
             self.inputs,
             GRAPH_INIT in self._graphs,
-            lambda message: self._log(message),  # late-bound: serving replaces _log after load
+            lambda message: _call(me, "_log", message),  # late-bound: serving replaces _log after load
         )
+        # A private store must not outlive the process if the caller forgets unload(); the
+        # background threads go first, or a pack in flight would write its files after it.
+        self._finalizer = weakref.finalize(self, _release_private, self._store, self._sessions.builder, self._updater) if self._owns_store else (lambda: None)
 
     # -- loading ---------------------------------------------------------------
     @classmethod

@@ -32,6 +32,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
+from .convert import point_at
+
 LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -126,10 +128,8 @@ class CompiledGraph:
             model.CopyFrom(self.model)
             for t in model.graph.initializer:
                 if t.name in placed:
-                    blob, off = files[self.layouts[t.name].source]
-                    del t.external_data[:]
-                    for k, v in (("location", blob), ("offset", str(off)), ("length", str(weights[self.layouts[t.name].source].nbytes))):
-                        t.external_data.add(key=k, value=v)
+                    source = self.layouts[t.name].source
+                    point_at(t, *files[source], weights[source].nbytes)
         arrays = self.relaid(weights, [n for n in self.layouts if n not in placed])
         values = [ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) for a in arrays.values()]
         if arrays:  # ORT copies these into the graph at load; ours are dropped once it has
@@ -322,13 +322,8 @@ def _with_placeholders(m: onnx.ModelProto, layouts: Mapping[str, Layout], values
     out = onnx.ModelProto()
     out.CopyFrom(m)
     for t in out.graph.initializer:
-        del t.external_data[:]
         if t.name in layouts:
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            nbytes = values[t.name].nbytes
-            for k, v in (("location", _PLACEHOLDER), ("offset", "0"), ("length", str(nbytes))):
-                t.external_data.add(key=k, value=v)
+            point_at(t, _PLACEHOLDER, 0, values[t.name].nbytes)
         else:
             t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
     return out

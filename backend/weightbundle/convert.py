@@ -169,6 +169,15 @@ def _select(model: onnx.ModelProto, weights: Sequence[str] | None) -> list[str]:
     return names
 
 
+def point_at(t: TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``t`` external data at ``location`` (a file, or a name a session resolves), in place."""
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset), ("length", length)):
+        t.external_data.add(key=k, value=str(v))
+
+
 def make_placeholder(spec: VariableSpec) -> TensorProto:
     t = TensorProto(name=spec.name, data_type=_NAME_TO_ONNX[spec.dtype], dims=list(spec.shape))
     t.data_location = TensorProto.EXTERNAL

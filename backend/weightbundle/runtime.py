@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from . import format as fmt
-from .convert import init_graph, is_placeholder
+from .convert import init_graph, is_placeholder, point_at
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
 from .sessions import LEVELS, SessionCache, session_options
@@ -344,11 +344,8 @@ class Bundle:
         proto.CopyFrom(init)
         rows = {r["name"]: r for r in self._layout.toc["variables"]}
         for t in proto.graph.initializer:  # point external refs at the in-memory weight section
-            name = t.name[len("init/") :]
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, val in (("location", "weights"), ("offset", rows[name]["offset"]), ("length", rows[name]["nbytes"])):
-                t.external_data.add(key=k, value=str(val))
+            row = rows[t.name[len("init/") :]]
+            point_at(t, "weights", row["offset"], row["nbytes"])
         outs = run_init_graph(proto, self._weight_section(), session_options(self.options, prepack=False, level="none", housekeeping=True))
         version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init", version=version).number
         del outs

@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from . import compiled, packing
 from .compiled import LEVELS
-from .convert import is_placeholder
+from .convert import is_placeholder, point_at
 from .errors import BundleError, FormatError, NotInitializedError
 from .format import VariableSpec
 from .memory import release_free_memory
@@ -97,10 +97,8 @@ class SessionCache:
         for t in m.graph.initializer:
             if not is_placeholder(t):
                 continue
-            del t.external_data[:]
             blob, off = v.entries[t.name]
-            for k, val in (("location", blob), ("offset", off), ("length", self._specs[t.name].nbytes)):
-                t.external_data.add(key=k, value=str(val))
+            point_at(t, blob, off, self._specs[t.name].nbytes)
         return m
 
     def _weights(self, v: Version) -> dict[str, np.ndarray]:

@@ -724,6 +724,28 @@ def test_hybrid_serves_new_version_at_once_then_swaps_in_the_prepacked_session(h
             assert providers_opts.get_session_config_entry("session.disable_prepacking") == "0"
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_hybrid_first_session_is_packed_as_the_shared_copy_so_a_version_has_one_answer(deterministic):
+    m = zoo.mlp(sizes=(16, 256, 256, 8))  # K = 256: packed and unpacked GEMMs sum in different orders
+    x = {"x": np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)}
+    opts = wb.RuntimeOptions(prepack=True, hybrid=True, deterministic=deterministic)
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), opts) as b:
+        b.init()
+        for seed in (1, 2):
+            w = (np.random.default_rng(seed).standard_normal((256, 256)) * 0.1).astype(np.float32)
+            b.update({"fc1.weight": w})
+            first_sess = b.infer_session()[1]
+            first = b.infer(x)[0]["y"]
+            assert b._sessions.builder.wait_idle(60)
+            assert b.infer_session()[1] is not first_sess  # the shared packed copy was swapped in
+            final = b.infer(x)[0]["y"]
+            np.testing.assert_allclose(first, final, rtol=1e-5, atol=1e-5 * float(np.abs(final).max()))
+            packed = first_sess.get_session_options().get_session_config_entry("session.disable_prepacking") == "0"
+            assert packed is deterministic
+            if deterministic:
+                assert first.tobytes() == final.tobytes()
+
+
 # --- staging blob fast path (lead) ----------------------------------------------------------
 def _staging_bundle(**opts):
     m = zoo.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES

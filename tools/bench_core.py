@@ -60,16 +60,22 @@ import weightbundle as wb  # noqa: E402
 from weightbundle import RuntimeOptions  # noqa: E402
 
 LEVELS = ("none", "basic", "extended", "all")
-# (prepack, optimization, hybrid). hybrid only matters with prepack: a new version is served
-# from a zero-copy session at once while the pre-packed one builds in the background.
-MODES = [(True, "all", True)] + [(pp, lvl, False) for pp in (True, False) for lvl in LEVELS]
+# (prepack, optimization, hybrid, deterministic). hybrid only matters with prepack: a new version
+# is served at once from a private pre-packed session (deterministic) or a zero-copy one, while the
+# shared pre-packed copy is built in the background.
+MODES = [(True, "all", True, True), (True, "all", True, False)] + [(pp, lvl, False, True) for pp in (True, False) for lvl in LEVELS]
 MiB = 1 << 20
 WARM_CALLS = 2  # untimed inferences at the start of each steady visit
 QUIESCE_S = 0.01  # pause before each timed update visit, so spinning ORT pools of the last visit go idle
 
 
-def mode_name(mode: tuple[bool, str, bool]) -> str:
-    return f"prepack={'T' if mode[0] else 'F'} opt={mode[1]}" + (" hybrid" if mode[2] else "")
+def mode_name(mode: tuple[bool, str, bool, bool]) -> str:
+    return f"prepack={'T' if mode[0] else 'F'} opt={mode[1]}" + (" hybrid" if mode[2] else "") + ("" if mode[3] else " deterministic=F")
+
+
+def mode_options(mode: tuple[bool, str, bool, bool] | list, threads: int) -> RuntimeOptions:
+    pp, lvl, hy, det = mode
+    return RuntimeOptions(prepack=pp, optimization=lvl, hybrid=hy, deterministic=det, intra_op_threads=threads)
 
 
 # --------------------------------------------------------------------------- models
@@ -210,8 +216,7 @@ def probe(req: dict) -> dict:
         sess.run(None, {input_name(spec): x})
         m1 = mem_now()
         return {"create_s": t1 - t0, "mem_before": m0, "mem_steady": m1}
-    pp, lvl, hy = req["mode"]
-    opts = RuntimeOptions(prepack=pp, optimization=lvl, hybrid=hy, intra_op_threads=threads)
+    opts = mode_options(req["mode"], threads)
     probe_bundle = wb.Bundle.load_from_file(req["bundle_path"], RuntimeOptions())
     sets = weight_sets(model, probe_bundle.sources)
     probe_bundle.unload()
@@ -296,10 +301,9 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     bundles: dict[tuple[bool, str], wb.Bundle] = {}
     setup: dict[str, dict] = {}
     for mode in MODES:
-        pp, lvl, hy = mode
         gc.collect()
         t0 = now()
-        b = wb.Bundle.load_from_file(bundle_path, RuntimeOptions(prepack=pp, optimization=lvl, hybrid=hy, intra_op_threads=threads))
+        b = wb.Bundle.load_from_file(bundle_path, mode_options(mode, threads))
         t1 = now()
         b.init()
         t2 = now()
@@ -409,7 +413,7 @@ def bench_model(spec: dict, args, workdir: str, log) -> dict:
     gc.collect()
 
     # (d) memory per mode, each in a fresh process
-    probe_modes = ["baked"] + (MODES if not args.quick else [(True, "all", True), (False, "none", False)])
+    probe_modes = ["baked"] + (MODES if not args.quick else [(True, "all", True, True), (False, "none", False, True)])
     R["mem"] = {}
     for pm in probe_modes:
         req = {"spec": spec, "threads": threads, "mode": pm if pm == "baked" else list(pm), "model_path": model_path, "bundle_path": bundle_path}

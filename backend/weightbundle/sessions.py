@@ -3,8 +3,9 @@
 A ``SessionCache`` serves one bundle's inference graph from whatever version is the
 store's head.  How a version's session is built follows ``RuntimeOptions``: zero-copy
 (placeholders memory-map the store's blobs), pre-packed (ORT's packed copy, shared
-between instances through ``packing``), or hybrid (zero-copy at once, the pre-packed
-one built by ``_Builder`` on a background thread and swapped in).  A running
+between instances through ``packing``), or hybrid (a private pre-packed session at
+once, or a zero-copy one where ``deterministic`` is off; the shared pre-packed one is
+built or loaded by ``_Builder`` on a background thread and swapped in).  A running
 inference keeps the session it started with, so it is never torn.
 
 With ``compile_once`` the graph is optimized only for the first version (``compiled``);
@@ -194,11 +195,15 @@ class SessionCache:
                 self.current = built  # activated a version staged by this instance: its session is ready
         if self.current is None or self.current[0] != v.number:
             opts = self.options
-            if opts.prepack and opts.hybrid:
-                # Serve the new version now from the zero-copy mapping; the fast session follows.
-                # Same optimisation level as the final session, so both give the same numbers.
-                self.current = (v.number, self._new_session(v, prepack=False, level=opts.optimization))
+            if opts.prepack and opts.hybrid and self._shares_packed():
+                # Serve the new version now; the shared mapped copy replaces this session in the
+                # background.  deterministic: a private pre-packed session, which ORT packs as
+                # it packed the shared copy, so both give the same bytes.  Otherwise zero-copy,
+                # cheaper to build, but its GEMMs sum in another order (last bits differ).
+                self.current = (v.number, self._new_session(v, prepack=opts.deterministic, level=opts.optimization))
                 self.builder.request(v)
+            elif opts.prepack and opts.hybrid:  # no shared copy to switch to: the private one is final
+                self.current = (v.number, self._new_session(v, prepack=True, level=opts.optimization))
             elif opts.prepack:
                 self.current = (v.number, self._packed_session(v))
             else:
@@ -209,7 +214,7 @@ class SessionCache:
         """Version ``v``'s pre-packed session: from the store's shared packed copy (built here
         if no instance has yet), or a private one where sharing is off or unsupported."""
         opts = self.options
-        if opts.share_packed and tuple(opts.providers) == ("CPUExecutionProvider",):
+        if self._shares_packed():
             probe = _probe_feeds(self.inputs)
             expected: list[Any] = []
             try:
@@ -227,6 +232,9 @@ class SessionCache:
             except Exception as e:  # noqa: BLE001 - e.g. an ORT without saved pre-packing: a private copy still serves
                 self._log(f"shared pre-packed weights unavailable for version {v.number}, using a private copy: {e}")
         return self._new_session(v, prepack=True, level=opts.optimization)
+
+    def _shares_packed(self) -> bool:
+        return self.options.share_packed and tuple(self.options.providers) == ("CPUExecutionProvider",)
 
     def _load_packed(self, model_path: str) -> ort.InferenceSession:
         so = session_options(self.options, prepack=True, level="none")

@@ -33,15 +33,14 @@ SECRET_ENV = "WEIGHTBUNDLE_BENCH_SECRET"
 MODES: dict[str, dict[str, str]] = {"T": {"prepack": "true"}}
 if "hybrid" in {f.name for f in ServingSettings.parameters()}:
     MODES["Tsync"] = {"prepack": "true", "hybrid": "false"}
+if "deterministic" in {f.name for f in ServingSettings.parameters()}:
+    MODES["Tfast"] = {"prepack": "true", "deterministic": "false"}
 MODES["F"] = {"prepack": "false"}
-MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "F": "prepack=F"}
+MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "Tfast": "prepack=T deterministic=F", "F": "prepack=F"}
 
 
 def runtime_options(mode: str) -> "wb.RuntimeOptions":
-    kw: dict[str, Any] = {"prepack": MODES[mode]["prepack"] == "true"}
-    if "hybrid" in MODES[mode]:
-        kw["hybrid"] = MODES[mode]["hybrid"] == "true"
-    return wb.RuntimeOptions(**kw)
+    return wb.RuntimeOptions(**{k: v == "true" for k, v in MODES[mode].items()})
 
 
 def wait_optimised(b: "wb.Bundle", timeout: float = 120) -> None:

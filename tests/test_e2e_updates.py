@@ -255,11 +255,11 @@ WIDE_X = np.random.default_rng(6).standard_normal((4, 16)).astype(np.float32)
 
 @pytest.mark.parametrize("hybrid", ["true", "false"])
 def test_one_version_answers_the_same_bytes_on_every_instance(tmp_path, hybrid):
-    """Right after an update (the hybrid first sessions) and after the switch to the shared
-    packed copy, every instance answers one version with the same bytes.  With
-    ``deterministic=false`` the first answers come from zero-copy sessions and this fails."""
+    """With ``deterministic``, right after an update (the hybrid first sessions) and after the
+    switch to the shared packed copy, every instance answers one version with the same bytes.
+    Without it the first answers come from zero-copy sessions, and this fails."""
     repo = str(tmp_path / "repo")
-    make_repo(repo, "m", WIDE, instances=3, hybrid=hybrid)
+    make_repo(repo, "m", WIDE, instances=3, hybrid=hybrid, deterministic="true")
     with running(repo) as srv:
         url = srv.http_url
 
@@ -268,19 +268,27 @@ def test_one_version_answers_the_same_bytes_on_every_instance(tmp_path, hybrid):
             try:
                 out = []
                 for _ in range(n):
-                    r = c.infer("m", [tensor(httpclient, "x", X)])
+                    r = c.infer("m", [tensor(httpclient, "x", WIDE_X)])
                     out.append((version(r), r.as_numpy("y").tobytes()))
                 return out
             finally:
                 c.close()
 
-        c = httpclient.InferenceServerClient(url)
-        for step in range(2):
-            if step:
-                new = {"fc1.weight": np.random.default_rng(21).standard_normal((64, 64)).astype(np.float32)}
-                push(c, new)
+        def burst() -> list[tuple[int, bytes]]:
             with cf.ThreadPoolExecutor(6) as ex:
-                got = [a for f in [ex.submit(answers, 15) for _ in range(6)] for a in f.result()]
-            assert len({v for v, _ in got}) == 1
-            assert len({y for _, y in got}) == 1, "instances answered one version with different bytes"
+                return [a for f in [ex.submit(answers, 8) for _ in range(6)] for a in f.result()]
+
+        c = httpclient.InferenceServerClient(url)
+        got = burst()
+        for step in range(2):
+            w = np.random.default_rng(21 + step).standard_normal((256, 256)).astype(np.float32) * 0.1
+            push(c, {"fc1.weight": w})
+            got += burst()  # the first answers of the new version
+            time.sleep(1.5)  # the instances switch to the shared packed copy meanwhile
+            got += burst()
         c.close()
+    by_version: dict[int, set[bytes]] = {}
+    for v, y in got:
+        by_version.setdefault(v, set()).add(y)
+    assert sorted(by_version) == [0, 1, 2]
+    assert all(len(ys) == 1 for ys in by_version.values()), "instances answered one version with different bytes"

@@ -275,8 +275,11 @@ class SessionCache:
         """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
         sess = self._packed_session(v)
         with self._lock:
-            if self.current is not None and self.current[0] == v.number:
-                self.current = (v.number, sess)
+            if self.current is None or self.current[0] != v.number:
+                return
+            first, self.current = self.current, (v.number, sess)
+        del first  # a private pre-packed first session: its packed copy goes back to the OS
+        release_free_memory()
 
     @property
     def fully_optimised(self) -> bool:

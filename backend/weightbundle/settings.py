@@ -59,13 +59,13 @@ class ServingSettings:
     )
     hybrid: bool = param(
         True,
-        "with `prepack`: serve a new version at once from a private pre-packed session, switch to the shared "
+        "with `prepack`: serve a new version at once from a first session, switch to the shared "
         "pre-packed copy when it is ready. `false`: wait for the shared copy",
     )
     deterministic: bool = param(
-        True,
-        "with `hybrid`: the first session is packed as the shared copy is, so one version gives one answer, "
-        "bit for bit. `false`: a zero-copy first session, ~30 ms faster to build per 64 MiB, whose last bits may differ until the switch",
+        False,
+        "with `hybrid`: pack the first session privately, as the shared copy is packed, so one version gives one answer bit for bit "
+        "(~50 ms more per 64 MiB update). `false`: a zero-copy first session, whose last bits may differ until the switch",
     )
     share_packed: bool = param(
         True, "with `prepack`: one process packs each version once into a disk-backed file (`/var/tmp`, or `WEIGHTBUNDLE_PACKED_ROOT`) that every instance maps"

@@ -34,9 +34,9 @@ MODES: dict[str, dict[str, str]] = {"T": {"prepack": "true"}}
 if "hybrid" in {f.name for f in ServingSettings.parameters()}:
     MODES["Tsync"] = {"prepack": "true", "hybrid": "false"}
 if "deterministic" in {f.name for f in ServingSettings.parameters()}:
-    MODES["Tfast"] = {"prepack": "true", "deterministic": "false"}
+    MODES["Tdet"] = {"prepack": "true", "deterministic": "true"}
 MODES["F"] = {"prepack": "false"}
-MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "Tfast": "prepack=T deterministic=F", "F": "prepack=F"}
+MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "Tdet": "prepack=T deterministic=T", "F": "prepack=F"}
 
 
 def runtime_options(mode: str) -> "wb.RuntimeOptions":

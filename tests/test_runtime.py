@@ -751,6 +751,7 @@ def _staging_bundle(**opts):
     m = zoo.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(**opts))
     b.execute(1)
+    b._updater.after_publish()  # as after an update: init leaves no staging blob
     return m, b
 
 
@@ -801,6 +802,29 @@ def test_staging_path_is_all_or_nothing_and_returns_the_staging_blob():
         for n, a in before.items():
             np.testing.assert_array_equal(b.store.array(b.store.current(), n), a)
         assert not [f for f in os.listdir(b.store.path) if f.startswith(".claimed-")]
+
+
+def test_the_staging_blob_exists_only_after_updates_and_goes_when_idle():
+    m = zoo.big_mlp(n=512, layers=3)
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(staging_idle_seconds=0.5)) as b:
+        b.init()
+        b._updater.settle()
+        assert "staging.bin" not in os.listdir(b.store.path)  # a server never updated holds none
+        w0 = np.random.default_rng(1).standard_normal((512, 512)).astype(np.float32)
+        b.update({"w0": w0})  # the plain path
+        assert _wait_staging(b)
+        b.update({"w0": -w0})  # the staging path
+        assert b.store.current().entries["w0"][0] == f"blob-{b.version}.bin"
+        assert _wait_staging(b)  # ready for the next one
+        import time
+
+        deadline = time.time() + 10
+        while "staging.bin" in os.listdir(b.store.path) and time.time() < deadline:
+            time.sleep(0.05)
+        assert "staging.bin" not in os.listdir(b.store.path)  # dropped after 0.5 s without an update
+        assert b._updater._staging_map is None
+        b.update({"w0": w0})  # still fine: the plain path again
+        np.testing.assert_array_equal(b.store.array(b.store.current(), "w0"), w0)
 
 
 def test_staging_can_be_disabled():

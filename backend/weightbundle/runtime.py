@@ -71,7 +71,8 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     history: int = 1  # previous versions kept for rollback
-    staging: bool = True  # keep one pre-allocated staging blob (one model size of tmpfs) for fast updates
+    staging: bool = True  # after an update, keep one pre-allocated staging blob (one model size of tmpfs) for the next
+    staging_idle_seconds: float = 60.0  # drop that blob after this long without an update (0: keep it)
     share_packed: bool = True  # prepack: one packed copy per version in the store, mapped by every instance
     compile_once: bool = True  # optimize the graph once per load and re-lay each version's weights (``compiled``)
     store_dir: str | None = None  # shared store directory; None: a private one
@@ -353,7 +354,7 @@ class Bundle:
         version = self._store.publish({v.name: a for v, a in zip(self.variables, outs)}, op="init", version=version).number
         del outs
         self._drop_weight_pages()  # initial weights are in the store now
-        self._updater.after_publish()
+        self._updater.after_publish(stage_next=False)
         return self._ready(version)
 
     def _ready(self, version: int) -> int:

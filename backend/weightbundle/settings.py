@@ -75,7 +75,12 @@ class ServingSettings:
         "optimize the inference graph once per load and only re-lay each new version's weights, so a version costs no optimizer run "
         "(Conv filters: build with `--fold-bn`)",
     )
-    staging: bool = param(True, "keep one pre-allocated staging blob (one model size of tmpfs) so an update is written once, straight from the update graph")
+    staging: bool = param(
+        True,
+        "after an update, keep one pre-allocated staging blob (one model size of tmpfs) so that the next update is written once, "
+        "straight from the update graph",
+    )
+    staging_idle_seconds: float = param(60.0, "drop the staging blob after this many seconds without an update (0: keep it)")
     optimization: str = param(
         "all", "ONNX Runtime level used when a version's session is built (`all` gives Conv+BatchNorm folding and NCHWc, like a baked session)"
     )
@@ -117,8 +122,8 @@ class ServingSettings:
             raise BundleError(f"update_auth must be 'secret' or 'none', got {self.update_auth!r}")
         if self.history < 1:
             raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
-        if self.staged_ttl_seconds <= 0 or self.follow_seconds < 0:
-            raise BundleError("staged_ttl_seconds must be > 0 and follow_seconds >= 0")
+        if self.staged_ttl_seconds <= 0 or self.follow_seconds < 0 or self.staging_idle_seconds < 0:
+            raise BundleError("staged_ttl_seconds must be > 0, and follow_seconds and staging_idle_seconds >= 0")
         if self.weights_source is not None:
             from .objectstore import parse_url
 

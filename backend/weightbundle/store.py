@@ -246,6 +246,21 @@ class WeightStore:
             pass
         unlink_quiet(path)
 
+    def drop_staging(self, older_than: float) -> bool:
+        """Remove the staging blob if it has waited ``older_than`` seconds unclaimed (another
+        instance's update may have just made a fresh one: that one stays)."""
+        try:
+            age = time.time() - os.stat(os.path.join(self.path, STAGING)).st_ctime
+        except FileNotFoundError:
+            return False
+        if age < older_than:
+            return False
+        claimed = self.claim_staging()
+        if claimed is None:
+            return False
+        unlink_quiet(claimed)
+        return True
+
     def release_staging(self, path: str) -> None:
         """Give a claimed staging blob back unpublished (the update was rejected)."""
         self._return_staging(path)

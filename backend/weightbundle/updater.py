@@ -59,6 +59,8 @@ class Updater:
         self._threads: list[threading.Thread] = []  # every one still running (close waits for them)
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
         self._update_sessions: dict[tuple[tuple[str, str], ...], ort.InferenceSession] = {}
+        self._idle_timer: threading.Timer | None = None  # drops the staging blob after staging_idle_seconds
+        self._timer_lock = threading.Lock()
 
     def close(self) -> None:
         """Let the background threads finish (they write into the store) and drop the update sessions."""
@@ -66,7 +68,12 @@ class Updater:
         self._update_sessions.clear()
 
     def settle(self, timeout: float = 30.0) -> None:
-        """Wait for the work ``after_publish`` left running: collection, the next staging blob."""
+        """Wait for the work ``after_publish`` left running (collection, the next staging blob);
+        the staging blob's idle timer is cancelled."""
+        with self._timer_lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
         for t in self._threads:
             t.join(timeout)
 
@@ -189,13 +196,16 @@ class Updater:
         self.after_publish(collect=True)
         return version
 
-    def after_publish(self, collect: bool = False) -> None:
+    def after_publish(self, collect: bool = False, stage_next: bool = True) -> None:
         """Ready the next update on a background thread: drop what the history no longer keeps
         (``collect``: unlinking a model-sized blob costs ~10 ms), then a fresh staging blob, or
         the freed heap back to the OS.  None of it is on the update's path.  (It runs at normal
         priority: at the lowest, a saturated machine starved it, the next update found no
-        staging blob and took the slower plain path.)"""
-        store, staging = self._store, self.options.staging
+        staging blob and took the slower plain path.)
+
+        ``stage_next=False`` (init): no staging blob yet.  A server that is never updated
+        then holds no model size of tmpfs for one; the first update takes the plain path."""
+        store, staging = self._store, self.options.staging and stage_next
 
         def run() -> None:
             try:
@@ -212,6 +222,22 @@ class Updater:
         self.staging_thread = t
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
+        if staging and self.options.staging_idle_seconds > 0:
+            with self._timer_lock:  # restart the idle clock
+                if self._idle_timer is not None:
+                    self._idle_timer.cancel()
+                self._idle_timer = threading.Timer(self.options.staging_idle_seconds, self._drop_idle_staging)
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
+
+    def _drop_idle_staging(self) -> None:
+        """No update for ``staging_idle_seconds``: give the staging blob's model size of tmpfs
+        back.  The next update takes the plain path and prepares a new one."""
+        self._staging_map = None  # our mapping would keep the unlinked pages alive
+        try:
+            self._store.drop_staging(older_than=self.options.staging_idle_seconds)
+        except OSError:  # store gone (unload)
+            pass
 
     def stage(self, inputs: Mapping[str, np.ndarray], version: int | None, reject_nonfinite: bool, ttl: float, op: str, origin: dict | None) -> StagedVersion:
         """Like ``update``, but the result is a *staged* version that serves nothing until

@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from weightbundle import lifecycle
+from weightbundle.memory import map_large_allocations
 from weightbundle.serving import Event, Reply, ServingSettings, Service
 
 
@@ -20,6 +21,7 @@ class TritonPythonModel:
     def initialize(self, args):
         lifecycle.watch_parent()  # first: a stub whose server dies must exit (issue 8, defect 8)
         _check_stub_reads_numpy()
+        map_large_allocations()  # before the bundle allocates: freed model-sized blocks go back to the OS
         config = json.loads(args["model_config"])
         settings = ServingSettings.from_model_config(config)
         self._metrics = _Metrics(args["model_name"], args["model_version"])

@@ -44,6 +44,9 @@ def session_options(options: RuntimeOptions, prepack: bool, level: str, housekee
         # spinning pool left behind to steal the cores inference needs.
         so.intra_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No arena: an update's outputs (the plain path) would stay in the cached update
+        # session's arena, one model size per instance that applied an update (measured).
+        so.enable_cpu_mem_arena = False
     elif options.intra_op_threads:
         so.intra_op_num_threads = options.intra_op_threads
     so.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")

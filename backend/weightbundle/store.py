@@ -246,14 +246,18 @@ class WeightStore:
             pass
         unlink_quiet(path)
 
+    def staging_age(self) -> float | None:
+        """Seconds since the staging blob was put in place, or None if there is none."""
+        try:
+            return max(0.0, time.time() - os.stat(os.path.join(self.path, STAGING)).st_ctime)
+        except FileNotFoundError:
+            return None
+
     def drop_staging(self, older_than: float) -> bool:
         """Remove the staging blob if it has waited ``older_than`` seconds unclaimed (another
         instance's update may have just made a fresh one: that one stays)."""
-        try:
-            age = time.time() - os.stat(os.path.join(self.path, STAGING)).st_ctime
-        except FileNotFoundError:
-            return False
-        if age < older_than:
+        age = self.staging_age()
+        if age is None or age < older_than:
             return False
         claimed = self.claim_staging()
         if claimed is None:

@@ -68,14 +68,11 @@ class Updater:
         self._update_sessions.clear()
 
     def settle(self, timeout: float = 30.0) -> None:
-        """Wait for the work ``after_publish`` left running (collection, the next staging blob);
-        the staging blob's idle timer is cancelled."""
-        with self._timer_lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
+        """Wait for the work ``after_publish`` left running (collection, the next staging blob),
+        then cancel the staging blob's idle timer (those threads arm it)."""
         for t in self._threads:
             t.join(timeout)
+        self._arm_idle_drop(None)
 
     def check_update(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Validate an update before touching anything: names, castable dtypes, shapes.
@@ -214,6 +211,8 @@ class Updater:
                 if staging:
                     store.prepare_staging()
                     self._staging_map = _populated_map(os.path.join(store.path, STAGING))
+                    if self.options.staging_idle_seconds > 0:
+                        self._arm_idle_drop(self.options.staging_idle_seconds)
             except (OSError, ValueError):  # store gone (unload), tmpfs full, or claimed meanwhile: plain path
                 pass
             release_free_memory()
@@ -222,20 +221,31 @@ class Updater:
         self.staging_thread = t
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
-        if staging and self.options.staging_idle_seconds > 0:
-            with self._timer_lock:  # restart the idle clock
-                if self._idle_timer is not None:
-                    self._idle_timer.cancel()
-                self._idle_timer = threading.Timer(self.options.staging_idle_seconds, self._drop_idle_staging)
+
+    def _arm_idle_drop(self, delay: float | None) -> None:
+        """(Re)start the staging blob's idle clock: ``_drop_idle_staging`` in ``delay`` s (None: stop it)."""
+        with self._timer_lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = None
+            if delay is not None:
+                self._idle_timer = threading.Timer(delay, self._drop_idle_staging)
                 self._idle_timer.daemon = True
                 self._idle_timer.start()
 
     def _drop_idle_staging(self) -> None:
         """No update for ``staging_idle_seconds``: give the staging blob's model size of tmpfs
         back.  The next update takes the plain path and prepares a new one."""
-        self._staging_map = None  # our mapping would keep the unlinked pages alive
+        idle = self.options.staging_idle_seconds
         try:
-            self._store.drop_staging(older_than=self.options.staging_idle_seconds)
+            age = self._store.staging_age()
+            if age is None:
+                return
+            if age < idle:  # another instance's update made a fresh one meanwhile: wait for it
+                self._arm_idle_drop(idle - age)
+                return
+            self._staging_map = None  # our mapping would keep the unlinked pages alive
+            self._store.drop_staging(older_than=idle)
         except OSError:  # store gone (unload)
             pass
 

@@ -153,28 +153,37 @@ def markdown(R: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+# Issue 12's goals: P1 per transport (x the memcpy floor), P3 (weight copies at the most
+# instances), P4 (p99 under updates against without).
+P1_FLOOR_X = {"file": 6.0, "shm": 10.0}
+P1_RELOAD_X = 10.0
+P3_IDLE, P3_AFTER_UPDATE, P3_PER_INSTANCE = 2.5, 3.5, 0.1
+P4_P99_X = 1.5
+
+
 def targets(R: dict) -> list[dict]:
     out = []
     p1 = R["p1"]["median_ms"]
     mid = list(p1)[min(1, len(p1) - 1)]
     floor, reload = p1[mid]["memcpy"]["total"], p1[mid]["reload"]["total"]
     for m in R["p1"]["methods"]:
-        if ":" not in m:
+        if ":" not in m or m.split(":")[0] not in P1_FLOOR_X:
             continue
         tot = p1[mid][m]["total"]
         lab = f"{m.split(':')[0]}, {MODE_LABEL[m.split(':')[1]]}"
+        x = P1_FLOOR_X[m.split(":")[0]]
         out.append(
             {
-                "target": f"{mid} update ({lab}) within 3x memcpy floor",
+                "target": f"{mid} update ({lab}) within {x:g}x memcpy floor",
                 "figure": f"{tot:.1f} ms = {tot / floor:.1f}x of {floor:.1f} ms",
-                "met": tot <= 3 * floor,
+                "met": tot <= x * floor,
             }
         )
         out.append(
             {
-                "target": f"{mid} update ({lab}) >= 20x faster than Triton reload",
+                "target": f"{mid} update ({lab}) >= {P1_RELOAD_X:g}x faster than Triton reload",
                 "figure": f"{reload:.0f} / {tot:.1f} ms = {reload / tot:.1f}x",
-                "met": reload / tot >= 20,
+                "met": reload / tot >= P1_RELOAD_X,
             }
         )
     t = R["p2_triton"]["p50_ms"]
@@ -197,25 +206,25 @@ def targets(R: dict) -> list[dict]:
         fig = f"{fmt(c, '.2f')} weight copies per extra instance"
         if r:
             fig += (
-                f"; {r['total_copies']:.2f} copies resident at x{hi} (store {r['store_copies']:.2f}, bundle file page cache "
+                f"; {r['total_copies']:.2f} copies resident at x{hi} (store {r['store_copies']:.2f}, file-backed (the shared packed file) "
                 f"{r['file_copies']:.2f}, anon {r['anon_copies']:.2f}, regions {r['regions_copies']:.2f})"
             )
         out.append(
             {
-                "target": f"{k}: weights resident once with {hi} instances, plus at most one staging copy",
+                "target": f"{k}: <= {P3_IDLE:g} weight copies resident idle with {hi} instances, <= {P3_PER_INSTANCE:g} per extra instance",
                 "figure": fig,
-                "met": None if c is None or r is None else bool(c < 0.5 and r["total_copies"] <= 2.1),
+                "met": None if c is None or r is None or R["config"]["quick"] else bool(c <= P3_PER_INSTANCE and r["total_copies"] <= P3_IDLE),
             }
         )
         g = d.get(f"update_growth_x{hi}")
-        if g:
-            extra = g["total_copies"] - g["store_copies"]
+        if g and r:
+            after = r["total_copies"] + g["total_copies"]
             out.append(
                 {
-                    "target": f"{k}: after an update (x{hi}), growth beyond the retained previous version <= 1 copy",
-                    "figure": f"+{g['total_copies']:.2f} copies: store +{g['store_copies']:.2f} (history=1 keeps the previous "
-                    f"version), backend regions +{g['regions_copies']:.2f}, anon +{g['anon_copies']:.2f}",
-                    "met": None if R["config"]["quick"] else bool(extra <= 1.05),
+                    "target": f"{k}: <= {P3_AFTER_UPDATE:g} weight copies right after an update (x{hi}, shm, history=1)",
+                    "figure": f"{after:.2f} copies: idle {r['total_copies']:.2f}, then store +{g['store_copies']:.2f} (the new version; the "
+                    f"previous one stays for rollback; the next staging blob), backend regions +{g['regions_copies']:.2f}, anon +{g['anon_copies']:.2f}",
+                    "met": None if R["config"]["quick"] else bool(after <= P3_AFTER_UPDATE),
                 }
             )
     for m in MODES:
@@ -229,9 +238,9 @@ def targets(R: dict) -> list[dict]:
         )
         out.append(
             {
-                "target": f"under load ({MODE_LABEL[m]}): p99 within 2x of no-update p99",
+                "target": f"under load ({MODE_LABEL[m]}): p99 within {P4_P99_X:g}x of no-update p99",
                 "figure": f"{u['p99_ms']:.0f} / {b['p99_ms']:.0f} ms = {u['p99_ms'] / b['p99_ms']:.2f}x",
-                "met": u["p99_ms"] <= 2 * b["p99_ms"],
+                "met": u["p99_ms"] <= P4_P99_X * b["p99_ms"],
             }
         )
     return out

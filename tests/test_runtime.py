@@ -746,6 +746,20 @@ def test_hybrid_first_session_is_packed_as_the_shared_copy_so_a_version_has_one_
                 assert first.tobytes() == final.tobytes()
 
 
+def test_deterministic_without_a_shared_copy_serves_the_private_packed_session_at_once():
+    m = zoo.mlp(sizes=(16, 256, 256, 8))
+    x = {"x": np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)}
+    opts = wb.RuntimeOptions(prepack=True, hybrid=True, deterministic=True, share_packed=False)
+    with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), opts) as b:
+        b.init()
+        b.update({"fc1.weight": (np.random.default_rng(1).standard_normal((256, 256)) * 0.1).astype(np.float32)})
+        sess = b.infer_session()[1]
+        assert sess.get_session_options().get_session_config_entry("session.disable_prepacking") == "0"
+        first = b.infer(x)[0]["y"].tobytes()
+        assert b.fully_optimised and b._sessions.builder.idle()  # final already: nothing to swap in
+        assert b.infer_session()[1] is sess and b.infer(x)[0]["y"].tobytes() == first
+
+
 # --- staging blob fast path (lead) ----------------------------------------------------------
 def _staging_bundle(**opts):
     m = zoo.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES

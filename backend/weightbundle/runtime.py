@@ -53,10 +53,11 @@ class RuntimeOptions:
     baked speed, at the cost of a per-instance copy and ~1 ms/MiB of build time.
     prepack=False: sessions memory-map the store (zero-copy, builds in ~1 ms, slower GEMMs).
     hybrid=True (with prepack): a new version is served at once from a first session while
-    the shared pre-packed copy is built or loaded on a background thread, then swapped in.  That first session is zero-copy: it builds in ~1 ms, but its GEMMs
-    are slower and sum in another order, so its last bits can differ from the packed
-    copy's.  deterministic=True packs it privately instead, exactly as the shared copy is
-    packed (~50 ms per 64 MiB, on the update's path): one version, one answer.
+    the shared pre-packed copy is built or loaded on a background thread, then swapped in.
+    That first session is zero-copy: it builds in ~1 ms, but its GEMMs are slower and sum
+    in another order, so its last bits can differ from the packed copy's.
+    deterministic=True packs it privately instead, exactly as the shared copy is packed
+    (~50 ms per 64 MiB, on the update's path): one version, one answer.
     compile_once=True: the graph is optimized once, at the first session build; every later
     version's session loads the optimized graph at level "none" with its weights re-laid
     (NCHWc blocks, folded transposes) by numpy, so a version costs no optimizer run.  Where

@@ -3,9 +3,9 @@
 A ``SessionCache`` serves one bundle's inference graph from whatever version is the
 store's head.  How a version's session is built follows ``RuntimeOptions``: zero-copy
 (placeholders memory-map the store's blobs), pre-packed (ORT's packed copy, shared
-between instances through ``packing``), or hybrid (a private pre-packed session at
-once, or a zero-copy one where ``deterministic`` is off; the shared pre-packed one is
-built or loaded by ``_Builder`` on a background thread and swapped in).  A running
+between instances through ``packing``), or hybrid (a zero-copy session at once, or a
+private pre-packed one with ``deterministic``; the shared pre-packed one is built or
+loaded by ``_Builder`` on a background thread and swapped in).  A running
 inference keeps the session it started with, so it is never torn.
 
 With ``compile_once`` the graph is optimized only for the first version (``compiled``);
@@ -198,15 +198,16 @@ class SessionCache:
                 self.current = built  # activated a version staged by this instance: its session is ready
         if self.current is None or self.current[0] != v.number:
             opts = self.options
-            if opts.prepack and opts.hybrid and self._shares_packed():
-                # Serve the new version now; the shared mapped copy replaces this session in the
+            if opts.prepack and opts.hybrid and opts.deterministic and not self._shares_packed():
+                # The private pre-packed session is the final one: nothing to swap in later.
+                self.current = (v.number, self._new_session(v, prepack=True, level=opts.optimization))
+            elif opts.prepack and opts.hybrid:
+                # Serve the new version now; the pre-packed session replaces this one in the
                 # background.  deterministic: a private pre-packed session, which ORT packs as
-                # it packed the shared copy, so both give the same bytes.  Otherwise zero-copy,
+                # it packs the shared copy, so both give the same bytes.  Otherwise zero-copy,
                 # cheaper to build, but its GEMMs sum in another order (last bits differ).
                 self.current = (v.number, self._new_session(v, prepack=opts.deterministic, level=opts.optimization))
                 self.builder.request(v)
-            elif opts.prepack and opts.hybrid:  # no shared copy to switch to: the private one is final
-                self.current = (v.number, self._new_session(v, prepack=True, level=opts.optimization))
             elif opts.prepack:
                 self.current = (v.number, self._packed_session(v))
             else:
@@ -281,7 +282,7 @@ class SessionCache:
             if self.current is None or self.current[0] != v.number:
                 return
             first, self.current = self.current, (v.number, sess)
-        del first  # a private pre-packed first session: its packed copy goes back to the OS
+        del first  # a private pre-packed first session (deterministic): its packed copy goes back to the OS
         release_free_memory()
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.e2e
 MODEL = zoo.mlp(sizes=(16, 64, 64, 8))
 ORIG = zoo.initializers(MODEL)
 X = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+BIG = zoo.big_mlp(n=512, layers=3)  # 1 MiB per weight: file pushes go straight into the staging blob
 
 
 def _shm_files(pid: int | None = None) -> set[str]:
@@ -49,6 +51,7 @@ def env(tmp_path_factory):
     repo = str(root / "repo")
     make_repo(repo, "m", MODEL, max_batch_size=4, file_update_dirs=str(allowed))
     make_repo(repo, "m0", MODEL, max_batch_size=0, file_update_dirs=str(allowed))
+    make_repo(repo, "big", BIG, max_batch_size=0, file_update_dirs=str(allowed))
     with running(repo) as srv:
         yield srv, allowed, outside
 
@@ -112,6 +115,39 @@ def test_file_transport_with_only(client, env):
     check_serving(client, {"fc2.bias": full["fc2.bias"]})
     r = client.push_file(str(path), via="file")
     check_serving(client, full)
+
+
+def test_large_file_pushes_serve_exactly_and_a_bad_one_changes_nothing(env):
+    """Once a staging blob is ready, the server preads a file of plain weights straight into it
+    (no update graph); the answers and checksums must be what the weights say."""
+    srv, allowed, _ = env
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+    with WeightClient(srv.http_url, "big", secret=SECRET) as c:
+        v0 = c.reset()["version"]
+        weights: dict[str, np.ndarray] = {}
+        for step in range(3):
+            new = {n: (np.random.default_rng(10 + step).standard_normal((512, 512)) / 20).astype(np.float32) for n in ("w0", "w2")}
+            path = allowed / f"big-{step}.safetensors"
+            save_file(new, str(path))
+            r = c.push_file(str(path), via="file")
+            assert r.version == v0 + step + 1
+            weights.update(new)
+            out, v = c.infer({"x": x})
+            want = zoo.ort_run(zoo.with_weights(BIG, weights), {"x": x})["y"]
+            assert v == v0 + step + 1
+            np.testing.assert_allclose(out["y"], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+            time.sleep(0.5)  # the next staging blob is prepared in the background
+        before = c.status()
+        path = allowed / "big-bad.safetensors"
+        save_file({"w0": np.ones((512, 512), np.float32), "w1": np.ones((512, 512), np.float32)}, str(path))
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) - 4096])  # the last tensor's data is cut short
+        with pytest.raises(CommandError):
+            c.push_file(str(path), via="file")
+        after = c.status()
+        assert after["version"] == before["version"] and after["checksums"] == before["checksums"]
+        out, _ = c.infer({"x": x})
+        np.testing.assert_allclose(out["y"], zoo.ort_run(zoo.with_weights(BIG, weights), {"x": x})["y"], rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("via", ["request", "shm"])

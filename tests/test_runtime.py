@@ -898,3 +898,84 @@ def test_a_session_build_failure_after_publish_is_logged_and_the_version_returne
         assert any("version 1" in m and "no session today" in m for m in logs)
         monkeypatch.undo()
         assert b.infer({"x": np.ones((1, 16), np.float32)})[1] == 1  # the next inference builds it
+
+
+# --- direct writes into the staging blob (file transport) ---------------------------------------
+def _ready_staging_bundle():
+    m, b = _staging_bundle()
+    assert _wait_staging(b)
+    return m, b
+
+
+def _filler(values):
+    def fill(views):
+        for n, v in views.items():
+            v[...] = values[n]
+
+    return fill
+
+
+def test_update_direct_writes_the_values_once_and_serves_them():
+    m, b = _ready_staging_bundle()
+    with b:
+        new = {n: (np.random.default_rng(i).standard_normal((512, 512)) / 20).astype(np.float32) for i, n in enumerate(("w0", "w2"))}
+        monkey = b._updater._run_update_into, b._updater._run_update
+        b._updater._run_update_into = b._updater._run_update = lambda *a, **k: pytest.fail("ran the update graph")
+        v = b.update_direct({n: (a.dtype, a.shape) for n, a in new.items()}, _filler(new))
+        b._updater._run_update_into, b._updater._run_update = monkey
+        assert v == 1 and b.version == 1
+        cur = b.store.current()
+        for n, a in new.items():
+            np.testing.assert_array_equal(b.store.array(cur, n), a)
+            assert cur.entries[n][0] == "blob-1.bin"
+        np.testing.assert_array_equal(b.store.array(cur, "w1"), zoo.initializers(m)["w1"])  # kept
+        feeds = {"x": np.random.default_rng(9).standard_normal((4, 512)).astype(np.float32)}
+        want = zoo.ort_run(zoo.with_weights(m, new), feeds)["y"]
+        np.testing.assert_allclose(b.infer(feeds)[0]["y"], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        assert _wait_staging(b)  # the next one is prepared
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        {"w0": (np.float64, (512, 512))},  # another dtype: the update graph casts
+        {"w0": (np.float32, (512, 511))},  # wrong shape: the update graph refuses
+        {"nope": (np.float32, (512, 512))},  # unknown
+        {},
+    ],
+)
+def test_update_direct_declines_what_only_the_update_graph_can_do(specs):
+    m, b = _ready_staging_bundle()
+    with b:
+        assert b.update_direct(specs, lambda views: pytest.fail("filled")) is None
+        assert b.version == 0 and _wait_staging(b, timeout=0.5)
+
+
+def test_update_direct_without_a_staging_blob_declines():
+    m, b = _staging_bundle(staging=False)
+    with b:
+        assert b.update_direct({"w0": (np.float32, (512, 512))}, lambda views: pytest.fail("filled")) is None
+        assert b.version == 0
+
+
+def test_update_direct_is_all_or_nothing():
+    m, b = _ready_staging_bundle()
+    with b:
+        before = {n: np.array(b.store.array(b.store.current(), n)) for n in ("w0", "w1", "w2")}
+
+        def half_then_fail(views):
+            views["w0"][...] = 1.0
+            raise OSError("weights file ended early")
+
+        with pytest.raises(OSError, match="ended early"):
+            b.update_direct({"w0": (np.float32, (512, 512)), "w1": (np.float32, (512, 512))}, half_then_fail)
+        bad = {"w0": np.full((512, 512), np.nan, np.float32)}
+        with pytest.raises(wb.errors.UpdateError, match="NaN"):
+            b.update_direct({"w0": (np.float32, (512, 512))}, _filler(bad), reject_nonfinite=True)
+        with pytest.raises(wb.VersionConflictError):
+            b.update_direct({"w0": (np.float32, (512, 512))}, _filler({"w0": np.ones((512, 512), np.float32)}), expected_version=5)
+        assert b.version == 0
+        for n, a in before.items():
+            np.testing.assert_array_equal(b.store.array(b.store.current(), n), a)
+        assert _wait_staging(b, timeout=0.5)  # handed back each time
+        assert not [f for f in os.listdir(b.store.path) if f.startswith(".claimed-")]

@@ -559,3 +559,6 @@ def test_derived_variables_take_the_staging_fast_path(bundles, monkeypatch):
     x = rng.standard_normal((2, 512)).astype(np.float32)
     want = x @ new[:512].T @ new[512:1024].T @ new[1024:].T
     np.testing.assert_allclose(b.infer({"x": x})[0]["y"], want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+    # a derived weight's source cannot be written straight into the store: the update graph must run
+    b._updater.settle()
+    assert b.update_direct({"attn.in_proj_weight": (np.dtype(np.float32), w.shape)}, lambda views: pytest.fail("filled")) is None

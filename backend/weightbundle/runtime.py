@@ -21,7 +21,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -445,6 +445,24 @@ class Bundle:
         """
         self._alive()
         return self._ready(self._updater.update(inputs, expected_version, reject_nonfinite, version))
+
+    def update_direct(
+        self,
+        specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+        fill: Callable[[dict[str, np.ndarray]], None],
+        expected_version: int | None = None,
+        reject_nonfinite: bool = False,
+        version: int | None = None,
+    ) -> int | None:
+        """``update`` for values a reader writes itself: ``fill`` gets one writable view per
+        name, inside the store's staging blob, and fills it (``pread`` from a checkpoint, say),
+        so the bytes are copied once.  ``specs``: each name's (dtype, shape).  Returns None,
+        having changed nothing, where this does not apply (a derived or retyped weight, no
+        staging blob ready): then read the values and call ``update``.
+        """
+        self._alive()
+        number = self._updater.update_direct(specs, fill, expected_version, reject_nonfinite, version)
+        return None if number is None else self._ready(number)
 
     def stage(
         self,

@@ -25,7 +25,7 @@ from .repository import sweep_partial, write_version
 from .settings import ServingSettings
 from .store import default_root, shared_dir, sweep_stale
 from .format import raw_bytes
-from .transport import read_allowed_safetensors
+from .transport import Checkpoint
 
 
 @dataclass
@@ -308,22 +308,46 @@ class Service:
         weights = self._weights_from_request(req)
         nonfinite = bool(cmd.args.get("reject_nonfinite", False)) or self.settings.reject_nonfinite
         source = cmd.args.get("source")
-        if source is not None:
-            weights.update(self._weights_from_file(source, weights))
-        version = self.bundle.update(weights, expected_version=cmd.expected_version, reject_nonfinite=nonfinite, version=_version_arg(cmd))
+        kw: dict[str, Any] = {"expected_version": cmd.expected_version, "reject_nonfinite": nonfinite, "version": _version_arg(cmd)}
+        if source is None:
+            version = self.bundle.update(weights, **kw)
+            return {"version": version, "updated": sorted(k for k, v in weights.items() if v.size)}
+        f, wanted = self._open_checkpoint(source, weights)
+        with f:
+            direct = None
+            if not any(a.size for a in weights.values()):
+                # The file alone: pread it straight into the store's staging blob, one copy,
+                # where the update graph would only copy (see Bundle.update_direct).
+                direct = self.bundle.update_direct({n: f.spec(n) for n in wanted}, f.read_into, **kw)
+            if direct is not None:
+                return {"version": direct, "updated": sorted(wanted)}
+            weights.update(f.read(wanted))
+        version = self.bundle.update(weights, **kw)
         return {"version": version, "updated": sorted(k for k, v in weights.items() if v.size)}
 
-    def _weights_from_file(self, source: Any, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _open_checkpoint(self, source: Any, sent: Mapping[str, np.ndarray]) -> tuple[Checkpoint, list[str]]:
+        """The allowlisted file a ``source`` names, opened and checked, and the tensors to take from it."""
         if not isinstance(source, dict) or set(source) - {"file", "only"} or "file" not in source:
             raise ControlError('\'source\' must be {"file": "/abs/path.safetensors", "only": [names]}')
         only = source.get("only")
         if only is not None and (not isinstance(only, list) or not all(isinstance(n, str) for n in only)):
             raise ControlError("'source.only' must be a list of weight names")
-        tensors = read_allowed_safetensors(source["file"], self.settings.file_update_dirs, only)
-        both = sorted(set(tensors) & {k for k, v in sent.items() if v.size})
-        if both:
-            raise ControlError(f"weight(s) {both} given both as tensors and in the file; send each once")
-        return tensors
+        f = Checkpoint(source["file"], self.settings.file_update_dirs)
+        try:
+            wanted = list(only) if only else f.names
+            f.check(wanted)
+            both = sorted(set(wanted) & {k for k, v in sent.items() if v.size})
+            if both:
+                raise ControlError(f"weight(s) {both} given both as tensors and in the file; send each once")
+        except BaseException:
+            f.__exit__(None, None, None)
+            raise
+        return f, wanted
+
+    def _weights_from_file(self, source: Any, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        f, wanted = self._open_checkpoint(source, sent)
+        with f:
+            return f.read(wanted)
 
     def _op_status(self, cmd: Command, req: Mapping[str, np.ndarray]) -> dict[str, Any]:
         self._no_weights(req)

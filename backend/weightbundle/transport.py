@@ -26,7 +26,7 @@ import errno
 import json
 import os
 import stat
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from .control import ControlError
 from .format import raw_bytes
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_T = TypeVar("_T")
 
 ST_DTYPES = {
     "F16": "float16",
@@ -225,30 +226,91 @@ def read_tensors(fd: int, header: dict[str, dict[str, Any]], start: int, names: 
     return out
 
 
+class Checkpoint:
+    """An allowlisted safetensors file, opened once with its header validated; tensors are
+    copied out with ``pread``, into new arrays (``read``) or into buffers the caller owns
+    (``read_into``: e.g. straight into the store's staging blob).
+
+    >>> with Checkpoint("/ckpt/step-100.safetensors", ["/ckpt"]) as f:  # doctest: +SKIP
+    ...     tensors = f.read(f.names)
+    """
+
+    def __init__(self, path: Any, allowed_dirs: Sequence[str]):
+        self.path = path
+        self._fd = open_allowed(path, allowed_dirs)
+        try:
+            try:
+                self._before = os.fstat(self._fd)
+                self._header, self._start = safetensors_header(self._fd, self._before.st_size)
+            except ControlError as e:
+                raise ControlError(f"weights file {path!r}: {e}") from None
+            except OSError as e:
+                raise ControlError(f"cannot read weights file {path!r}: {e.strerror}") from None
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self._fd)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._header)
+
+    def spec(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """(dtype, shape) of tensor ``name``."""
+        e = self._header[name]
+        return _np_dtype(e["dtype"]), tuple(int(d) for d in e["shape"])
+
+    def check(self, wanted: Sequence[str]) -> None:
+        missing = sorted(set(wanted) - set(self._header))
+        if missing:
+            raise ControlError(f"weights file {self.path!r} has no tensor(s) {missing[:10]}")
+
+    def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named tensors as new arrays; the file must not have changed meanwhile."""
+        self.check(names)
+        out = self._io(lambda: read_tensors(self._fd, self._header, self._start, names))
+        self.check_unchanged()
+        return out
+
+    def read_into(self, dest: Mapping[str, np.ndarray]) -> None:
+        """Copy each named tensor into ``dest[name]`` (C-contiguous, the tensor's size in
+        bytes); then check that the file did not change meanwhile."""
+        self.check(list(dest))
+        for name, out in dest.items():
+            b = raw_bytes(out)
+            e = self._header[name]
+            begin, end = (int(x) for x in e["data_offsets"])
+            if len(b) != end - begin:
+                raise ValueError(f"buffer for {name!r} holds {len(b)} bytes, the tensor {end - begin}")
+            try:
+                _pread_exact(self._fd, b, self._start + begin)
+            except OSError as e:
+                raise ControlError(f"cannot read weights file {self.path!r}: {e.strerror}") from None
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        # Size and mtime, not ctime: renaming a new checkpoint over this one unlinks it, which
+        # changes its ctime, yet what we read stays whole and valid.
+        after = self._io(lambda: os.fstat(self._fd))
+        if (after.st_size, after.st_mtime_ns) != (self._before.st_size, self._before.st_mtime_ns):
+            raise ControlError(f"weights file {self.path!r} changed while it was read; write each checkpoint to a new file and rename it into place")
+
+    def _io(self, f: Callable[[], _T]) -> _T:
+        try:
+            return f()
+        except OSError as e:
+            raise ControlError(f"cannot read weights file {self.path!r}: {e.strerror}") from None
+
+
 def read_allowed_safetensors(path: Any, allowed_dirs: Sequence[str], only: Sequence[str] | None) -> dict[str, np.ndarray]:
     """Tensors of an allowlisted safetensors file, copied into memory with ``pread``.
 
     ``only`` picks a subset; the caller keeps every other weight.
     """
-    fd = open_allowed(path, allowed_dirs)
-    try:
-        before = os.fstat(fd)
-        try:
-            header, start = safetensors_header(fd, before.st_size)
-        except ControlError as e:
-            raise ControlError(f"weights file {path!r}: {e}") from None
-        wanted = list(only) if only else list(header)
-        missing = sorted(set(wanted) - set(header))
-        if missing:
-            raise ControlError(f"weights file {path!r} has no tensor(s) {missing[:10]}")
-        out = read_tensors(fd, header, start, wanted)
-        after = os.fstat(fd)
-        # Size and mtime, not ctime: renaming a new checkpoint over this one unlinks it, which
-        # changes its ctime, yet what we read stays whole and valid.
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            raise ControlError(f"weights file {path!r} changed while it was read; write each checkpoint to a new file and rename it into place")
-        return out
-    except OSError as e:
-        raise ControlError(f"cannot read weights file {path!r}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    with Checkpoint(path, allowed_dirs) as f:
+        return f.read(list(only) if only else f.names)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -124,6 +125,67 @@ class Updater:
         return self._through_update_graph(
             inputs, expected_version, reject_nonfinite, lambda feed, retype, changed, ev: self._apply(feed, retype, changed, ev, reject_nonfinite, version)
         )
+
+    def update_direct(
+        self,
+        specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+        fill: Callable[[dict[str, np.ndarray]], None],
+        expected_version: int | None = None,
+        reject_nonfinite: bool = False,
+        version: int | None = None,
+    ) -> int | None:
+        """Apply an update whose values ``fill`` writes straight into the staging blob: it gets
+        one writable view per name (e.g. to ``pread`` a checkpoint into), and no update graph
+        runs, so the values are copied once, with no buffer in between.  All-or-nothing, like
+        ``update``.  ``specs`` gives each name's (dtype, shape) as sent.
+
+        Applies only where the update graph would just copy: every name is a plain variable
+        (its own only source; no alias; nothing derived from it) sent with its exact dtype and
+        shape, and a staging blob is ready.  Returns None where it does not apply, having
+        touched nothing: then call ``update``.
+        """
+        if not self.options.staging or not specs:
+            return None
+        for name, (dtype, shape) in specs.items():
+            v = self._specs.get(name)
+            if v is None or name not in self._source_specs or name in self.aliases or self._deps[name] != [name]:
+                return None
+            if np.dtype(dtype) != v.np_dtype or tuple(shape) != tuple(v.shape) or not v.nbytes:
+                return None
+        if sorted(self.changed_by(set(specs))) != sorted(specs) or sum(self._specs[n].nbytes for n in specs) < STAGING_MIN_BYTES:
+            return None  # another entry derives from one of them, or too small to be worth a staging blob
+        path = self._store.claim_staging()
+        if path is None:
+            return None
+        try:
+            offsets, _ = self._store.staging_layout()
+            with self._staging_view(path) as mm:
+                views = {n: mm[offsets[n] : offsets[n] + self._specs[n].nbytes].view(self._specs[n].np_dtype).reshape(self._specs[n].shape) for n in specs}
+                fill(views)
+                if reject_nonfinite:
+                    _check_finite(views)
+                del views
+        except BaseException:
+            self._store.release_staging(path)
+            raise
+        number = self._store.publish_staged(path, list(specs), op="update", expected_version=expected_version, version=version, collect=False).number
+        self.after_publish(collect=True)
+        return number
+
+    @contextmanager
+    def _staging_view(self, path: str) -> Iterator[np.ndarray]:
+        """The claimed staging blob as bytes: the mapping populated in the background when it is
+        this blob (no page faults on the update's path), else a new one."""
+        premapped, self._staging_map = self._staging_map, None
+        if premapped is not None and premapped[0] == os.stat(path).st_ino:
+            yield premapped[1]
+            return
+        _, size = self._store.staging_layout()
+        mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        try:
+            yield mm
+        finally:
+            del mm
 
     def _through_update_graph(
         self,
@@ -291,13 +353,8 @@ class Updater:
 
     def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str, reject_nonfinite: bool = False) -> None:
         """Fast path: bind the update graph's outputs straight into the claimed staging blob."""
-        offsets, size = self._store.staging_layout()
-        premapped, self._staging_map = self._staging_map, None
-        if premapped is not None and premapped[0] == os.stat(path).st_ino:
-            mm = premapped[1]  # populated in the background: no page faults on this path
-        else:
-            mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
-        try:
+        offsets, _ = self._store.staging_layout()
+        with self._staging_view(path) as mm:
             io = sess.io_binding()
             self._bind_inputs(io, feed)
             views = {}
@@ -321,8 +378,6 @@ class Updater:
                     np.copyto(view, outs[out].numpy())
             if reject_nonfinite:
                 _check_finite({out[: -len(UPDATED_SUFFIX)]: view for out, view in views.items()})
-        finally:
-            del mm
 
     def _check_valid(self, valid: np.ndarray) -> None:
         if not valid.all():

@@ -327,7 +327,8 @@ class Bundle:
             outs = sess.run(None, feeds)
         except Exception as e:  # ORT errors on values (e.g. an out-of-range Gather index)
             raise InputError(f"inference failed: {e}") from None
-        self._updater.answered.set()  # the after-publish work may start (Updater.after_publish)
+        if not self._updater.answered.is_set():  # the after-publish work may start (Updater.after_publish)
+            self._updater.answered.set()
         return {o.name: a for o, a in zip(self.outputs, outs)}, version
 
     def infer_session(self) -> tuple[int, ort.InferenceSession]:

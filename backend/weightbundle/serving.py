@@ -340,7 +340,7 @@ class Service:
             if both:
                 raise ControlError(f"weight(s) {both} given both as tensors and in the file; send each once")
         except BaseException:
-            f.__exit__(None, None, None)
+            f.close()
             raise
         return f, wanted
 

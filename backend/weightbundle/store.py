@@ -107,6 +107,7 @@ class WeightStore:
         self.path = path
         self.specs = {s.name: s for s in specs}
         self.order = [s.name for s in specs]
+        self._staging_layout: tuple[dict[str, int], int] | None = None
         self.history = history
         os.makedirs(path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(path, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
@@ -207,11 +208,14 @@ class WeightStore:
     # it did not change are punched out.  One staging blob per store, whatever the
     # number of instances: memory cost is one model size of tmpfs.
     def staging_layout(self) -> tuple[dict[str, int], int]:
-        offsets, off = {}, 0
-        for name in self.order:
-            offsets[name] = off
-            off = (off + self.specs[name].nbytes + PAGE - 1) // PAGE * PAGE
-        return offsets, max(off, PAGE)
+        """(offset of each variable, blob size): fixed by the variables, so computed once."""
+        if self._staging_layout is None:
+            offsets, off = {}, 0
+            for name in self.order:
+                offsets[name] = off
+                off = (off + self.specs[name].nbytes + PAGE - 1) // PAGE * PAGE
+            self._staging_layout = offsets, max(off, PAGE)
+        return self._staging_layout
 
     def prepare_staging(self) -> None:
         """Allocate the staging blob if there is none (call off the critical path)."""

@@ -254,6 +254,9 @@ class Checkpoint:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
         os.close(self._fd)
 
     @property

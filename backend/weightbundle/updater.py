@@ -10,7 +10,6 @@ background thread prepares the next staging blob after each publish.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import threading
@@ -25,7 +24,7 @@ from . import format as fmt
 from .convert import UPDATED_SUFFIX, VALID_OUTPUT, retype_update_graph
 from .errors import UpdateError
 from .format import VariableSpec
-from .memory import release_free_memory
+from .memory import madvise, release_free_memory
 from .sessions import session_options
 from .store import STAGING, StagedVersion, WeightStore
 
@@ -161,9 +160,8 @@ class Updater:
         if path is None:
             return None
         try:
-            offsets, _ = self._store.staging_layout()
             with self._staging_view(path) as mm:
-                views = {n: mm[offsets[n] : offsets[n] + self._specs[n].nbytes].view(self._specs[n].np_dtype).reshape(self._specs[n].shape) for n in specs}
+                views = {n: self._variable_view(mm, n) for n in specs}
                 fill(views)
                 if reject_nonfinite:
                     _check_finite(views)
@@ -189,6 +187,11 @@ class Updater:
             yield mm
         finally:
             del mm
+
+    def _variable_view(self, mm: np.ndarray, name: str) -> np.ndarray:
+        """Variable ``name``'s place in the staging blob ``mm`` (bytes), typed and shaped."""
+        v, off = self._specs[name], self._store.staging_layout()[0][name]
+        return mm[off : off + v.nbytes].view(v.np_dtype).reshape(v.shape)
 
     def _through_update_graph(
         self,
@@ -364,7 +367,6 @@ class Updater:
 
     def _run_update_into(self, sess: ort.InferenceSession, feed: dict[str, np.ndarray], changed: list[str], path: str, reject_nonfinite: bool = False) -> None:
         """Fast path: bind the update graph's outputs straight into the claimed staging blob."""
-        offsets, _ = self._store.staging_layout()
         with self._staging_view(path) as mm:
             io = sess.io_binding()
             self._bind_inputs(io, feed)
@@ -372,7 +374,7 @@ class Updater:
             for v in self.variables:
                 out = v.name + UPDATED_SUFFIX
                 if v.name in changed and v.nbytes:
-                    view = mm[offsets[v.name] : offsets[v.name] + v.nbytes].view(v.np_dtype).reshape(v.shape)
+                    view = self._variable_view(mm, v.name)
                     views[out] = view
                     io.bind_output(out, "cpu", 0, v.np_dtype, list(v.shape), view.ctypes.data)
                 else:
@@ -428,18 +430,6 @@ def _populated_map(path: str) -> tuple[int, np.ndarray]:
     finally:
         os.close(fd)
     arr = np.frombuffer(mm, np.uint8)
-    if not _madvise_nogil(arr.ctypes.data, size, getattr(mmap, "MADV_POPULATE_WRITE", 23)):  # Linux >= 5.14
+    if not madvise(arr.ctypes.data, size, getattr(mmap, "MADV_POPULATE_WRITE", 23)):  # Linux >= 5.14
         arr[:: mmap.PAGESIZE] = 0  # older kernels: touch every page (contents are overwritten anyway)
     return ino, arr
-
-
-def _madvise_nogil(addr: int, size: int, advice: int) -> bool:
-    """madvise without holding the GIL.  ``mmap.madvise`` holds it, and populating a 64 MiB
-    blob takes ~20 ms: measured, that stalled the update's reply and the first inference of
-    the new version, which run on other threads meanwhile.  ctypes releases the GIL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return bool(libc.madvise(addr, size, advice) == 0)
-    except (OSError, AttributeError):
-        return False

@@ -117,9 +117,11 @@ def test_file_transport_with_only(client, env):
     check_serving(client, full)
 
 
-def test_large_file_pushes_serve_exactly_and_a_bad_one_changes_nothing(env):
-    """Once a staging blob is ready, the server preads a file of plain weights straight into it
-    (no update graph); the answers and checksums must be what the weights say."""
+@pytest.mark.parametrize("via", ["file", "shm"])
+def test_large_pushes_serve_exactly_and_a_bad_one_changes_nothing(env, via):
+    """Once a staging blob is ready, the server preads a file or a client's shm region of plain
+    weights straight into it (no update graph); the answers and checksums must be what the
+    weights say.  An shm push registers nothing with Triton: the server reads the region."""
     srv, allowed, _ = env
     x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
     with WeightClient(srv.http_url, "big", secret=SECRET) as c:
@@ -127,9 +129,13 @@ def test_large_file_pushes_serve_exactly_and_a_bad_one_changes_nothing(env):
         weights: dict[str, np.ndarray] = {}
         for step in range(3):
             new = {n: (np.random.default_rng(10 + step).standard_normal((512, 512)) / 20).astype(np.float32) for n in ("w0", "w2")}
-            path = allowed / f"big-{step}.safetensors"
-            save_file(new, str(path))
-            r = c.push_file(str(path), via="file")
+            if via == "file":
+                path = allowed / f"big-{step}.safetensors"
+                save_file(new, str(path))
+                r = c.push_file(str(path), via="file")
+            else:
+                r = c.update(new, via="shm")
+                assert not c._c.get_system_shared_memory_status()  # nothing registered with Triton
             assert r.version == v0 + step + 1
             weights.update(new)
             out, v = c.infer({"x": x})
@@ -138,12 +144,16 @@ def test_large_file_pushes_serve_exactly_and_a_bad_one_changes_nothing(env):
             np.testing.assert_allclose(out["y"], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
             time.sleep(0.5)  # the next staging blob is prepared in the background
         before = c.status()
-        path = allowed / "big-bad.safetensors"
-        save_file({"w0": np.ones((512, 512), np.float32), "w1": np.ones((512, 512), np.float32)}, str(path))
-        raw = path.read_bytes()
-        path.write_bytes(raw[: len(raw) - 4096])  # the last tensor's data is cut short
-        with pytest.raises(CommandError):
-            c.push_file(str(path), via="file")
+        if via == "file":
+            path = allowed / "big-bad.safetensors"
+            save_file({"w0": np.ones((512, 512), np.float32), "w1": np.ones((512, 512), np.float32)}, str(path))
+            raw = path.read_bytes()
+            path.write_bytes(raw[: len(raw) - 4096])  # the last tensor's data is cut short
+            with pytest.raises(CommandError):
+                c.push_file(str(path), via="file")
+        else:  # w0 fine, w1 the wrong shape: all or nothing
+            with pytest.raises(CommandError, match="shape"):
+                c.update({"w0": np.ones((512, 512), np.float32), "w1": np.ones((512, 511), np.float32)}, via="shm")
         after = c.status()
         assert after["version"] == before["version"] and after["checksums"] == before["checksums"]
         out, _ = c.infer({"x": x})

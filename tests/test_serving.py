@@ -355,3 +355,74 @@ def test_a_file_update_is_read_straight_into_the_store_when_nothing_needs_the_up
         assert svc.bundle.version == 2
     finally:
         svc.close()
+
+
+def _shm_region(tmp_name: str, weights: dict[str, np.ndarray]) -> str:
+    """A client push region in /dev/shm holding ``weights`` (as WeightClient writes it)."""
+    from weightbundle.client import shm_image_layout
+
+    header, start, size = shm_image_layout(weights)
+    data = bytearray(size)
+    data[: len(header)] = header
+    off = start
+    for a in weights.values():
+        data[off : off + a.nbytes] = a.tobytes()
+        off += a.nbytes
+    path = os.path.join("/dev/shm", tmp_name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_an_shm_source_is_read_by_the_server_and_only_client_regions_are_opened(tmp_path, monkeypatch):
+    monkeypatch.setenv("WB_TEST_SECRET", SECRET)
+    (tmp_path / "shm").mkdir()
+    model = zoo.big_mlp(n=512, layers=3)
+    d, cfg = _repo(tmp_path, model, 0, allow_updates="true", update_secret_env="WB_TEST_SECRET", store_root=str(tmp_path / "shm"))
+    svc = Service.open(d, 1, ServingSettings.from_model_config(cfg), "m")
+    name = f"wbpush-{os.getpid()}-test{np.random.default_rng(0).integers(1 << 30)}"
+    made: list[str] = []
+    try:
+        rng = np.random.default_rng(5)
+        feeds = {"x": rng.standard_normal((2, 512)).astype(np.float32)}
+        new = {"w1": (rng.standard_normal((512, 512)) / 20).astype(np.float32)}
+        made.append(_shm_region(name, new))
+
+        def command(source: dict) -> tuple[str | None, dict | None]:
+            [r] = svc.handle([{"CONTROL": ctl(op="update", secret=SECRET, source=source)}])
+            return r.error, (json.loads(r.outputs["CONTROL_RESULT"].ravel()[0]) if r.error is None else None)
+
+        first = svc.bundle.version
+        err, res = command({"shm": name})
+        assert err is None and res["updated"] == ["w1"] and res["version"] == first + 1
+        np.testing.assert_array_equal(svc.bundle.store.array(svc.bundle.store.current(), "w1"), new["w1"])
+        [r] = svc.handle([feeds])
+        want = zoo.ort_run(zoo.with_weights(model, new), feeds)["y"]
+        np.testing.assert_allclose(r.outputs["y"], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+        # Anything but a client's wbpush-* regular file is refused, and changes nothing.
+        os.symlink(made[0], f"/dev/shm/{name}-link")
+        made.append(f"/dev/shm/{name}-link")
+        os.mkdir(f"/dev/shm/{name}-dir")
+        made.append(f"/dev/shm/{name}-dir")
+        before = svc.bundle.store.current().number
+        for source, needle in [
+            ({"shm": "../etc/passwd"}, "must name a client push region"),
+            ({"shm": f"weightbundle-{os.getpid()}-m-v1/HEAD"}, "must name a client push region"),
+            ({"shm": "wbpush-a/b"}, "must name a client push region"),
+            ({"shm": 7}, "must name a client push region"),
+            ({"shm": f"{name}-nothere"}, "does not exist"),
+            ({"shm": f"{name}-link"}, "cannot open shm region"),
+            ({"shm": f"{name}-dir"}, "not a regular file"),
+            ({"shm": name, "file": "/x"}, "'source' must be"),
+        ]:
+            err, _ = command(source)
+            assert err is not None and needle in err, (source, err)
+        assert svc.bundle.store.current().number == before
+    finally:
+        svc.close()
+        for p in made:
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.rmdir(p)
+            else:
+                os.unlink(p)

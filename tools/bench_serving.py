@@ -14,8 +14,8 @@ The measurements (``tools/serving_bench/``, one module each; the report labels t
 P1  update latency (``update_latency``), 16/64/256 MiB of weights (L = 1/4/16), full updates.  Time from the
     client call until the next inference response (a 1-row probe) reports the new
     version.  Transports: ``request`` (tensors in the HTTP body), ``shm`` (WeightClient:
-    region created, filled, registered, unregistered per push), ``shm-staged`` (weights
-    already in a registered region: the producer-writes-into-shm case), ``file``
+    weights copied into the client's /dev/shm region, which the server reads), ``shm-staged``
+    (weights already in the region: the producer-writes-into-shm case), ``file``
     (safetensors in an allowlisted /tmp dir; the client's file write is reported apart).
     Each for the backend modes in MODES: prepack=true (the default; hybrid where the
     backend has it), prepack=true hybrid=false, prepack=false.  Before every visit the

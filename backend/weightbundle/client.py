@@ -9,9 +9,11 @@
 
 Transports for ``update``:
 - ``request``: the tensors travel in the request body. Works everywhere; slowest for big weights.
-- ``shm``: Triton system shared memory. The client copies the weights into a region it
-  registers, and the request only references it. For a server on this host.
-  The region is always unregistered and removed, even on error or Ctrl-C.
+- ``shm``: for a server on this host. The client copies the weights, as a safetensors
+  image, into a region it owns in ``/dev/shm`` (``wbpush-<pid>-<random>``, mode 0600,
+  reused across pushes), and the request only names it; the server reads the region
+  itself, so the weights never pass through Triton's inputs or the python backend's
+  own shared memory. The region is always removed, at ``close()``, on error or Ctrl-C.
 - ``file``: the request carries only a path to a safetensors file that the server reads.
   The file must be in one of the model's ``file_update_dirs``.
 """
@@ -19,8 +21,10 @@ Transports for ``update``:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT
 
 VIAS = ("auto", "request", "shm", "file")
 _ALIGN = 64
+_SHM_DIR = "/dev/shm"
 
 
 @dataclass
@@ -82,7 +87,8 @@ class WeightClient:
             self._c = tc.InferenceServerClient(url)
         self._tc = tc
         self._sig: dict[str, Any] | None = None
-        self._region: tuple[str, Any, int] | None = None  # (name, handle, bytes) of our registered shm region
+        self._region: tuple[str, mmap.mmap] | None = None  # (name, mapping) of our push region in /dev/shm
+        self._region_lock = threading.Lock()  # one push at a time writes the region
 
     def close(self) -> None:
         self._drop_region()
@@ -197,87 +203,86 @@ class WeightClient:
             send, ignored = select_update(list(sig["weights"]), list(weights), strict=strict, require_all=require_all)
         except Exception as e:  # UpdateError: refused here, before anything is sent
             raise CommandError(f"model {self.model!r}: {e}") from None
-        batch = (1,) if sig["batching"] else ()
-        arrays = {n: _as_declared(weights[n], sig["weights"][n][0]).reshape(batch + np.shape(weights[n])) for n in send}
+        arrays = {n: _as_declared(weights[n], sig["weights"][n][0]).reshape(np.shape(weights[n])) for n in send}
         total = sum(a.nbytes for a in arrays.values())
         t0 = time.perf_counter()
-        if via == "shm":
+        if via == "shm" and total:
             result = self._update_shm(arrays, expected_version, progress)
-        else:
-            inputs = [self._control("update", expected_version=expected_version)] + [self._input(n, a) for n, a in arrays.items()]
+        else:  # also an shm push of nothing but "keep" (empty) tensors: there is nothing to map
+            batch = (1,) if sig["batching"] else ()
+            inputs = [self._control("update", expected_version=expected_version)]
+            inputs += [self._input(n, a.reshape(batch + a.shape)) for n, a in arrays.items()]
             result = self._send(inputs)
             if progress:
                 progress(total, total)
         return PushResult(result["version"], total, time.perf_counter() - t0, via, result, ignored)
 
-    def _region_for(self, size: int) -> tuple[str, Any]:
-        """A registered system-shm region of at least ``size`` bytes, reused across pushes.
+    def _region_for(self, size: int) -> tuple[str, mmap.mmap]:
+        """Our push region in /dev/shm, at least ``size`` bytes, reused across pushes.
 
-        Creating and registering a region costs about as much as filling it, so one is
-        kept until ``close()`` (or until a bigger one is needed).
+        Creating and faulting in a region costs about as much as filling it, so one is
+        kept until ``close()`` (or until a bigger one is needed).  ``posix_fallocate``
+        reserves its pages now: a full /dev/shm is an error here, not a SIGBUS later.
         """
-        import tritonclient.utils.shared_memory as shm
-
-        if self._region is not None and self._region[2] >= size:
-            return self._region[0], self._region[1]
+        if self._region is not None and len(self._region[1]) >= size:
+            return self._region
         self._drop_region()
-        name = f"wbpush-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # distinct from weight stores (weightbundle-*)
-        handle = shm.create_shared_memory_region(name, "/" + name, size)
+        name = f"wbpush-{os.getpid()}-{uuid.uuid4().hex[:12]}"  # the server opens only wbpush-* names
+        path = os.path.join(_SHM_DIR, name)
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            self._c.register_system_shared_memory(name, "/" + name, size)
+            os.posix_fallocate(fd, 0, size)
+            self._region = (name, mmap.mmap(fd, size))
         except BaseException:
-            shm.destroy_shared_memory_region(handle)
+            os.unlink(path)
             raise
-        self._region = (name, handle, size)
-        return name, handle
+        finally:
+            os.close(fd)
+        return self._region
 
     def _drop_region(self) -> None:
-        """Unregister and remove our shm region; never raises (runs on every exit path)."""
-        import tritonclient.utils.shared_memory as shm
-
+        """Remove our shm region; never raises (runs on every exit path)."""
         if self._region is None:
             return
-        name, handle, _ = self._region
+        name, mm = self._region
         self._region = None
         try:
-            self._c.unregister_system_shared_memory(name)
+            mm.close()
         except Exception:
             pass
         try:
-            shm.destroy_shared_memory_region(handle)
-        except Exception:
+            os.unlink(os.path.join(_SHM_DIR, name))
+        except OSError:
             pass
+
+    def _fill_region(self, arrays: Mapping[str, np.ndarray], progress: Callable[[int, int], None] | None = None) -> str:
+        """Write ``arrays`` into our region as a safetensors image; return the region's name."""
+        header, start, size = shm_image_layout(arrays)
+        name, mm = self._region_for(size)
+        mm[: len(header)] = header
+        done, total = 0, size - start
+        offset = start
+        for a in arrays.values():  # copy straight into the mapping: one copy on this side
+            if a.nbytes:
+                np.copyto(np.frombuffer(mm, a.dtype, a.size, offset).reshape(a.shape), a)
+            offset += a.nbytes
+            done += a.nbytes
+            if progress:
+                progress(done, total)
+        return name
+
+    def _push_region(self, name: str, expected_version: int | None) -> dict[str, Any]:
+        return self._send([self._control("update", expected_version=expected_version, source={"shm": name})])
 
     def _update_shm(self, arrays: Mapping[str, np.ndarray], expected_version: int | None, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-        import tritonclient.utils.shared_memory as shm
-        from tritonclient.utils import np_to_triton_dtype
-
-        offsets, size = {}, 0
-        for n, a in arrays.items():
-            offsets[n] = size
-            size = (size + a.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        try:
-            name, handle = self._region_for(max(size, 1))
-            done, total = 0, sum(a.nbytes for a in arrays.values())
-            for n, a in arrays.items():  # copy straight into the mapped region: one copy on this side
-                if a.nbytes:
-                    view = shm.get_contents_as_numpy(handle, a.dtype, [a.size], offsets[n])
-                    np.copyto(view, a.reshape(-1))
-                done += a.nbytes
-                if progress:
-                    progress(done, total)
-            inputs = [self._control("update", expected_version=expected_version)]
-            for n, a in arrays.items():
-                i = self._tc.InferInput(n, list(a.shape), np_to_triton_dtype(a.dtype))
-                if a.nbytes:
-                    i.set_shared_memory(name, a.nbytes, offsets[n])
-                else:
-                    i.set_data_from_numpy(a)
-                inputs.append(i)
-            return self._send(inputs)
-        except BaseException:  # on any failure (Ctrl-C included) leave nothing registered behind
-            self._drop_region()
-            raise
+        arrays = {n: a for n, a in arrays.items() if a.size}  # an empty tensor means "keep": leave it out
+        with self._region_lock:
+            try:
+                return self._push_region(self._fill_region(arrays, progress), expected_version)
+            except BaseException:  # on any failure (Ctrl-C included) leave nothing behind
+                self._drop_region()
+                raise
 
     def push_file(
         self,
@@ -333,6 +338,22 @@ def _as_declared(a: np.ndarray, triton_dtype: str) -> np.ndarray:
 
     want = np.dtype(triton_to_np_dtype(triton_dtype))
     return np.ascontiguousarray(a if a.dtype == want else a.astype(want))
+
+
+def shm_image_layout(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, int, int]:
+    """(header bytes, data start, total size) of ``arrays`` as one safetensors image, in
+    order and without gaps; the header is padded with spaces so the data starts 64-byte
+    aligned, as safetensors allows."""
+    from .transport import st_dtype
+
+    entries, offset = {}, 0
+    for n, a in arrays.items():
+        entries[n] = {"dtype": st_dtype(a.dtype), "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % _ALIGN)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, start, start + offset
 
 
 def _safetensors_names(path: str) -> list[str]:

@@ -326,13 +326,17 @@ class Service:
         return {"version": version, "updated": sorted(k for k, v in weights.items() if v.size)}
 
     def _open_checkpoint(self, source: Any, sent: Mapping[str, np.ndarray]) -> tuple[Checkpoint, list[str]]:
-        """The allowlisted file a ``source`` names, opened and checked, and the tensors to take from it."""
-        if not isinstance(source, dict) or set(source) - {"file", "only"} or "file" not in source:
-            raise ControlError('\'source\' must be {"file": "/abs/path.safetensors", "only": [names]}')
+        """The file (allowlisted) or client shm region a ``source`` names, opened and checked,
+        and the tensors to take from it."""
+        if not isinstance(source, dict) or set(source) - {"file", "shm", "only"} or len(set(source) & {"file", "shm"}) != 1:
+            raise ControlError('\'source\' must be {"file": "/abs/path.safetensors"} or {"shm": "wbpush-<name>"}, with optional "only": [names]')
         only = source.get("only")
         if only is not None and (not isinstance(only, list) or not all(isinstance(n, str) for n in only)):
             raise ControlError("'source.only' must be a list of weight names")
-        f = Checkpoint(source["file"], self.settings.file_update_dirs)
+        if "shm" in source:
+            f = Checkpoint(source["shm"], shm=True)
+        else:
+            f = Checkpoint(source["file"], self.settings.file_update_dirs)
         try:
             wanted = list(only) if only else f.names
             f.check(wanted)

@@ -1,4 +1,8 @@
-"""Server side of the file transport: read weights from a safetensors file in an allowlisted directory.
+"""Server side of the file and shm transports: read weights from a safetensors file.
+
+``file``: a file in an allowlisted directory.  ``shm``: a region a client on this host
+wrote in ``/dev/shm``, named ``wbpush-*`` (see ``open_shm_region``); the server reads it
+itself, so the weights do not pass through Triton's inputs.
 
 The command names a path; the model config names the directories it may lie in
 (``file_update_dirs``, colon-separated).  The file is opened *once*, and everything
@@ -25,6 +29,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import stat
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -58,6 +63,17 @@ def _np_dtype(st: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(ST_DTYPES[st])
+
+
+def st_dtype(dtype: np.dtype) -> str:
+    """safetensors' name for a numpy dtype (the inverse of ``_np_dtype``)."""
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return "BF16"
+    for st, name in ST_DTYPES.items():
+        if dtype == np.dtype(name):
+            return st
+    raise ValueError(f"dtype {dtype} has no safetensors name")
 
 
 # -- opening ------------------------------------------------------------------------------------
@@ -145,6 +161,36 @@ def open_allowed(path: Any, allowed_dirs: Sequence[str]) -> int:
                 raise ControlError(f"weights file {path!r} is not a regular file")
             return fd
     raise ControlError(f"path {path!r} is outside the allowed directories {list(allowed_dirs)}")
+
+
+SHM_DIR = "/dev/shm"
+SHM_PUSH_PREFIX = "wbpush-"
+_SHM_NAME = re.compile(r"wbpush-[A-Za-z0-9_-]{1,120}")
+
+
+def open_shm_region(name: Any) -> int:
+    """Open a client's push region ``/dev/shm/<name>`` for reading; return the fd.
+
+    Only names of the client's pattern (``wbpush-`` plus letters, digits, ``_``, ``-``)
+    are opened, never through a symlink, and only a regular file: a command cannot
+    point the server at a weight store, a Triton region or anything outside /dev/shm.
+    """
+    if not isinstance(name, str) or not _SHM_NAME.fullmatch(name):
+        raise ControlError(f"'source.shm' must name a client push region: {SHM_PUSH_PREFIX}<letters, digits, _ or ->, got {name!r:.80}")
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), _OPEN_FLAGS | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise ControlError(
+                f"shm region {name!r} does not exist in {SHM_DIR} on the server's host; via='shm' needs the client on that host, sharing /dev/shm"
+            ) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ControlError(f"shm region {name!r} is not readable by the server (it runs as another user); use via='request' or 'file'") from None
+        raise ControlError(f"cannot open shm region {name!r}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ControlError(f"shm region {name!r} is not a regular file")
+    return fd
 
 
 def _open_error(path: str, e: OSError, allowed: Sequence[str]) -> str:
@@ -235,17 +281,19 @@ class Checkpoint:
     ...     tensors = f.read(f.names)
     """
 
-    def __init__(self, path: Any, allowed_dirs: Sequence[str]):
+    def __init__(self, path: Any, allowed_dirs: Sequence[str] = (), *, shm: bool = False):
+        """``shm``: ``path`` is the name of a client's ``wbpush-*`` region in /dev/shm."""
         self.path = path
-        self._fd = open_allowed(path, allowed_dirs)
+        self.what = f"shm region {path!r}" if shm else f"weights file {path!r}"
+        self._fd = open_shm_region(path) if shm else open_allowed(path, allowed_dirs)
         try:
             try:
                 self._before = os.fstat(self._fd)
                 self._header, self._start = safetensors_header(self._fd, self._before.st_size)
             except ControlError as e:
-                raise ControlError(f"weights file {path!r}: {e}") from None
+                raise ControlError(f"{self.what}: {e}") from None
             except OSError as e:
-                raise ControlError(f"cannot read weights file {path!r}: {e.strerror}") from None
+                raise ControlError(f"cannot read {self.what}: {e.strerror}") from None
         except BaseException:
             os.close(self._fd)
             raise
@@ -271,7 +319,7 @@ class Checkpoint:
     def check(self, wanted: Sequence[str]) -> None:
         missing = sorted(set(wanted) - set(self._header))
         if missing:
-            raise ControlError(f"weights file {self.path!r} has no tensor(s) {missing[:10]}")
+            raise ControlError(f"{self.what} has no tensor(s) {missing[:10]}")
 
     def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         """The named tensors as new arrays; the file must not have changed meanwhile."""
@@ -293,7 +341,7 @@ class Checkpoint:
             try:
                 _pread_exact(self._fd, b, self._start + begin)
             except OSError as e:
-                raise ControlError(f"cannot read weights file {self.path!r}: {e.strerror}") from None
+                raise ControlError(f"cannot read {self.what}: {e.strerror}") from None
         self.check_unchanged()
 
     def check_unchanged(self) -> None:
@@ -301,13 +349,13 @@ class Checkpoint:
         # changes its ctime, yet what we read stays whole and valid.
         after = self._io(lambda: os.fstat(self._fd))
         if (after.st_size, after.st_mtime_ns) != (self._before.st_size, self._before.st_mtime_ns):
-            raise ControlError(f"weights file {self.path!r} changed while it was read; write each checkpoint to a new file and rename it into place")
+            raise ControlError(f"{self.what} changed while it was read; write each checkpoint to a new file and rename it into place")
 
     def _io(self, f: Callable[[], _T]) -> _T:
         try:
             return f()
         except OSError as e:
-            raise ControlError(f"cannot read weights file {self.path!r}: {e.strerror}") from None
+            raise ControlError(f"cannot read {self.what}: {e.strerror}") from None
 
 
 def read_allowed_safetensors(path: Any, allowed_dirs: Sequence[str], only: Sequence[str] | None) -> dict[str, np.ndarray]:

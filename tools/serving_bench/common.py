@@ -159,7 +159,7 @@ class Resources:
     def __init__(self) -> None:
         self.servers: list[TritonServer] = []
         self.dirs: list[str] = []
-        self.regions: list[tuple[Any, str, Any]] = []  # (http client, name, handle)
+        self.clients: list[Any] = []  # WeightClients whose push regions must go
         self.server_pids: list[int] = []
         self.lock = threading.Lock()
 
@@ -182,7 +182,7 @@ class Resources:
         return srv
 
     def leaks(self) -> list[str]:
-        """What of ours is still there after close(): stores, regions, temp dirs."""
+        """What of ours is still there after close(): stores, push regions, temp dirs."""
         left = [d for d in self.dirs if os.path.exists(d)] + [p for p in _PRIVATE_STORES if os.path.exists(p)]
         mine = tuple(f"weightbundle-{pid}-" for pid in self.server_pids) + (f"weightbundle-{os.getpid()}-", f"wbbench-{os.getpid()}-", f"wbpush-{os.getpid()}-")
         try:
@@ -203,18 +203,12 @@ class Resources:
         return t
 
     def close(self) -> None:
-        for client, name, handle in self.regions:
+        for c in self.clients:
             try:
-                client.unregister_system_shared_memory(name)
+                c.close()  # removes its push region
             except Exception:  # noqa: BLE001 - the server may be gone already
                 pass
-            try:
-                import tritonclient.utils.shared_memory as shmu
-
-                shmu.destroy_shared_memory_region(handle)
-            except Exception:  # noqa: BLE001
-                pass
-        self.regions.clear()
+        self.clients.clear()
         threads = [threading.Thread(target=s.stop, daemon=True) for s in list(self.servers)]
         for t in threads:
             t.start()

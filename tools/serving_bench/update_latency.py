@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-import json
 import os
 import shutil
 import threading
@@ -56,7 +55,7 @@ class P1Server:
         self.wc = {n: WeightClient(self.srv.http_url, n, secret=secret) for n in names if n.startswith("wb")}
         self.plain_version = {a.layers: 1 for a in arts}
         self.turn: dict[tuple[int, str], int] = {}
-        self.staged: dict[int, tuple[str, list]] = {}
+        self.staged: dict[tuple[int, str], tuple[WeightClient, str]] = {}  # (layers, mode) -> (client, its region)
 
     def next_set(self, layers: int, mode: str) -> str:
         k = self.turn.get((layers, mode), 0)
@@ -64,35 +63,16 @@ class P1Server:
         return "B" if k % 2 == 0 else "A"  # models start at A: every push changes every value
 
     def stage_shm(self, art: Artifact) -> None:
-        """A registered region already holding the weights (a producer that writes straight into shm)."""
-        import tritonclient.utils.shared_memory as shmu
+        """Per model, a push region already holding the weights (a producer that writes straight
+        into shm), with a client of its own so that the ``shm`` pushes do not overwrite it."""
+        for mode in MODES:
+            wc = WeightClient(self.srv.http_url, f"wb{art.layers}{mode}", secret=self.secret)
+            self.res.clients.append(wc)
+            self.staged[(art.layers, mode)] = (wc, wc._fill_region(art.B))
 
-        name = f"wbbench-{os.getpid()}-{art.layers}"
-        offsets, size = {}, 0
-        for k, a in art.A.items():
-            offsets[k] = size
-            size = (size + a.nbytes + 63) // 64 * 64
-        handle = shmu.create_shared_memory_region(name, "/" + name, size)
-        self.res.regions.append((self.c, name, handle))
-        for k, a in art.B.items():
-            np.copyto(shmu.get_contents_as_numpy(handle, a.dtype, [a.size], offsets[k]), a.reshape(-1))
-        self.c.register_system_shared_memory(name, "/" + name, size)
-        self.staged[art.layers] = (name, [(k, list(a.shape), offsets[k], a.nbytes) for k, a in art.A.items()])
-
-    def push_staged(self, layers: int, model: str) -> int:
-        import tritonclient.http as httpclient
-
-        name, rows = self.staged[layers]
-        ctl = np.array([json.dumps({"op": "update", "secret": self.secret}).encode()], dtype=object)
-        i = httpclient.InferInput("CONTROL", [1], "BYTES")
-        i.set_data_from_numpy(ctl)
-        inputs = [i]
-        for k, shape, off, nbytes in rows:
-            t = httpclient.InferInput(k, shape, "FP32")
-            t.set_shared_memory(name, nbytes, off)
-            inputs.append(t)
-        r = self.c.infer(model, inputs, outputs=[httpclient.InferRequestedOutput("CONTROL_RESULT")])
-        return int(json.loads(r.as_numpy("CONTROL_RESULT").reshape(-1)[0])["version"])
+    def push_staged(self, layers: int, mode: str) -> int:
+        wc, region = self.staged[(layers, mode)]
+        return int(wc._push_region(region, None)["version"])
 
     def measure(self, art: Artifact, method: str, probe: np.ndarray, floor_buf: tuple[np.ndarray, np.ndarray]) -> dict:
         L = art.layers
@@ -126,7 +106,7 @@ class P1Server:
         out: dict[str, float] = {}
         if via == "shm-staged":
             t0 = now()
-            v = self.push_staged(L, model)
+            v = self.push_staged(L, mode)
         elif via == "file":
             from safetensors.numpy import save_file
 
@@ -191,13 +171,6 @@ class P1Server:
     def _release_clients(self) -> None:
         for wc in self.wc.values():
             wc.close()
-        for client, name, handle in list(self.res.regions):
-            if client is self.c:
-                import tritonclient.utils.shared_memory as shmu
-
-                try:
-                    client.unregister_system_shared_memory(name)
-                finally:
-                    shmu.destroy_shared_memory_region(handle)
-                self.res.regions.remove((client, name, handle))
+        for wc, _ in self.staged.values():
+            wc.close()
         self.c.close()

@@ -979,3 +979,48 @@ def test_update_direct_is_all_or_nothing():
             np.testing.assert_array_equal(b.store.array(b.store.current(), n), a)
         assert _wait_staging(b, timeout=0.5)  # handed back each time
         assert not [f for f in os.listdir(b.store.path) if f.startswith(".claimed-")]
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_older_versions_live_on_disk_and_rollback_brings_them_back(load, built, tmp_path, monkeypatch, on_disk):
+    """``history_on_disk``: a blob only older versions read leaves tmpfs for the disk-backed twin
+    folder; reading that version, rolling back to it and collecting it all still work."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(disk))  # read when the store is made
+    b = load(built("mlp"), wb.RuntimeOptions(history=2, history_on_disk=on_disk))
+    if os.stat(b.store.path).st_dev == os.stat(disk).st_dev:
+        pytest.skip("the private store and tmp_path share one filesystem here: nothing to move")
+    model, rng = zoo.mlp(), np.random.default_rng(21)
+    feeds = feeds_for("mlp", rng)
+
+    def where() -> tuple[set[str], set[str]]:
+        b._updater.settle()
+        hot = {f for f in os.listdir(b.store.path) if f.startswith("blob-")}
+        twin = disk / os.path.basename(b.store.path)
+        cold = {f[len("cold-") :] for f in os.listdir(twin) if f.startswith("cold-")} if twin.is_dir() else set()
+        return hot, cold
+
+    b.execute(b.model_id(1))
+    v0 = current(b)
+    w1 = random_weights(b.variables, rng)
+    b.update(w1)
+    hot, cold = where()
+    assert hot == {"blob-1.bin"} | (set() if on_disk else {"blob-0.bin"}) and cold == ({"blob-0.bin"} if on_disk else set())
+    old = b.store.version(0)
+    assert {s.name: np.array(b.store.array(old, s.name)).tobytes() for s in b.variables} == v0  # read where it is
+    w2 = random_weights(b.variables, rng)
+    b.update(w2)
+    hot, cold = where()
+    assert hot == {"blob-2.bin"} | (set() if on_disk else {"blob-0.bin", "blob-1.bin"}) and cold == ({"blob-0.bin", "blob-1.bin"} if on_disk else set())
+    r = b.store.rollback()  # back to version 1's contents: its blob comes back into the store first
+    assert r.entries == b.store.version(1).entries
+    hot, cold = where()
+    assert "blob-1.bin" in hot and "blob-1.bin" not in cold
+    out, version = b.infer(feeds)
+    assert version == r.number
+    np.testing.assert_allclose(out["y"], zoo.ort_run(zoo.with_weights(model, w1), feeds)["y"], **FP32_TOL)
+    b.update(random_weights(b.variables, rng))  # history 2 keeps versions 2, 3 and 4: blob-0 goes everywhere
+    hot, cold = where()
+    assert "blob-0.bin" not in hot | cold
+    assert cold == ({"blob-1.bin", "blob-2.bin"} if on_disk else set())

@@ -75,6 +75,7 @@ class RuntimeOptions:
     staging: bool = True  # after an update, keep one pre-allocated staging blob (one model size of tmpfs) for the next
     staging_idle_seconds: float = 60.0  # drop that blob after this long without an update (0: keep it)
     share_packed: bool = True  # prepack: one packed copy per version in the store, mapped by every instance
+    history_on_disk: bool = True  # move blobs only older versions (rollback) read to the disk-backed folder
     compile_once: bool = True  # optimize the graph once per load and re-lay each version's weights (``compiled``)
     store_dir: str | None = None  # shared store directory; None: a private one
 
@@ -505,6 +506,8 @@ class Bundle:
         del old
         try:
             self._store.collect()
+            if self.options.history_on_disk:
+                self._store.evict_history()
         except Exception:  # noqa: BLE001 - the next publish collects again
             pass
 

@@ -81,6 +81,11 @@ class ServingSettings:
         "straight from the update graph",
     )
     staging_idle_seconds: float = param(60.0, "drop the staging blob after this many seconds without an update (0: keep it)")
+    history_on_disk: bool = param(
+        True,
+        "keep the weights only older versions (rollback) read on the disk-backed folder of `share_packed`, as evictable page cache, "
+        "not tmpfs; a rollback copies them back first",
+    )
     optimization: str = param(
         "all", "ONNX Runtime level used when a version's session is built (`all` gives Conv+BatchNorm folding and NCHWc, like a baked session)"
     )

@@ -40,6 +40,7 @@ STAGING = "staging.bin"
 CLAIMED = ".claimed-"
 STAGED = "staged-"  # staged-<N>.bin / staged-<N>.json: staged versions (never "blob-", which GC owns)
 STAGE_TMP = ".stage-"
+COLD = "cold-"  # cold-<blob> in the disk-backed twin folder: a blob only older versions read
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,16 @@ class WeightStore:
         blob, off = v.entries[name]
         if spec.nbytes == 0:
             return np.zeros(spec.shape, spec.np_dtype)
-        return np.memmap(os.path.join(self.path, blob), dtype=spec.np_dtype, mode="r", offset=off, shape=spec.shape)
+        return np.memmap(self.blob_path(blob), dtype=spec.np_dtype, mode="r", offset=off, shape=spec.shape)
+
+    def blob_path(self, blob: str) -> str:
+        """Where a blob's bytes are: in the store, or, for one that only older retained
+        versions read, in the disk-backed twin folder (``evict_history``)."""
+        hot = os.path.join(self.path, blob)
+        if os.path.exists(hot):
+            return hot
+        cold = os.path.join(self.packed_path, COLD + blob)
+        return cold if os.path.exists(cold) else hot
 
     # -- writing -------------------------------------------------------------
     @contextmanager
@@ -347,6 +357,7 @@ class WeightStore:
                     f"cannot roll back version {cur.number}: its predecessor is not retained (retained: {kept}; raise the 'history' parameter to keep more)"
                 )
             target = self.version(cur.prev)
+            self._restore_cold(target)
             return self._commit(number, f"rollback to {target.number}", dict(target.entries), target.prev, target.origin)
 
     # -- staged versions (two-phase: stage everywhere, then activate) -------------------
@@ -473,7 +484,7 @@ class WeightStore:
             h.update(f"{name}\0{spec.np_dtype.str}\0{list(spec.shape)}\0".encode())
             if spec.nbytes:
                 blob, off = entries[name]
-                with open(os.path.join(self.path, blob), "rb") as f:
+                with open(self.blob_path(blob), "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 try:
                     h.update(memoryview(mm)[off : off + spec.nbytes])
@@ -541,6 +552,9 @@ class WeightStore:
                 unlink_quiet(os.path.join(self.path, f))  # claimed by a process that died mid-update
             elif left_by_dead_process(f, STAGE_TMP):
                 unlink_quiet(os.path.join(self.path, f))  # a stage whose writer died
+        for f in os.listdir(self.packed_path) if os.path.isdir(self.packed_path) else []:
+            if f.startswith(COLD) and f[len(COLD) :] not in live:
+                unlink_quiet(os.path.join(self.packed_path, f))
         self._gc_packed(head)
 
     def _gc_packed(self, head: int) -> None:
@@ -559,6 +573,74 @@ class WeightStore:
                     shutil.rmtree(os.path.join(d, f), ignore_errors=True)
                 else:
                     unlink_quiet(os.path.join(d, f))
+
+    # -- older versions on disk ------------------------------------------------------
+    # A retained older version is read only by rollback (and status of it, never by
+    # inference), yet on tmpfs it costs a model size of RAM for as long as it is kept.
+    # ``evict_history`` moves such blobs to the disk-backed twin folder, next to the packed
+    # copies: there they are page cache, which the kernel writes back and can evict.  A
+    # rollback copies them back into the store before publishing (``_restore_cold``), so a
+    # current version's blobs are always in the store, where sessions map them.
+    def evict_history(self) -> int:
+        """Move the blobs that only older retained versions read out of tmpfs; return the
+        bytes moved.  Best effort: a full or missing disk leaves them where they are."""
+        if not self._cold_is_elsewhere():
+            return 0
+        with self.locked():
+            head = self.head()
+            if head is None:
+                return 0
+            current = {b for b, _ in self.version(head).entries.values()}
+            ranges: dict[str, list[tuple[int, int]]] = {}
+            for n in self.versions():
+                if n != head:
+                    for name, (b, off) in self.version(n).entries.items():
+                        if b not in current and b.startswith("blob-") and os.path.exists(os.path.join(self.path, b)):
+                            ranges.setdefault(b, []).append((off, self.specs[name].nbytes))
+        moved = 0
+        for blob, spans in ranges.items():
+            hot = os.path.join(self.path, blob)
+            os.makedirs(self.packed_path, exist_ok=True)
+            tmp = os.path.join(self.packed_path, f"{packing.BUILDING}{os.getpid()}-{uuid.uuid4().hex[:8]}.cold")
+            try:
+                _copy_ranges(hot, tmp, spans)  # outside the lock: updates go on meanwhile
+                with self.locked():  # publish the move only if the blob is still old and still here
+                    head = self.head()
+                    if head is None or blob in {b for b, _ in self.version(head).entries.values()} or not os.path.exists(hot):
+                        continue
+                    os.rename(tmp, os.path.join(self.packed_path, COLD + blob))
+                    os.unlink(hot)  # sessions still mapping it keep its pages until they close
+                moved += sum(n for _, n in spans)
+            except (OSError, ValueError):
+                pass
+            finally:
+                unlink_quiet(tmp)
+        return moved
+
+    def _restore_cold(self, v: Version) -> None:
+        """Under the lock: copy version ``v``'s blobs that were moved to disk back into the store."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for name, (b, off) in v.entries.items():
+            spans.setdefault(b, []).append((off, self.specs[name].nbytes))
+        for blob, rs in spans.items():
+            hot, cold = os.path.join(self.path, blob), os.path.join(self.packed_path, COLD + blob)
+            if os.path.exists(hot) or not os.path.exists(cold):
+                continue
+            tmp = hot + ".tmp"
+            try:
+                _copy_ranges(cold, tmp, rs)
+                os.rename(tmp, hot)
+            except BaseException:  # ENOSPC on tmpfs: the rollback fails, nothing changed
+                unlink_quiet(tmp)
+                raise
+            unlink_quiet(cold)
+
+    def _cold_is_elsewhere(self) -> bool:
+        """Moving blobs helps only when the twin folder is another filesystem than the store's."""
+        try:
+            return os.stat(self.path).st_dev != os.stat(packing.packed_root()).st_dev
+        except OSError:
+            return False
 
     # -- sharing between processes ------------------------------------------------
     # Each attached process holds an flock on instances/<pid>; a lock that can be
@@ -662,3 +744,26 @@ def _punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> None:
                 libc.fallocate(fd, 3, ctypes.c_long(off), ctypes.c_long(n))  # PUNCH_HOLE | KEEP_SIZE; best effort
     finally:
         os.close(fd)
+
+
+def _copy_ranges(src: str, dst: str, spans: Sequence[tuple[int, int]]) -> None:
+    """Copy the byte ranges ``spans`` of ``src`` into a new file ``dst`` of the same size, at
+    the same offsets; the rest stays a hole (a blob's unchanged variables are holes).
+    ``sendfile`` copies in the kernel, without the GIL."""
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fout, os.fstat(fin).st_size)
+            for off, n in spans:
+                os.lseek(fout, off, os.SEEK_SET)
+                done = 0
+                while done < n:
+                    k = os.sendfile(fout, fin, off + done, n - done)
+                    if k <= 0:
+                        raise OSError(f"{src} ended early")
+                    done += k
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)

@@ -291,6 +291,11 @@ class Updater:
                         self._arm_idle_drop(self.options.staging_idle_seconds)
             except (OSError, ValueError):  # store gone (unload), tmpfs full, or claimed meanwhile: plain path
                 pass
+            if collect and self.options.history_on_disk:
+                try:
+                    store.evict_history()  # the version just replaced: rollback's only, off tmpfs
+                except (OSError, ValueError):  # store gone (unload)
+                    pass
             release_free_memory()
 
         t = threading.Thread(target=run, name="weightbundle-after-publish", daemon=True)

@@ -222,8 +222,9 @@ def targets(R: dict) -> list[dict]:
             out.append(
                 {
                     "target": f"{k}: <= {P3_AFTER_UPDATE:g} weight copies right after an update (x{hi}, shm, history=1)",
-                    "figure": f"{after:.2f} copies: idle {r['total_copies']:.2f}, then store +{g['store_copies']:.2f} (the new version; the "
-                    f"previous one stays for rollback; the next staging blob), backend regions +{g['regions_copies']:.2f}, anon +{g['anon_copies']:.2f}",
+                    "figure": f"{after:.2f} copies: idle {r['total_copies']:.2f}, then store +{g['store_copies']:.2f} (the new version and the next "
+                    "staging blob; the previous version, kept for rollback, is on disk with history_on_disk)"
+                    f", backend regions +{g['regions_copies']:.2f}, anon +{g['anon_copies']:.2f}",
                     "met": None if R["config"]["quick"] else bool(after <= P3_AFTER_UPDATE),
                 }
             )

@@ -591,18 +591,13 @@ class WeightStore:
             if head is None:
                 return 0
             current = {b for b, _ in self.version(head).entries.values()}
-            ranges: dict[str, list[tuple[int, int]]] = {}
-            for n in self.versions():
-                if n != head:
-                    for name, (b, off) in self.version(n).entries.items():
-                        if b not in current and b.startswith("blob-") and os.path.exists(os.path.join(self.path, b)):
-                            ranges.setdefault(b, []).append((off, self.specs[name].nbytes))
+            ranges = {b: r for b, r in self._blob_ranges().items() if b not in current and os.path.exists(os.path.join(self.path, b))}
         moved = 0
         for blob, spans in ranges.items():
             hot = os.path.join(self.path, blob)
-            os.makedirs(self.packed_path, exist_ok=True)
             tmp = os.path.join(self.packed_path, f"{packing.BUILDING}{os.getpid()}-{uuid.uuid4().hex[:8]}.cold")
             try:
+                os.makedirs(self.packed_path, exist_ok=True)
                 _copy_ranges(hot, tmp, spans)  # outside the lock: updates go on meanwhile
                 with self.locked():  # publish the move only if the blob is still old and still here
                     head = self.head()
@@ -617,18 +612,27 @@ class WeightStore:
                 unlink_quiet(tmp)
         return moved
 
+    def _blob_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Under the lock: every blob any retained version reads, with the byte ranges read
+        (a partial update's blob shares the older blob's other ranges with older versions)."""
+        ranges: dict[str, set[tuple[int, int]]] = {}
+        for n in self.versions():
+            for name, (b, off) in self.version(n).entries.items():
+                if b.startswith("blob-"):
+                    ranges.setdefault(b, set()).add((off, self.specs[name].nbytes))
+        return {b: sorted(r) for b, r in ranges.items()}
+
     def _restore_cold(self, v: Version) -> None:
-        """Under the lock: copy version ``v``'s blobs that were moved to disk back into the store."""
-        spans: dict[str, list[tuple[int, int]]] = {}
-        for name, (b, off) in v.entries.items():
-            spans.setdefault(b, []).append((off, self.specs[name].nbytes))
-        for blob, rs in spans.items():
+        """Under the lock: copy version ``v``'s blobs that were moved to disk back into the store,
+        each whole (every range any retained version reads), since the disk copy then goes."""
+        ranges = self._blob_ranges()
+        for blob in {b for b, _ in v.entries.values()}:
             hot, cold = os.path.join(self.path, blob), os.path.join(self.packed_path, COLD + blob)
             if os.path.exists(hot) or not os.path.exists(cold):
                 continue
             tmp = hot + ".tmp"
             try:
-                _copy_ranges(cold, tmp, rs)
+                _copy_ranges(cold, tmp, ranges.get(blob, []))
                 os.rename(tmp, hot)
             except BaseException:  # ENOSPC on tmpfs: the rollback fails, nothing changed
                 unlink_quiet(tmp)

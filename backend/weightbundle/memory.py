@@ -49,3 +49,15 @@ def madvise(addr: int, size: int, advice: int) -> bool:
         return False
     f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return bool(f(addr, size, advice) == 0)
+
+
+def punch_holes(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Free the pages of ``(offset, length)`` ranges of a file, keeping its size (tmpfs and
+    most disk filesystems support FALLOC_FL_PUNCH_HOLE); best effort."""
+    f = getattr(_libc(), "fallocate", None)
+    if f is None:
+        return
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    for off, n in ranges:
+        if n:
+            f(fd, 3, off, n)  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import packing
+from . import memory, packing
 from .fsutil import atomic_write, left_by_dead_process, pid_alive, unlink_quiet  # noqa: F401 (pid_alive: re-export)
 from .errors import BundleError, UpdateError, VersionConflictError, VersionOrderError
 from .format import VariableSpec, raw_bytes
@@ -735,17 +735,10 @@ def sweep_stale(root: str, prefix: str = STORE_PREFIX) -> list[str]:
 
 
 def _punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> None:
-    """Free the pages of unused ranges (tmpfs supports FALLOC_FL_PUNCH_HOLE)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """Free the pages of unused ranges (whole pages: the ranges are page-aligned variables)."""
     fd = os.open(path, os.O_RDWR)
     try:
-        for off, n in ranges:
-            n = (n + PAGE - 1) // PAGE * PAGE
-            if n:
-                libc.fallocate(fd, 3, ctypes.c_long(off), ctypes.c_long(n))  # PUNCH_HOLE | KEEP_SIZE; best effort
+        memory.punch_holes(fd, [(off, (n + PAGE - 1) // PAGE * PAGE) for off, n in ranges])
     finally:
         os.close(fd)
 

@@ -177,6 +177,7 @@ class Bundle:
             self.inputs,
             GRAPH_INIT in self._graphs,
             lambda message: _call(me, "_log", message),  # late-bound: serving replaces _log after load
+            self._updater.retire,
         )
         # A private store must not outlive the process if the caller forgets unload(); the
         # background threads go first, or a pack in flight would write its files after it.

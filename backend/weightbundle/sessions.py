@@ -67,6 +67,7 @@ class SessionCache:
         inputs: list[TensorSpec],
         has_init: bool,
         log: Callable[[str], None],
+        retire: Callable[[Any], None] | None = None,
     ):
         self.options = options
         self._store = store
@@ -77,6 +78,7 @@ class SessionCache:
         self.inputs = inputs
         self.has_init = has_init
         self._log = log
+        self._retire = retire  # frees a replaced session off the update's path (Updater.retire)
         self._lock = threading.Lock()
         self.current: tuple[int, ort.InferenceSession] | None = None
         self.prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see prebuild)
@@ -183,10 +185,18 @@ class SessionCache:
         with self._lock:
             for _ in range(100):
                 try:
-                    return self._session_for_current()
+                    new = self._session_for_current()
+                    break
                 except _Superseded:
                     continue  # a burst of updates outran the build: take the newest version
-            raise BundleError("weights change faster than an inference session can be built")
+            else:
+                raise BundleError("weights change faster than an inference session can be built")
+        if cur is not None and cur is not new and self._retire is not None:
+            # Ours may be the last reference to the replaced session, and freeing it (unmapping
+            # a 64 MiB packed copy) took ~7 ms: measured, on the update's path.
+            self._retire(cur)
+            del cur
+        return new
 
     def _session_for_current(self) -> tuple[int, ort.InferenceSession]:
         """Caller holds ``self._lock``."""

@@ -766,6 +766,7 @@ def _staging_bundle(**opts):
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(**opts))
     b.execute(1)
     b._updater.after_publish()  # as after an update: init leaves no staging blob
+    b._updater.served.set()  # (Bundle._ready sets it once the new version serves)
     return m, b
 
 

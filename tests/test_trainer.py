@@ -552,6 +552,7 @@ def test_derived_variables_take_the_staging_fast_path(bundles, monkeypatch):
     bundles.append(b)
     b.init()
     b._updater.after_publish()  # as after an update: init leaves no staging blob
+    b._updater.served.set()  # (Bundle._ready sets it once the new version serves)
     b._updater.staging_thread.join()
     monkeypatch.setattr(b._updater, "_run_update", lambda *a: pytest.fail("took the plain path"))
     new = rng.standard_normal(w.shape).astype(np.float32)

@@ -373,6 +373,7 @@ class Bundle:
             self._sessions.infer_session()
         except Exception as e:  # noqa: BLE001 - see above
             self._log(f"building the inference session for weights version {version} failed (the next inference tries again): {e!r}")
+        self._updater.served.set()
         return version
 
     def export(self, version: Version | None = None) -> bytes:

@@ -239,7 +239,11 @@ class SessionCache:
                     lambda m: self._verify_packed(m, probe, expected),
                 )
                 sess = self._load_packed(path)
-                release_free_memory()  # ORT packs once more at load to check the file, then frees that copy
+                if v.op == "init":
+                    # ORT packs once more at load to check the file, then frees that copy.  Not
+                    # trimmed after updates: the next update would fault the heap in again
+                    # (the updater's idle timer trims once updates stop).
+                    release_free_memory()
                 return sess
             except _Superseded:
                 raise
@@ -292,8 +296,9 @@ class SessionCache:
             if self.current is None or self.current[0] != v.number:
                 return
             first, self.current = self.current, (v.number, sess)
-        del first  # a private pre-packed first session (deterministic): its packed copy goes back to the OS
-        release_free_memory()
+        del first
+        if self.options.deterministic:  # a private pre-packed first session: its packed copy goes back to the OS
+            release_free_memory()
 
     @property
     def fully_optimised(self) -> bool:

@@ -60,3 +60,21 @@ def test_a_region_that_is_not_safetensors_is_a_clear_error():
             Checkpoint(name, shm=True)
     finally:
         os.unlink(f"/dev/shm/{name}")
+
+
+def test_a_client_that_dies_of_an_exception_without_close_leaves_no_region(tmp_path):
+    """close() forgotten and an unhandled exception: the interpreter's exit still removes it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from weightbundle.client import WeightClient\n"
+        "c = WeightClient('127.0.0.1:1', 'm')\n"
+        "print(c._fill_region({'w': np.ones((256, 256), np.float32)}), flush=True)\n"
+        "raise SystemExit(3)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3, p.stderr
+    name = p.stdout.strip()
+    assert name.startswith("wbpush-") and not os.path.exists(f"/dev/shm/{name}")

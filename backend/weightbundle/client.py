@@ -27,12 +27,14 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import CommandError
+from .fsutil import unlink_quiet
 from .control import CONTROL_INPUT, RESULT_OUTPUT, VERSION_OUTPUT
 
 VIAS = ("auto", "request", "shm", "file")
@@ -88,6 +90,7 @@ class WeightClient:
         self._tc = tc
         self._sig: dict[str, Any] | None = None
         self._region: tuple[str, mmap.mmap] | None = None  # (name, mapping) of our push region in /dev/shm
+        self._region_unlink: weakref.finalize | None = None  # removes it even if close() is never called
         self._region_lock = threading.Lock()  # one push at a time writes the region
 
     def close(self) -> None:
@@ -231,11 +234,14 @@ class WeightClient:
         path = os.path.join(_SHM_DIR, name)
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # At garbage collection or interpreter exit (an unhandled exception included), the
+        # region goes too; only a killed process leaves it behind.
+        self._region_unlink = weakref.finalize(self, unlink_quiet, path)
         try:
             os.posix_fallocate(fd, 0, size)
             self._region = (name, mmap.mmap(fd, size))
         except BaseException:
-            os.unlink(path)
+            self._region_unlink()
             raise
         finally:
             os.close(fd)
@@ -251,10 +257,11 @@ class WeightClient:
             mm.close()
         except Exception:
             pass
-        try:
-            os.unlink(os.path.join(_SHM_DIR, name))
-        except OSError:
-            pass
+        if self._region_unlink is not None:
+            try:
+                self._region_unlink()  # unlinks, once
+            except OSError:
+                pass
 
     def _fill_region(self, arrays: Mapping[str, np.ndarray], progress: Callable[[int, int], None] | None = None) -> str:
         """Write ``arrays`` into our region as a safetensors image; return the region's name."""

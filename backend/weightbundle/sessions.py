@@ -144,7 +144,7 @@ class SessionCache:
 
     def _collected(self, v: Version) -> bool:
         """True when newer updates collected some of version ``v``'s blobs meanwhile."""
-        return not all(os.path.exists(os.path.join(self._store.path, b)) for b, _ in v.entries.values())
+        return not all(os.path.exists(os.path.join(self._store.path, b)) for b in v.blobs)
 
     def _new_session(self, v: Version, prepack: bool, level: str) -> ort.InferenceSession:
         cg = self._compiled_for(v, level)

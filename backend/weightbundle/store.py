@@ -54,6 +54,11 @@ class Version:
     prev: int | None  # the version whose contents this one replaced: where rollback goes
     origin: dict | None = None  # where the weights came from (object-store url, per-tensor source sha256)
 
+    @property
+    def blobs(self) -> set[str]:
+        """The blob files this version reads."""
+        return {b for b, _ in self.entries.values()}
+
 
 @dataclass(frozen=True)
 class StagedVersion:
@@ -544,7 +549,7 @@ class WeightStore:
         for n in self.versions():
             if n not in keep:
                 unlink_quiet(os.path.join(self.path, f"v{n}.json"))
-        live = {b for n in keep for b, _ in self.version(n).entries.values()}
+        live = set().union(*(self.version(n).blobs for n in keep))
         for f in os.listdir(self.path):
             if f.startswith("blob-") and f not in live:
                 unlink_quiet(os.path.join(self.path, f))
@@ -590,7 +595,7 @@ class WeightStore:
             head = self.head()
             if head is None:
                 return 0
-            current = {b for b, _ in self.version(head).entries.values()}
+            current = self.version(head).blobs
             ranges = {b: r for b, r in self._blob_ranges().items() if b not in current and os.path.exists(os.path.join(self.path, b))}
         moved = 0
         for blob, spans in ranges.items():
@@ -601,7 +606,7 @@ class WeightStore:
                 _copy_ranges(hot, tmp, spans)  # outside the lock: updates go on meanwhile
                 with self.locked():  # publish the move only if the blob is still old and still here
                     head = self.head()
-                    if head is None or blob in {b for b, _ in self.version(head).entries.values()} or not os.path.exists(hot):
+                    if head is None or blob in self.version(head).blobs or not os.path.exists(hot):
                         continue
                     os.rename(tmp, os.path.join(self.packed_path, COLD + blob))
                     os.unlink(hot)  # sessions still mapping it keep its pages until they close
@@ -626,7 +631,7 @@ class WeightStore:
         """Under the lock: copy version ``v``'s blobs that were moved to disk back into the store,
         each whole (every range any retained version reads), since the disk copy then goes."""
         ranges = self._blob_ranges()
-        for blob in {b for b, _ in v.entries.values()}:
+        for blob in v.blobs:
             hot, cold = os.path.join(self.path, blob), os.path.join(self.packed_path, COLD + blob)
             if os.path.exists(hot) or not os.path.exists(cold):
                 continue

@@ -182,19 +182,14 @@ class Updater:
         premapped, self._staging_map = self._staging_map, None
         self.answered.clear()  # a new version is on its way: what we retire waits for its first answer
         if premapped is not None and premapped[0] == os.stat(path).st_ino:
-            try:
-                yield premapped[1]
-            finally:
-                self.retire(premapped)  # unmapping a populated 64 MiB mapping took ~5 ms: not here
-                del premapped
-            return
-        _, size = self._store.staging_layout()
-        mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+            mm = premapped[1]
+        else:
+            mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(self._store.staging_layout()[1],))
         try:
             yield mm
         finally:
-            self.retire(mm)
-            del mm
+            self.retire((premapped, mm))  # unmapping a populated 64 MiB mapping took ~5 ms: not here
+            del premapped, mm
 
     def _variable_view(self, mm: np.ndarray, name: str) -> np.ndarray:
         """Variable ``name``'s place in the staging blob ``mm`` (bytes), typed and shaped."""

@@ -81,6 +81,45 @@ def test_mlp_needs_no_probes_and_stays_zero_copy():
     b.unload()
 
 
+def test_relaid_weights_are_used_in_place_and_outlive_the_caller(tmp_path, monkeypatch):
+    """With an anchor file, ORT serves the re-laid arrays where they are (no copy at load);
+    the session keeps them alive, so dropping every other reference changes nothing."""
+    import gc
+
+    assert compiled.in_place_works()  # ONNX Runtime 1.32: only the anchor's existence is checked
+    b = _bundle(zoo.convnet(channels=(3, 16, 32)), fold_bn=True)
+    cg = compiled.learn(b._graphs[0], _weights(b))
+    if all(lay.identity for lay in cg.layouts.values()):
+        b.unload()
+        pytest.skip("this CPU's optimizer re-lays no filter (no NCHWc)")
+    (tmp_path / "anchor").write_bytes(b"")
+    x = _feeds(b)
+    w = _weights(b, seed=1)
+    want = cg.session(w, ort.SessionOptions(), ["CPUExecutionProvider"]).run(None, x)  # copied at load
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    sess = cg.session(w, so, ["CPUExecutionProvider"], anchor="anchor")
+    values, arrays = sess._weightbundle_arrays
+    assert set(arrays) == set(cg.layouts)  # no files given: every weight is handed over, none copied
+    del w, so, values, arrays
+    gc.collect()
+    _ = [np.full(1 << 16, 7.0, np.float32) for _ in range(64)]  # reuse freed memory, if any was freed
+    for g, e in zip(sess.run(None, x), want):
+        assert g.tobytes() == e.tobytes()
+    b.unload()
+
+
+def test_large_relayouts_on_two_threads_match_one(monkeypatch):
+    b = _bundle(zoo.convnet(channels=(3, 16, 32)), fold_bn=True)
+    w = _weights(b, seed=3)
+    cg = compiled.learn(b._graphs[0], _weights(b))
+    one = cg.relaid(w)
+    monkeypatch.setattr(compiled, "_PARALLEL_BYTES", 0)
+    two = cg.relaid(w)
+    assert list(one) == list(two) and all(one[n].tobytes() == two[n].tobytes() and one[n].shape == two[n].shape for n in one)
+    b.unload()
+
+
 def test_weight_arithmetic_in_the_optimizer_is_refused():
     """Unfolded BatchNorm: ORT's Conv+BN fusion computes new weights, which no layout replays."""
     b = _bundle(zoo.convnet(), fold_bn=False)

@@ -21,9 +21,11 @@ optimizing per version.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -43,6 +45,14 @@ LEVELS = {
 _EXACT = 1 << 24  # float32 holds every integer up to here: the largest probe-encodable tensor
 _BLOCKS = (4, 8, 16, 32, 64)  # block sizes layout transforms use (MLAS NCHWc: 8 or 16)
 _PLACEHOLDER = "weightbundle-compiled"  # external location of a relaid weight; the data comes from OrtValues
+
+
+_PARALLEL_BYTES = 8 << 20  # re-layouts at least this large use the two-thread pool
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(2, thread_name_prefix="weightbundle-relay")
 
 
 class NotCompilable(Exception):
@@ -94,13 +104,17 @@ class CompiledGraph:
 
     def relaid(self, weights: Mapping[str, np.ndarray], only: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The optimized initializers (all, or ``only``) for ``weights``; identity layouts
-        return the array itself."""
-        out = {}
-        for name in self.layouts if only is None else only:
-            lay = self.layouts[name]
-            src = np.asarray(weights[lay.source])
-            out[name] = src.reshape(lay.shape) if lay.identity else lay.apply(src)
-        return out
+        return the array itself.  Large re-layouts run on two threads (numpy lets go of the
+        GIL while it copies): ResNet-50's 53 filters, 90 MiB, took 26 instead of 31-36 ms."""
+        names = list(self.layouts if only is None else only)
+        out = {n: np.asarray(weights[self.layouts[n].source]).reshape(self.layouts[n].shape) for n in names if self.layouts[n].identity}
+        todo = sorted((n for n in names if n not in out), key=lambda n: -np.asarray(weights[self.layouts[n].source]).nbytes)
+        apply = lambda n: self.layouts[n].apply(np.asarray(weights[self.layouts[n].source]))  # noqa: E731
+        if len(todo) > 1 and (os.cpu_count() or 1) > 1 and sum(np.asarray(weights[self.layouts[n].source]).nbytes for n in todo) >= _PARALLEL_BYTES:
+            out.update(zip(todo, _pool().map(apply, todo)))
+        else:
+            out.update((n, apply(n)) for n in todo)
+        return {n: out[n] for n in names}
 
     def session(
         self,
@@ -108,6 +122,7 @@ class CompiledGraph:
         so: ort.SessionOptions,
         providers: Sequence[str],
         files: Mapping[str, tuple[str, int]] | None = None,
+        anchor: str | None = None,
     ) -> ort.InferenceSession:
         """A session for ``weights`` (variable name -> array) over the optimized graph, with no
         graph optimization.
@@ -116,25 +131,69 @@ class CompiledGraph:
         the folder ``session.model_external_initializers_file_folder_path`` of ``so``):
         weights whose layout is the identity then point there, and ORT maps the file with no
         copy.  Re-laid weights, and every weight without a file, are handed over as
-        OrtValues, which ORT copies at load (``add_external_initializers``; ``add_initializer``
-        would use them in place, but ORT then still checks the placeholder's file).
+        OrtValues.  With ``anchor`` (a file that exists in that folder) ORT uses them in
+        place (``add_initializer``; ResNet-50: 8 instead of 33-78 ms, no second copy): it
+        checks only that an external initializer's file exists, so their placeholders point
+        at the anchor, and the session keeps the arrays alive.  Without one, or with an ORT
+        where that does not hold (``in_place_works``), ORT copies them at load
+        (``add_external_initializers``).
         """
         so.graph_optimization_level = LEVELS["none"]
         files = files or {}
-        model = self.model
-        placed = [n for n, lay in self.layouts.items() if lay.identity and lay.source in files]
-        if placed:
+        placed = {n: files[lay.source] for n, lay in self.layouts.items() if lay.identity and lay.source in files}
+        arrays = self.relaid(weights, [n for n in self.layouts if n not in placed])
+        arrays = {n: np.require(a, requirements="C") for n, a in arrays.items()}
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+        in_place = anchor is not None and bool(arrays) and in_place_works()
+        model_bytes = self._bytes
+        if placed or in_place:
             model = onnx.ModelProto()
             model.CopyFrom(self.model)
             for t in model.graph.initializer:
                 if t.name in placed:
-                    source = self.layouts[t.name].source
-                    point_at(t, *files[source], weights[source].nbytes)
-        arrays = self.relaid(weights, [n for n in self.layouts if n not in placed])
-        values = [ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) for a in arrays.values()]
+                    point_at(t, *placed[t.name], weights[self.layouts[t.name].source].nbytes)
+                elif in_place and t.name in arrays:
+                    point_at(t, str(anchor), 0, arrays[t.name].nbytes)
+            model_bytes = model.SerializeToString()
+        if in_place:
+            for name, value in zip(arrays, values):
+                so.add_initializer(name, value)
+            sess = ort.InferenceSession(model_bytes, so, providers=list(providers))
+            sess._weightbundle_arrays = (values, arrays)  # ORT reads them, does not own them
+            return sess
         if arrays:  # ORT copies these into the graph at load; ours are dropped once it has
             so.add_external_initializers(list(arrays), values)
-        return ort.InferenceSession(model.SerializeToString() if placed else self._bytes, so, providers=list(providers))
+        return ort.InferenceSession(model_bytes, so, providers=list(providers))
+
+
+@functools.cache
+def in_place_works() -> bool:
+    """Does this ONNX Runtime use an ``add_initializer`` value in place of an external
+    initializer whose file exists but holds other bytes?  (1.32: yes; checked, not assumed.)"""
+    value = np.arange(4, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="weightbundle-probe-") as d:
+        with open(os.path.join(d, "anchor"), "wb") as f:
+            f.write(b"\0")
+        w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+        point_at(w, "anchor", 0, value.nbytes)
+        g = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["w"], ["y"])], "probe", [], [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w]
+        )
+        model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        so.graph_optimization_level = LEVELS["none"]  # as in ``session``: an optimizer would read the file
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", d)
+        held = ort.OrtValue.ortvalue_from_numpy(value)  # ORT keeps a pointer, not a reference
+        so.add_initializer("w", held)
+        try:
+            out = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {})[0]
+        except Exception:  # noqa: BLE001 - this ORT checks more: copy instead
+            return False
+        finally:
+            del so
+        del held
+    return bool(np.array_equal(out, value))
 
 
 def learn(

@@ -396,7 +396,7 @@ class Bundle:
         graphs = {GRAPH_INFERENCE: bytes(self._layout.graphs[GRAPH_INFERENCE]), GRAPH_INIT: init_bytes, GRAPH_UPDATE: bytes(self._layout.graphs[GRAPH_UPDATE])}
         meta = {k: val for k, val in self._layout.toc.items() if k not in ("graphs", "variables", "weights", "extra")}
         extra = {k: bytes(mv) for k, mv in self._layout.extra.items()}
-        return fmt.write(f, graphs, self.variables, {s.name: self._store.array(v, s.name) for s in self.variables}, meta, extra)
+        return fmt.write(f, graphs, self.variables, self._store.arrays(v, [s.name for s in self.variables]), meta, extra)
 
     def _drop_weight_pages(self) -> None:
         """Unmap the file's initial-weight pages from this process, so that every instance of

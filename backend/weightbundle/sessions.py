@@ -29,7 +29,7 @@ from .convert import is_placeholder, point_at
 from .errors import BundleError, FormatError, NotInitializedError
 from .format import VariableSpec
 from .memory import release_free_memory
-from .store import StagedVersion, Version, WeightStore
+from .store import LOCK_FILE, StagedVersion, Version, WeightStore
 
 if TYPE_CHECKING:  # runtime.py imports this module
     from .runtime import RuntimeOptions, TensorSpec
@@ -110,7 +110,7 @@ class SessionCache:
     def _weights(self, v: Version) -> dict[str, np.ndarray]:
         """Version ``v``'s variables as read-only mappings of its blobs (no copy)."""
         try:
-            return {n: self._store.array(v, n) for n in self._read}
+            return self._store.arrays(v, self._read)
         except FileNotFoundError:
             raise _Superseded(v.number) from None  # newer updates collected its blobs meanwhile
 
@@ -152,7 +152,7 @@ class SessionCache:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
         try:
             if cg is not None:
-                return cg.session(self._weights(v), so, self.options.providers, files=v.entries)
+                return cg.session(self._weights(v), so, self.options.providers, files=v.entries, anchor=LOCK_FILE)
             return ort.InferenceSession(self._infer_proto_for(v).SerializeToString(), so, providers=list(self.options.providers))
         except _Superseded:
             raise

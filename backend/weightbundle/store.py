@@ -36,6 +36,7 @@ from .errors import BundleError, UpdateError, VersionConflictError, VersionOrder
 from .format import VariableSpec, raw_bytes
 
 PAGE = 4096
+LOCK_FILE = "lock"  # the store's lock; it exists as long as the store does (sessions anchor placeholders on it)
 STAGING = "staging.bin"
 CLAIMED = ".claimed-"
 STAGED = "staged-"  # staged-<N>.bin / staged-<N>.json: staged versions (never "blob-", which GC owns)
@@ -116,7 +117,7 @@ class WeightStore:
         self._staging_layout: tuple[dict[str, int], int] | None = None
         self.history = history
         os.makedirs(path, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(path, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        self._lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o600)
         self._lock_depth = 0  # flock is per open file: nested locked() must not unlock early
         self._thread_lock = threading.RLock()
         self._cache: tuple[int, Version] | None = None
@@ -170,6 +171,23 @@ class WeightStore:
         if spec.nbytes == 0:
             return np.zeros(spec.shape, spec.np_dtype)
         return np.memmap(self.blob_path(blob), dtype=spec.np_dtype, mode="r", offset=off, shape=spec.shape)
+
+    def arrays(self, v: Version, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """``array`` for many variables, mapping each blob once (ResNet-50's 324 variables
+        as 324 mappings took 12 ms of an update)."""
+        maps: dict[str, np.ndarray] = {}
+        out = {}
+        for name in names:
+            spec = self.specs[name]
+            blob, off = v.entries[name]
+            if spec.nbytes == 0:
+                out[name] = np.zeros(spec.shape, spec.np_dtype)
+                continue
+            mm = maps.get(blob)
+            if mm is None:
+                mm = maps[blob] = np.memmap(self.blob_path(blob), dtype=np.uint8, mode="r")
+            out[name] = mm[off : off + spec.nbytes].view(spec.np_dtype).reshape(spec.shape)
+        return out
 
     def blob_path(self, blob: str) -> str:
         """Where a blob's bytes are: in the store, or, for one that only older retained

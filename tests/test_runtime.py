@@ -1050,3 +1050,18 @@ def test_a_blob_shared_by_older_versions_comes_back_whole(load, built, tmp_path,
     assert current(b) == init
     out, _ = b.infer(feeds)
     np.testing.assert_allclose(out["y"], zoo.ort_run(model, feeds)["y"], **FP32_TOL)
+
+
+def test_background_work_waits_longer_for_the_first_answer_of_a_slow_model():
+    """after_publish/retire wait for the new version's first answer: 0.1 s, or twice the
+    last inference for a slower model (a transformer's ~200 ms), at most 2 s."""
+    b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(zoo.mlp())), wb.RuntimeOptions(prepack=False))
+    b.init()
+    u = b._updater
+    b.infer({"x": np.ones((2, 16), np.float32)})
+    assert u.last_infer_s > 0 and u.answer_wait() == pytest.approx(max(0.1, 2 * u.last_infer_s))  # a tiny MLP: 0.1 s
+    u.last_infer_s = 0.2
+    assert u.answer_wait() == pytest.approx(0.4)
+    u.last_infer_s = 5.0
+    assert u.answer_wait() == pytest.approx(2.0)
+    b.unload()

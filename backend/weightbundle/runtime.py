@@ -19,6 +19,7 @@ import io
 import mmap
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Mapping
@@ -325,10 +326,12 @@ class Bundle:
         self._alive()
         feeds = validate_inputs(self.inputs, inputs, "inference")
         version, sess = self.infer_session()
+        t0 = time.perf_counter()
         try:
             outs = sess.run(None, feeds)
         except Exception as e:  # ORT errors on values (e.g. an out-of-range Gather index)
             raise InputError(f"inference failed: {e}") from None
+        self._updater.last_infer_s = time.perf_counter() - t0
         if not self._updater.answered.is_set():  # the after-publish work may start (Updater.after_publish)
             self._updater.answered.set()
         return {o.name: a for o, a in zip(self.outputs, outs)}, version

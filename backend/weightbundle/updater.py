@@ -32,7 +32,8 @@ from .store import STAGING, StagedVersion, WeightStore
 if TYPE_CHECKING:
     from .runtime import RuntimeOptions
 
-AFTER_PUBLISH_WAIT_S = 0.1  # see Updater.after_publish
+AFTER_PUBLISH_WAIT_S = 0.1  # see Updater.after_publish; longer for slow models (answer_wait)
+ANSWER_WAIT_MAX_S = 2.0
 READY_WAIT_S = 10.0  # the longest after_publish waits for the new version's session
 UPDATE_SESSIONS_KEPT = 8  # specialized update graphs cached (each a few MiB at most: no weights)
 STAGING_MIN_BYTES = 1 << 20  # below this, the plain write path is as fast and holds no staging blob
@@ -65,6 +66,7 @@ class Updater:
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
         self._update_sessions: dict[tuple, ort.InferenceSession] = {}  # (dtypes, names sent) -> session, LRU
         self.answered = threading.Event()  # set by each inference; after_publish waits for one
+        self.last_infer_s = 0.0  # how long the last inference took (Bundle.infer sets it)
         self.served = threading.Event()  # set once the new version's session is built (Bundle._ready)
         self._idle_timer: threading.Timer | None = None  # drops the staging blob after staging_idle_seconds
         self._timer_lock = threading.Lock()
@@ -276,7 +278,7 @@ class Updater:
         ``stage_next=False`` (init): no staging blob yet.  A server that is never updated
         then holds no model size of tmpfs for one; the first update takes the plain path.
 
-        The work waits for this instance's next answer, at most ``AFTER_PUBLISH_WAIT_S``:
+        The work waits for this instance's next answer, at most ``answer_wait()``:
         populating a blob and unlinking one take ~30 ms of a core, and run alongside the new
         version's first inference they slowed it by ~15 ms of 2 cores (measured), which is
         on the update's path as a client sees it."""
@@ -289,7 +291,7 @@ class Updater:
                 # The 0.1 s count from when the version can serve: a ResNet-50 session takes
                 # longer than that to build, and the work then ran beside its first answer.
                 self.served.wait(READY_WAIT_S)
-                self.answered.wait(AFTER_PUBLISH_WAIT_S)
+                self.answered.wait(self.answer_wait())
             try:
                 if collect:
                     store.collect()
@@ -316,15 +318,22 @@ class Updater:
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
 
+    def answer_wait(self) -> float:
+        """How long background work waits for the new version's first answer: 0.1 s, or
+        twice the last inference where that is longer (at most 2 s).  A transformer answers
+        in ~200 ms here; with a fixed 0.1 s the work ran beside its first answer, which took
+        345-378 instead of 208-220 ms (measured in-process)."""
+        return min(max(AFTER_PUBLISH_WAIT_S, 2 * self.last_infer_s), ANSWER_WAIT_MAX_S)
+
     def retire(self, obj: Any) -> None:
         """Free ``obj`` (a replaced inference session) on a thread of its own, after this
-        instance's next answer (at most ``AFTER_PUBLISH_WAIT_S``), as ``after_publish`` does
+        instance's next answer (at most ``answer_wait()``), as ``after_publish`` does
         its work.  The caller hands over its reference."""
         held = [obj]
         del obj
 
         def run() -> None:
-            self.answered.wait(AFTER_PUBLISH_WAIT_S)
+            self.answered.wait(self.answer_wait())
             held.clear()  # the last reference: the session is freed here
 
         t = threading.Thread(target=run, name="weightbundle-retire", daemon=True)

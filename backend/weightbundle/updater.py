@@ -291,7 +291,7 @@ class Updater:
                 # The 0.1 s count from when the version can serve: a ResNet-50 session takes
                 # longer than that to build, and the work then ran beside its first answer.
                 self.served.wait(READY_WAIT_S)
-                self.answered.wait(self.answer_wait())
+                self.wait_first_answer()
             try:
                 if collect:
                     store.collect()
@@ -325,6 +325,10 @@ class Updater:
         345-378 instead of 208-220 ms (measured in-process)."""
         return min(max(AFTER_PUBLISH_WAIT_S, 2 * self.last_infer_s), ANSWER_WAIT_MAX_S)
 
+    def wait_first_answer(self) -> None:
+        """Block until this instance answers with the version just published (bounded)."""
+        self.answered.wait(self.answer_wait())
+
     def retire(self, obj: Any) -> None:
         """Free ``obj`` (a replaced inference session) on a thread of its own, after this
         instance's next answer (at most ``answer_wait()``), as ``after_publish`` does
@@ -333,7 +337,7 @@ class Updater:
         del obj
 
         def run() -> None:
-            self.answered.wait(self.answer_wait())
+            self.wait_first_answer()
             held.clear()  # the last reference: the session is freed here
 
         t = threading.Thread(target=run, name="weightbundle-retire", daemon=True)

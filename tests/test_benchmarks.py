@@ -35,6 +35,15 @@ def test_serving_benchmark_quick(tmp_path):
 
 
 @pytest.mark.e2e
+def test_real_architectures_benchmark_quick(tmp_path):
+    p = _run("bench_real.py", str(tmp_path), 600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| conv-quick |" in p.stdout and "| transformer-quick |" in p.stdout
+    data = json.loads((tmp_path / "bench_real.json").read_text())
+    assert not data["leaks"] and all(r["reload_over_update"] > 0 for r in data["results"])
+
+
+@pytest.mark.e2e
 def test_fleet_benchmark_quick(tmp_path):
     p = _run("bench_fleet.py", str(tmp_path), 600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

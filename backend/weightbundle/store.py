@@ -166,11 +166,7 @@ class WeightStore:
 
     def array(self, v: Version, name: str) -> np.ndarray:
         """Read-only zero-copy view of a variable in version ``v``."""
-        spec = self.specs[name]
-        blob, off = v.entries[name]
-        if spec.nbytes == 0:
-            return np.zeros(spec.shape, spec.np_dtype)
-        return np.memmap(self.blob_path(blob), dtype=spec.np_dtype, mode="r", offset=off, shape=spec.shape)
+        return self.arrays(v, [name])[name]
 
     def arrays(self, v: Version, names: Iterable[str]) -> dict[str, np.ndarray]:
         """``array`` for many variables, mapping each blob once (ResNet-50's 324 variables

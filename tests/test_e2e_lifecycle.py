@@ -257,6 +257,8 @@ def _kill_stub_with_a_huge_empty_input(port: int, model: str = "m", name: str = 
         r = c.getresponse()
         r.read()
         return r.status
+    except (http.client.RemoteDisconnected, ConnectionError):
+        return 0  # with --on-stub-death exit, the server may go down before it answers (seen once in CI)
     finally:
         c.close()
 

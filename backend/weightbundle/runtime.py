@@ -179,7 +179,6 @@ class Bundle:
             GRAPH_INIT in self._graphs,
             lambda message: _call(me, "_log", message),  # late-bound: serving replaces _log after load
             self._updater.retire,
-            self._updater.wait_first_answer,
         )
         # A private store must not outlive the process if the caller forgets unload(); the
         # background threads go first, or a pack in flight would write its files after it.

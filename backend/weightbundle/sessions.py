@@ -68,7 +68,6 @@ class SessionCache:
         has_init: bool,
         log: Callable[[str], None],
         retire: Callable[[Any], None] | None = None,
-        first_answer: Callable[[], Any] | None = None,
     ):
         self.options = options
         self._store = store
@@ -90,7 +89,6 @@ class SessionCache:
         self.builder = _Builder(
             self._swap_in,
             lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed (its zero-copy session keeps serving it): {e!r}"),
-            first_answer,
         )
 
     def close(self) -> None:
@@ -362,17 +360,14 @@ class _Builder:
 
     ORT releases the GIL while it builds, so inference goes on meanwhile.  Before a build
     it waits for the version to settle: at least as long as the last build took, and twice
-    the last gap between versions; then for the version's first answer (``first_answer``,
-    bounded), which a build beside it would slow.  Under a stream of updates a build would be obsolete
+    the last gap between versions.  Under a stream of updates a build would be obsolete
     before it paid off, and on a small machine it would steal the cores that inference
     needs; the zero-copy session serves meanwhile.
     """
 
-    def __init__(self, build: Any, on_error: Any = None, first_answer: Any = None):
+    def __init__(self, build: Any, on_error: Any = None):
         self._build = build
         self._on_error = on_error or (lambda v, e: None)
-        # waits (bounded) for the new version's first answer: a build beside it slowed it
-        self._first_answer = first_answer or (lambda: None)
         self._cv = threading.Condition()
         self._want: Version | None = None
         self._busy = False
@@ -412,7 +407,6 @@ class _Builder:
                 if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=settle):
                     self._busy = False
                     continue
-            self._first_answer()
             t0 = time.perf_counter()
             try:
                 self._build(v)

@@ -35,34 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: bench_core and the serving_bench package
 import bench_core  # noqa: E402
 import weightbundle as wb  # noqa: E402
-from serving_bench.common import SECRET_ENV, Resources, log, med, now, quiesce, rotate  # noqa: E402
+from serving_bench.common import PLAIN_MODEL_PY, SECRET_ENV, Resources, log, med, now, quiesce, rotate  # noqa: E402
 from weightbundle.client import WeightClient  # noqa: E402
 from weightbundle.modelconfig import make_config  # noqa: E402
-
-PLAIN_MODEL_PY = '''\
-"""Plain python-backend model: a baked ORT session, inputs and outputs by the model's names."""
-import os
-
-import numpy as np
-import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        self.version = np.array([int(args["model_version"])], np.uint64)
-
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            feeds = {i.name: pb_utils.get_input_tensor_by_name(r, i.name).as_numpy() for i in self.sess.get_inputs()}
-            ys = self.sess.run(None, feeds)
-            tensors = [pb_utils.Tensor(o.name, y) for o, y in zip(self.sess.get_outputs(), ys)]
-            out.append(pb_utils.InferenceResponse(tensors + [pb_utils.Tensor("WEIGHTS_VERSION", self.version)]))
-        return out
-'''
 
 
 def plain_config(name: str, b: wb.Bundle) -> str:

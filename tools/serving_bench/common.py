@@ -86,7 +86,7 @@ P4_SCALES = (1.0, 0.5, 2.0, 0.25)
 _PRIVATE_STORES: list[str] = []  # in-process bundles' stores: checked gone at the end  # layer-0 scale per state: outputs differ by >= 2x between states
 
 PLAIN_MODEL_PY = '''\
-"""Plain python-backend model: ORT session on an ONNX file with baked initializers."""
+"""Plain python-backend model: a baked ORT session, inputs and outputs by the model's names."""
 import os
 
 import numpy as np
@@ -98,14 +98,17 @@ class TritonPythonModel:
     def initialize(self, args):
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
         self.version = np.array([int(args["model_version"])], np.uint64)
 
     def execute(self, requests):
         out = []
         for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "x").as_numpy()
-            (y,) = self.sess.run(None, {"x": x})
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", y), pb_utils.Tensor("WEIGHTS_VERSION", self.version)]))
+            feeds = {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs}
+            ys = self.sess.run(self.outputs, feeds)
+            tensors = [pb_utils.Tensor(n, y) for n, y in zip(self.outputs, ys)]
+            out.append(pb_utils.InferenceResponse(tensors + [pb_utils.Tensor("WEIGHTS_VERSION", self.version)]))
         return out
 '''
 

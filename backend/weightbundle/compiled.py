@@ -124,6 +124,7 @@ class CompiledGraph:
         providers: Sequence[str],
         files: Mapping[str, tuple[str, int]] | None = None,
         anchor: str | None = None,
+        fed: frozenset[str] = frozenset(),
     ) -> ort.InferenceSession:
         """A session for ``weights`` (variable name -> array) over the optimized graph, with no
         graph optimization.
@@ -138,18 +139,24 @@ class CompiledGraph:
         at the anchor, and the session keeps the arrays alive.  Without one, or with an ORT
         where that does not hold (``in_place_works``), ORT copies them at load
         (``add_external_initializers``).
+
+        ``fed``: variables whose optimized initializers become graph inputs instead, fed on
+        every run with ``fed_inputs`` (a pinned session, see sessions.py).
         """
         so.graph_optimization_level = LEVELS["none"]
         files = files or {}
-        placed = {n: files[lay.source] for n, lay in self.layouts.items() if lay.identity and lay.source in files}
-        arrays = self.relaid(weights, [n for n in self.layouts if n not in placed])
+        inputs = self.fed_names(fed)
+        layouts = {n: lay for n, lay in self.layouts.items() if n not in inputs}
+        placed = {n: files[lay.source] for n, lay in layouts.items() if lay.identity and lay.source in files}
+        arrays = self.relaid(weights, [n for n in layouts if n not in placed])
         arrays = {n: np.require(a, requirements="C") for n, a in arrays.items()}
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
         in_place = anchor is not None and bool(arrays) and in_place_works()
         model_bytes = self._bytes
-        if placed or in_place:
+        if placed or in_place or inputs:
             model = onnx.ModelProto()
             model.CopyFrom(self.model)
+            as_inputs(model, inputs)
             for t in model.graph.initializer:
                 if t.name in placed:
                     point_at(t, *placed[t.name], weights[self.layouts[t.name].source].nbytes)
@@ -165,6 +172,29 @@ class CompiledGraph:
         if arrays:  # ORT copies these into the graph at load; ours are dropped once it has
             so.add_external_initializers(list(arrays), values)
         return ort.InferenceSession(model_bytes, so, providers=list(providers))
+
+    def fed_names(self, fed: frozenset[str]) -> list[str]:
+        """The optimized initializers made from variables ``fed``."""
+        return [n for n, lay in self.layouts.items() if lay.source in fed]
+
+    def fed_inputs(self, weights: Mapping[str, np.ndarray], fed: frozenset[str]) -> dict[str, np.ndarray]:
+        """What a session built with ``fed`` is fed, per run, for ``weights`` (the variables
+        ``fed``): identity layouts are the arrays themselves, no copy."""
+        return {n: np.require(a, requirements="C") for n, a in self.relaid(weights, self.fed_names(fed)).items()}
+
+
+def as_inputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Turn initializers ``names`` of ``model`` into graph inputs (same name, dtype, dims):
+    ORT then packs nothing for them and reads whatever each run feeds."""
+    if not names:
+        return
+    want = set(names)
+    g = model.graph
+    moved = [t for t in g.initializer if t.name in want]
+    kept = [t for t in g.initializer if t.name not in want]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
 
 
 @functools.cache

@@ -64,6 +64,11 @@ class RuntimeOptions:
     (NCHWc blocks, folded transposes) by numpy, so a version costs no optimizer run.  Where
     the optimizer does arithmetic on weights (e.g. an unfolded BatchNorm: build with
     ``fold_bn``), each version is optimized as before.
+    pin_hot_weights=True (hybrid, not deterministic, CPU): under a stream of partial updates
+    (versions < 1 s apart changing at most half the bytes), serve from one session that packs
+    the weights the stream leaves alone and takes the changed ones as inputs, fed from the
+    store on each run: no session build per version, and only the changed layers run on
+    unpacked weights (their last bits may differ from the packed session's, as zero-copy's do).
     """
 
     prepack: bool = True
@@ -78,6 +83,7 @@ class RuntimeOptions:
     share_packed: bool = True  # prepack: one packed copy per version in the store, mapped by every instance
     history_on_disk: bool = True  # move blobs only older versions (rollback) read to the disk-backed folder
     compile_once: bool = True  # optimize the graph once per load and re-lay each version's weights (``compiled``)
+    pin_hot_weights: bool = True  # under a stream of partial updates, one session for the stream (see above)
     store_dir: str | None = None  # shared store directory; None: a private one
 
 
@@ -325,7 +331,9 @@ class Bundle:
         """Run the inference graph; returns (outputs, the weight version they came from)."""
         self._alive()
         feeds = validate_inputs(self.inputs, inputs, "inference")
-        version, sess = self.infer_session()
+        version, sess, weights = self._sessions.infer_session()
+        if weights:  # a pinned session: the weights a stream of updates changes are inputs
+            feeds = {**feeds, **weights}
         t0 = time.perf_counter()
         try:
             outs = sess.run(None, feeds)
@@ -337,8 +345,10 @@ class Bundle:
         return {o.name: a for o, a in zip(self.outputs, outs)}, version
 
     def infer_session(self) -> tuple[int, ort.InferenceSession]:
-        """(version, session) for the current weights; builds the session on a new version."""
-        return self._sessions.infer_session()
+        """(version, session) for the current weights; builds the session on a new version.
+        A pinned session (``pin_hot_weights``) also takes weights as inputs: use ``infer``."""
+        served = self._sessions.infer_session()
+        return served.version, served.session
 
     @property
     def fully_optimised(self) -> bool:

@@ -10,6 +10,13 @@ inference keeps the session it started with, so it is never torn.
 
 With ``compile_once`` the graph is optimized only for the first version (``compiled``);
 every session after that loads the optimized graph with no optimizer run.
+
+Under a stream of *partial* updates no version lives long enough to be packed, and
+zero-copy GEMMs are ~2x slower.  So the builder then *pins* a session: it packs the
+variables the stream leaves alone and takes the ones it changes ("hot") as graph inputs.
+Every later version that differs from the pinned one only in hot variables is served by
+that same session, its hot weights fed on each run straight from the store's mapping: no
+build at all.  Once the stream settles, the version's fully packed session replaces it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import onnx
@@ -33,6 +42,29 @@ from .store import LOCK_FILE, StagedVersion, Version, WeightStore
 
 if TYPE_CHECKING:  # runtime.py imports this module
     from .runtime import RuntimeOptions, TensorSpec
+
+
+STREAM_GAP_S = 1.0  # versions closer than this form a stream (the builder pins, see the module doc)
+HOT_WINDOW_S = 2.0  # the hot variables: those changed by the versions seen in this window (at least the last two)
+PIN_MAX_HOT = 0.5  # pin only when the hot variables are at most this share of the bytes inference reads
+
+
+class Served(NamedTuple):
+    """What serves a version: its session, and the weights fed on each run (a pinned session's; else none)."""
+
+    version: int
+    session: ort.InferenceSession
+    feeds: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """A session holding version ``base``'s weights packed, except variables ``fed``, which it takes as inputs."""
+
+    session: ort.InferenceSession
+    base: Mapping[str, tuple[str, int]]  # the store entries (blob, offset) of the variables it holds
+    fed: frozenset[str]
+    compiled: compiled.CompiledGraph | None  # the once-optimized graph it was built from: fed inputs are re-laid for it
 
 
 def session_options(options: RuntimeOptions, prepack: bool, level: str, housekeeping: bool = False) -> ort.SessionOptions:
@@ -80,15 +112,20 @@ class SessionCache:
         self._log = log
         self._retire = retire  # frees a replaced session off the update's path (Updater.retire)
         self._lock = threading.Lock()
-        self.current: tuple[int, ort.InferenceSession] | None = None
-        self.prebuilt: tuple[int, ort.InferenceSession] | None = None  # staged version's session (see prebuild)
+        self.current: Served | None = None
+        self.prebuilt: Served | None = None  # staged version's session (see prebuild)
         self._read = [t.name for t in graph.graph.initializer if is_placeholder(t)]  # the variables inference reads
         self._compiled: compiled.CompiledGraph | None = None
         self._compile_tried = False
         self._compile_lock = threading.Lock()
+        self._pin: _Pin | None = None
+        self._seen: Version | None = None  # the last version this cache served, for ``_recent``
+        self._recent: deque[tuple[float, frozenset[str]]] = deque(maxlen=64)  # (when, variables changed) per new version
+        pins = options.prepack and options.hybrid and not options.deterministic and options.pin_hot_weights
         self.builder = _Builder(
             self._swap_in,
             lambda v, e: self._log(f"building version {v.number}'s pre-packed session failed (its zero-copy session keeps serving it): {e!r}"),
+            self._build_pin if pins and tuple(options.providers) == ("CPUExecutionProvider",) else None,
         )
 
     def close(self) -> None:
@@ -96,6 +133,7 @@ class SessionCache:
         self.builder.stop()
         self.current = None
         self.prebuilt = None
+        self._pin = None
 
     def _infer_proto_for(self, v: Version) -> onnx.ModelProto:
         """The inference graph with placeholders pointing at version ``v``'s blobs."""
@@ -172,8 +210,8 @@ class SessionCache:
                 return self._new_session(v, prepack, level)
             raise FormatError(f"ONNX Runtime cannot build the inference session: {e}") from None
 
-    def infer_session(self) -> tuple[int, ort.InferenceSession]:
-        """(version, session) for the current weights; builds the session on a new version."""
+    def infer_session(self) -> Served:
+        """What serves the current weights; builds the session on a new version."""
         cur = self.current
         head = self._store.head()
         if head is None:
@@ -199,7 +237,7 @@ class SessionCache:
             del cur
         return new
 
-    def _session_for_current(self) -> tuple[int, ort.InferenceSession]:
+    def _session_for_current(self) -> Served:
         """Caller holds ``self._lock``."""
         v = self._store.current()
         assert v is not None
@@ -211,19 +249,103 @@ class SessionCache:
             opts = self.options
             if opts.prepack and opts.hybrid and opts.deterministic and not self._shares_packed():
                 # The private pre-packed session is the final one: nothing to swap in later.
-                self.current = (v.number, self._new_session(v, prepack=True, level=opts.optimization))
+                self.current = Served(v.number, self._new_session(v, prepack=True, level=opts.optimization), {})
             elif opts.prepack and opts.hybrid:
                 # Serve the new version now; the pre-packed session replaces this one in the
                 # background.  deterministic: a private pre-packed session, which ORT packs as
-                # it packs the shared copy, so both give the same bytes.  Otherwise zero-copy,
-                # cheaper to build, but its GEMMs sum in another order (last bits differ).
-                self.current = (v.number, self._new_session(v, prepack=opts.deterministic, level=opts.optimization))
-                self.builder.request(v)
+                # it packs the shared copy, so both give the same bytes.  Otherwise the pinned
+                # session when it holds this version's weights, else zero-copy: cheaper to
+                # build, but GEMMs on unpacked weights sum in another order (last bits differ).
+                pinned = self._pinned_for(v)
+                if pinned is None:
+                    pinned = Served(v.number, self._new_session(v, prepack=opts.deterministic, level=opts.optimization), {})
+                self.current = pinned
             elif opts.prepack:
-                self.current = (v.number, self._packed_session(v))
+                self.current = Served(v.number, self._packed_session(v), {})
             else:
-                self.current = (v.number, self._new_session(v, False, opts.optimization))
+                self.current = Served(v.number, self._new_session(v, False, opts.optimization), {})
+            self._note_new_version(v)
+            if opts.prepack and opts.hybrid and not (opts.deterministic and not self._shares_packed()):
+                self.builder.request(v)
         return self.current
+
+    # -- pinned sessions (see the module doc) -------------------------------------------
+    def _note_new_version(self, v: Version) -> None:
+        """Caller holds ``self._lock``: remember which variables version ``v`` changed."""
+        if self._seen is not None:
+            old, new = self._seen.entries, v.entries
+            self._recent.append((time.monotonic(), frozenset(n for n in self._read if old.get(n) != new.get(n))))
+        self._seen = v
+
+    def _hot(self) -> frozenset[str]:
+        """The variables the recent versions changed."""
+        now, out = time.monotonic(), frozenset[str]()
+        for i, (t, names) in enumerate(reversed(list(self._recent))):  # list(): one step, while the lock holder appends
+            if i >= 2 and now - t > HOT_WINDOW_S:
+                break
+            out |= names
+        return out
+
+    def _pinned_for(self, v: Version, pin: _Pin | None = None) -> Served | None:
+        """The pinned session serving version ``v``, if it holds ``v``'s weights (all but the fed ones)."""
+        pin = pin or self._pin
+        if pin is None or any(v.entries.get(n) != e for n, e in pin.base.items()):
+            return None
+        weights = self._weights_of(v, pin.fed)
+        return Served(v.number, pin.session, pin.compiled.fed_inputs(weights, pin.fed) if pin.compiled is not None else weights)
+
+    def _weights_of(self, v: Version, names: frozenset[str]) -> dict[str, np.ndarray]:
+        try:
+            return self._store.arrays(v, sorted(names))
+        except FileNotFoundError:
+            raise _Superseded(v.number) from None
+
+    def _build_pin(self, requested: Version) -> bool:
+        """Builder thread, during a stream: pin a session for the newest version unless the
+        current one serves this stream already.  Returns True when it built one."""
+        hot = self._hot()
+        total = sum(self._specs[n].nbytes for n in self._read)
+        if not hot or sum(self._specs[n].nbytes for n in hot) > PIN_MAX_HOT * total:
+            return False  # nothing, or most of the model, changes: packing would not pay
+        v = self._store.current()
+        if v is None or v.number < requested.number:
+            return False
+        pin = self._pin
+        if pin is not None and hot <= pin.fed and self._pinned_for(v, pin) is not None:
+            return False  # it serves this stream already
+        fed = hot | (pin.fed if pin is not None and self._pinned_for(v, pin) is not None else frozenset())
+        t0 = time.perf_counter()
+        session, cg = self._pinned_session(v, fed)
+        pin = _Pin(session, {n: v.entries[n] for n in self._read if n not in fed}, fed, cg)
+        with self._lock:
+            self._pin = pin
+            cur = self.current
+            if cur is None or cur.session is pin.session:
+                return True
+            try:
+                served = self._pinned_for(self._store.version(cur.version), pin) if self._store.head() == cur.version else None
+            except (_Superseded, FileNotFoundError):
+                served = None
+            if served is None:
+                return True  # a newer version is being served: the next inference takes the pin if it can
+            self.current = served
+        self._log(f"a stream of updates to {len(fed)} variable(s): version {cur.version} is served by a session pinned in {time.perf_counter() - t0:.2f} s")
+        if self._retire is not None:
+            self._retire(cur)
+        del cur
+        return True
+
+    def _pinned_session(self, v: Version, fed: frozenset[str]) -> tuple[ort.InferenceSession, compiled.CompiledGraph | None]:
+        """A pre-packed session for version ``v`` that takes variables ``fed`` as inputs."""
+        level = self.options.optimization
+        cg = self._compiled_for(v, level)
+        so = session_options(self.options, prepack=True, level="none" if cg is not None else level)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.path)
+        if cg is not None:
+            return cg.session(self._weights(v), so, self.options.providers, files=v.entries, anchor=LOCK_FILE, fed=fed), cg
+        m = self._infer_proto_for(v)
+        compiled.as_inputs(m, sorted(fed))
+        return ort.InferenceSession(m.SerializeToString(), so, providers=list(self.options.providers)), None
 
     def _packed_session(self, v: Version) -> ort.InferenceSession:
         """Version ``v``'s pre-packed session: from the store's shared packed copy (built here
@@ -296,7 +418,8 @@ class SessionCache:
         with self._lock:
             if self.current is None or self.current[0] != v.number:
                 return
-            first, self.current = self.current, (v.number, sess)
+            first, self.current = self.current, Served(v.number, sess, {})
+            self._pin = None  # the stream has settled: its packed copy goes once no inference holds it
         del first
         if self.options.deterministic:  # a private pre-packed first session: its packed copy goes back to the OS
             release_free_memory()
@@ -317,7 +440,7 @@ class SessionCache:
         # staged blob, and the rename at activation keeps that mapping valid.
         sess = self._packed_session(v) if self.options.prepack else self._new_session(v, False, self.options.optimization)
         with self._lock:
-            self.prebuilt = (st.number, sess)
+            self.prebuilt = Served(st.number, sess, {})
 
     def drop_prebuilt(self, number: int) -> None:
         """Forget the session built for staged version ``number`` (aborted)."""
@@ -362,11 +485,14 @@ class _Builder:
     it waits for the version to settle: at least as long as the last build took, and twice
     the last gap between versions.  Under a stream of updates a build would be obsolete
     before it paid off, and on a small machine it would steal the cores that inference
-    needs; the zero-copy session serves meanwhile.
+    needs; the zero-copy session serves meanwhile, or, with ``pin``, a session pinned
+    once for the whole stream: ``pin(v)`` builds one when the current session does not
+    serve the stream yet and returns True if it did.
     """
 
-    def __init__(self, build: Any, on_error: Any = None):
+    def __init__(self, build: Any, on_error: Any = None, pin: Callable[[Version], bool] | None = None):
         self._build = build
+        self._pin = pin
         self._on_error = on_error or (lambda v, e: None)
         self._cv = threading.Condition()
         self._want: Version | None = None
@@ -375,7 +501,7 @@ class _Builder:
         self._thread: threading.Thread | None = None
         self._build_s = 0.05  # duration of the last build
         self._gap_s = float("inf")  # time between the last two requests (versions)
-        self._last_request = 0.0
+        self._last_request = float("-inf")
 
     def request(self, v: Version) -> None:
         with self._cv:
@@ -402,8 +528,17 @@ class _Builder:
                 if self._stop:
                     return
                 v, self._want, self._busy = self._want, None, True
+                assert v is not None
+                streaming = self._gap_s < STREAM_GAP_S
+            if streaming and self._pin is not None and self._pinned(v):
+                with self._cv:
+                    if self._want is None:
+                        self._want = v  # the final session still follows, once the stream settles
+                    self._busy = False
+                continue
+            with self._cv:
                 # Settle: a newer request during the wait replaces this one.
-                settle = min(max(self._build_s, 2 * self._gap_s if self._gap_s < 1.0 else 0.0), 2.0)
+                settle = min(max(self._build_s, 2 * self._gap_s if self._gap_s < STREAM_GAP_S else 0.0), 2.0)
                 if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=settle):
                     self._busy = False
                     continue
@@ -417,6 +552,16 @@ class _Builder:
                     self._build_s = min(max(time.perf_counter() - t0, 0.01), 2.0)
                     self._busy = False
                     self._cv.notify_all()
+
+    def _pinned(self, v: Version) -> bool:
+        assert self._pin is not None
+        try:
+            return self._pin(v)
+        except _Superseded:
+            return False
+        except Exception as e:  # noqa: BLE001 - serving goes on from the zero-copy session
+            self._on_error(v, e)
+            return False
 
     def stop(self) -> None:
         with self._cv:

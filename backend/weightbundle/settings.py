@@ -75,10 +75,16 @@ class ServingSettings:
         "optimize the inference graph once per load and only re-lay each new version's weights, so a version costs no optimizer run "
         "(Conv filters: build with `--fold-bn`)",
     )
+    pin_hot_weights: bool = param(
+        True,
+        "with `hybrid`: under a stream of partial updates (versions < 1 s apart, changing at most half the bytes), serve every "
+        "version from one session that packs the unchanged weights and feeds the changed ones from the store, instead of a "
+        "zero-copy session per version",
+    )
     staging: bool = param(
         True,
-        "after an update, keep one pre-allocated staging blob (one model size of tmpfs) so that the next update is written once, "
-        "straight from the update graph",
+        "after an update, keep one pre-allocated staging blob (tmpfs for what the last 4 updates wrote, at most one model size) "
+        "so that the next update is written once, straight from the update graph",
     )
     staging_idle_seconds: float = param(60.0, "drop the staging blob after this many seconds without an update (0: keep it)")
     history_on_disk: bool = param(

@@ -246,8 +246,17 @@ class WeightStore:
             self._staging_layout = offsets, max(off, PAGE)
         return self._staging_layout
 
-    def prepare_staging(self) -> None:
-        """Allocate the staging blob if there is none (call off the critical path)."""
+    def staging_ranges(self, names: Iterable[str] | None = None) -> list[tuple[int, int]]:
+        """The page-aligned (offset, length) of ``names``' places in the staging blob (None: all of it)."""
+        offsets, size = self.staging_layout()
+        if names is None:
+            return [(0, size)]
+        return [(offsets[n], (self.specs[n].nbytes + PAGE - 1) // PAGE * PAGE) for n in sorted(set(names), key=offsets.__getitem__) if self.specs[n].nbytes]
+
+    def prepare_staging(self, names: Iterable[str] | None = None) -> None:
+        """Allocate the staging blob if there is none (call off the critical path): the places
+        of variables ``names`` (None: all), the rest left as holes of a full-size file.  A
+        stream of one-layer updates then allocates, and punches, one layer per update."""
         target = os.path.join(self.path, STAGING)
         if os.path.exists(target):
             return
@@ -255,13 +264,24 @@ class WeightStore:
         tmp = os.path.join(self.path, f"{CLAIMED}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            os.ftruncate(fd, size)
+            _allocate(fd, self.staging_ranges(names))
         except OSError:  # no space on tmpfs: updates fall back to the plain write path
             os.close(fd)
             unlink_quiet(tmp)
             return
         os.close(fd)
         self._return_staging(tmp)
+
+    def reserve_staging(self, path: str, names: Iterable[str] | None) -> None:
+        """Allocate ``names``' places in staging blob ``path`` where it has holes.  Writing into a
+        hole through a mapping on a full tmpfs kills the writer (SIGBUS); this raises ENOSPC.
+        Cheap where the places are allocated already."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            _allocate(fd, self.staging_ranges(names))
+        finally:
+            os.close(fd)
 
     def claim_staging(self) -> str | None:
         """Take the staging blob for this process, or None if there is none right now."""
@@ -751,6 +771,11 @@ def sweep_stale(root: str, prefix: str = STORE_PREFIX) -> list[str]:
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
             removed.append(name)
     return removed
+
+
+def _allocate(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    for off, n in ranges:
+        os.posix_fallocate(fd, off, n)
 
 
 def _punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> None:

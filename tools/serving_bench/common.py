@@ -50,9 +50,11 @@ def wait_optimised(b: "wb.Bundle", timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def quiesce(pid: int, window: float = 0.05, busy: float = 0.1, timeout: float = 20) -> float:
+def quiesce(pid: int, window: float = 0.05, busy: float = 0.1, timeout: float = 20, calm: float = 0.0) -> float:
     """Wait until the server's process tree uses < ``busy`` of one core over ``window``
-    (background session builds, staging-blob allocation).  Returns the seconds waited."""
+    (background session builds, staging-blob allocation), and has for ``calm`` seconds in a
+    row: work a model defers until updates pause (a pre-packed build waits up to 2 s to
+    settle) starts only after a short quiet window.  Returns the seconds waited."""
     import psutil
 
     def cpu() -> float:
@@ -72,10 +74,15 @@ def quiesce(pid: int, window: float = 0.05, busy: float = 0.1, timeout: float = 
 
     t0 = time.monotonic()
     last = cpu()
+    quiet_since = None
     while time.monotonic() - t0 < timeout:
         time.sleep(window)
         c = cpu()
-        if c - last < busy * window:
+        if c - last >= busy * window:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic() - window
+        if quiet_since is not None and time.monotonic() - quiet_since >= max(calm, window):
             break
         last = c
     return time.monotonic() - t0

@@ -32,6 +32,9 @@ from .common import (
 
 
 # --------------------------------------------------------------------------- P4
+P4_CALM_S = 2.5  # quiet this long before a phase: longer than a model's deferred work waits (2 s)
+
+
 def p4_refs(art: Artifact, x: np.ndarray) -> dict[str, list[np.ndarray]]:
     """Reference output per layer-0 scale state, per prepack mode, computed in-process with ORT."""
     refs = {}
@@ -171,7 +174,7 @@ def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, sec
         halves = 2
         for h in range(halves):
             for m, upd in rotate(phases, h):
-                quiesce(srv.pid)
+                quiesce(srv.pid, calm=P4_CALM_S)  # the last phase's deferred work must not land in this one
                 ph = p4_phase(state[m], x, refs[m], seconds / halves, clients, period if upd else None)
                 acc[f"{m}:{'updates' if upd else 'no updates'}"].append(ph)
                 log(

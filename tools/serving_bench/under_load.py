@@ -33,6 +33,7 @@ from .common import (
 
 # --------------------------------------------------------------------------- P4
 P4_CALM_S = 2.5  # quiet this long before a phase: longer than a model's deferred work waits (2 s)
+P4_SETTLED_S = 1.0  # the "settled" p99 leaves out responses to requests sent in a phase's first second
 
 
 def p4_refs(art: Artifact, x: np.ndarray) -> dict[str, list[np.ndarray]]:
@@ -70,6 +71,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
     stop = threading.Event()
     lock = threading.Lock()
     lat: list[float] = []
+    settled: list[float] = []  # latencies of requests sent P4_SETTLED_S or more into the phase
     failed: list[str] = []
     torn: list[str] = []
     exact = [0]
@@ -80,7 +82,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
 
     def reader() -> None:
         wc = WeightClient(m.url, m.model)
-        mine, bad, ex, unk, fails = [], [], 0, 0, []
+        mine, late, bad, ex, unk, fails = [], [], [], 0, 0, []
         try:
             while not stop.is_set():
                 t0 = now()
@@ -90,6 +92,8 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
                     fails.append(f"{type(e).__name__}: {e}"[:300])  # tritonclient exceptions repr() without their message
                     continue
                 mine.append(now() - t0)
+                if t0 - t_start >= P4_SETTLED_S:
+                    late.append(mine[-1])
                 k = m.state_of.get(v)
                 if k is None:
                     unk += 1
@@ -104,6 +108,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
             wc.close()
             with lock:
                 lat.extend(mine)
+                settled.extend(late)
                 torn.extend(bad)
                 failed.extend(fails)
                 exact[0] += ex
@@ -134,7 +139,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(clients)]
     if period is not None:
         threads.append(threading.Thread(target=updater, daemon=True))
-    t_start = now()
+    t_start = now()  # the updater sends its first update at once
     for t in threads:
         t.start()
     try:
@@ -146,6 +151,7 @@ def p4_phase(m: P4Model, x: np.ndarray, refs: list[np.ndarray], seconds: float, 
     wall = now() - t_start
     return {
         "lat_s": lat,
+        "settled_lat_s": settled,
         "failed": failed,
         "torn": torn,
         "exact": exact[0],
@@ -185,6 +191,7 @@ def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, sec
         out = {}
         for key, parts in acc.items():
             lat = [v for p in parts for v in p["lat_s"]]
+            late = [v for p in parts for v in p["settled_lat_s"]]
             upd = [v for p in parts for v in p["update_lat_s"]]
             wall = sum(p["wall_s"] for p in parts)
             out[key] = {
@@ -192,6 +199,7 @@ def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, sec
                 "throughput_rps": len(lat) / wall if wall else float("nan"),
                 "p50_ms": pct(lat, 50) * 1e3,
                 "p99_ms": pct(lat, 99) * 1e3,
+                "settled_p99_ms": pct(late, 99) * 1e3,
                 "max_ms": max(lat) * 1e3 if lat else float("nan"),
                 "failed": sum(len(p["failed"]) for p in parts),
                 "failed_examples": [e for p in parts for e in p["failed"]][:5],

@@ -80,7 +80,8 @@ def check(b: wb.Bundle, model, weights: dict, feeds: dict, version: int) -> None
 
 
 @pytest.mark.parametrize("compile_once", [True, False])
-def test_a_stream_of_partial_updates_is_served_by_one_pinned_session(load, streaming, compile_once):
+def test_partial_updates_are_served_by_one_pinned_session(load, compile_once):
+    """A partial update is pinned first (no stream needed); the versions after it reuse the pin."""
     b = load(MLP, wb.RuntimeOptions(compile_once=compile_once))
     w = zoo.initializers(MLP)
     b.init()

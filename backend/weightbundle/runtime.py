@@ -64,11 +64,12 @@ class RuntimeOptions:
     (NCHWc blocks, folded transposes) by numpy, so a version costs no optimizer run.  Where
     the optimizer does arithmetic on weights (e.g. an unfolded BatchNorm: build with
     ``fold_bn``), each version is optimized as before.
-    pin_hot_weights=True (hybrid, not deterministic, CPU): under a stream of partial updates
-    (versions < 1 s apart changing at most half the bytes), serve from one session that packs
-    the weights the stream leaves alone and takes the changed ones as inputs, fed from the
-    store on each run: no session build per version, and only the changed layers run on
-    unpacked weights (their last bits may differ from the packed session's, as zero-copy's do).
+    pin_hot_weights=True (hybrid, not deterministic, CPU): after a partial update (the recent
+    versions changed at most half the bytes), serve from one session that packs the weights
+    they left alone and takes the changed ones as inputs, fed from the store on each run;
+    later versions changing only those reuse it, with no session build, until a version
+    settles and is packed whole.  Only the changed layers run on unpacked weights (their
+    last bits may differ from the packed session's, as zero-copy's do).
     """
 
     prepack: bool = True
@@ -83,7 +84,7 @@ class RuntimeOptions:
     share_packed: bool = True  # prepack: one packed copy per version in the store, mapped by every instance
     history_on_disk: bool = True  # move blobs only older versions (rollback) read to the disk-backed folder
     compile_once: bool = True  # optimize the graph once per load and re-lay each version's weights (``compiled``)
-    pin_hot_weights: bool = True  # under a stream of partial updates, one session for the stream (see above)
+    pin_hot_weights: bool = True  # after partial updates, one session for the versions that change the same weights (see above)
     store_dir: str | None = None  # shared store directory; None: a private one
 
 

@@ -11,12 +11,13 @@ inference keeps the session it started with, so it is never torn.
 With ``compile_once`` the graph is optimized only for the first version (``compiled``);
 every session after that loads the optimized graph with no optimizer run.
 
-Under a stream of *partial* updates no version lives long enough to be packed, and
-zero-copy GEMMs are ~2x slower.  So the builder then *pins* a session: it packs the
-variables the stream leaves alone and takes the ones it changes ("hot") as graph inputs.
+Under a stream of updates no version lives long enough to be packed, and zero-copy
+GEMMs are ~2x slower.  But a *partial* update changes a few weights, and a stream of them
+the same few.  So after one, the builder first *pins* a session: it packs the variables
+the recent versions left alone and takes the ones they changed ("hot") as graph inputs.
 Every later version that differs from the pinned one only in hot variables is served by
 that same session, its hot weights fed on each run straight from the store's mapping: no
-build at all.  Once the stream settles, the version's fully packed session replaces it.
+build at all.  Once a version settles, its fully packed session replaces the pin.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # runtime.py imports this module
     from .runtime import RuntimeOptions, TensorSpec
 
 
-STREAM_GAP_S = 1.0  # versions closer than this form a stream (the builder pins, see the module doc)
+STREAM_GAP_S = 1.0  # versions closer than this form a stream (settling waits for twice the gap)
 HOT_WINDOW_S = 2.0  # the hot variables: those changed by the versions seen in this window (at least the last two)
 PIN_MAX_HOT = 0.5  # pin only when the hot variables are at most this share of the bytes inference reads
 
@@ -301,8 +302,8 @@ class SessionCache:
             raise _Superseded(v.number) from None
 
     def _build_pin(self, requested: Version) -> bool:
-        """Builder thread, during a stream: pin a session for the newest version unless the
-        current one serves this stream already.  Returns True when it built one."""
+        """Builder thread: pin a session for the newest version, unless the pin serves it
+        already or pinning would not pay.  Returns True when it built one."""
         hot = self._hot()
         total = sum(self._specs[n].nbytes for n in self._read)
         if not hot or sum(self._specs[n].nbytes for n in hot) > PIN_MAX_HOT * total:
@@ -329,7 +330,7 @@ class SessionCache:
             if served is None:
                 return True  # a newer version is being served: the next inference takes the pin if it can
             self.current = served
-        self._log(f"a stream of updates to {len(fed)} variable(s): version {cur.version} is served by a session pinned in {time.perf_counter() - t0:.2f} s")
+        self._log(f"partial updates of {len(fed)} variable(s): version {cur.version} is served by a session pinned in {time.perf_counter() - t0:.2f} s")
         if self._retire is not None:
             self._retire(cur)
         del cur
@@ -485,9 +486,9 @@ class _Builder:
     it waits for the version to settle: at least as long as the last build took, and twice
     the last gap between versions.  Under a stream of updates a build would be obsolete
     before it paid off, and on a small machine it would steal the cores that inference
-    needs; the zero-copy session serves meanwhile, or, with ``pin``, a session pinned
-    once for the whole stream: ``pin(v)`` builds one when the current session does not
-    serve the stream yet and returns True if it did.
+    needs; the zero-copy session serves meanwhile, or, with ``pin``, a pinned session:
+    ``pin(v)`` builds one, before any settling, when the current session cannot serve
+    ``v`` and a pin would pay; it returns True if it did.
     """
 
     def __init__(self, build: Any, on_error: Any = None, pin: Callable[[Version], bool] | None = None):
@@ -529,8 +530,7 @@ class _Builder:
                     return
                 v, self._want, self._busy = self._want, None, True
                 assert v is not None
-                streaming = self._gap_s < STREAM_GAP_S
-            if streaming and self._pin is not None and self._pinned(v):
+            if self._pin is not None and self._pinned(v):  # first, without settling: it serves sooner
                 with self._cv:
                     if self._want is None:
                         self._want = v  # the final session still follows, once the stream settles

@@ -77,9 +77,9 @@ class ServingSettings:
     )
     pin_hot_weights: bool = param(
         True,
-        "with `hybrid`: under a stream of partial updates (versions < 1 s apart, changing at most half the bytes), serve every "
-        "version from one session that packs the unchanged weights and feeds the changed ones from the store, instead of a "
-        "zero-copy session per version",
+        "with `hybrid`: after a partial update (the versions of the last 2 s changed at most half the bytes), serve it and every "
+        "later version changing the same weights from one session that packs the others and feeds the changed ones from the "
+        "store, instead of a zero-copy session per version, until a version settles and is packed whole",
     )
     staging: bool = param(
         True,

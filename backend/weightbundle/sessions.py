@@ -320,6 +320,9 @@ class SessionCache:
         pin = _Pin(session, {n: v.entries[n] for n in self._read if n not in fed}, fed, cg)
         with self._lock:
             self._pin = pin
+            # The pin serves the stream at near packed speed: pack whole only once it pauses.
+            # Settling on the gap alone started full builds mid-stream (3 packs, then a new pin).
+            self.builder.min_settle = STREAM_GAP_S
             cur = self.current
             if cur is None or cur.session is pin.session:
                 return True
@@ -421,6 +424,7 @@ class SessionCache:
                 return
             first, self.current = self.current, Served(v.number, sess, {})
             self._pin = None  # the stream has settled: its packed copy goes once no inference holds it
+            self.builder.min_settle = 0.0
         del first
         if self.options.deterministic:  # a private pre-packed first session: its packed copy goes back to the OS
             release_free_memory()
@@ -501,6 +505,7 @@ class _Builder:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._build_s = 0.05  # duration of the last build
+        self.min_settle = 0.0  # settle at least this long (set while a pinned session serves)
         self._gap_s = float("inf")  # time between the last two requests (versions)
         self._last_request = float("-inf")
 
@@ -538,7 +543,7 @@ class _Builder:
                 continue
             with self._cv:
                 # Settle: a newer request during the wait replaces this one.
-                settle = min(max(self._build_s, 2 * self._gap_s if self._gap_s < STREAM_GAP_S else 0.0), 2.0)
+                settle = min(max(self._build_s, self.min_settle, 2 * self._gap_s if self._gap_s < STREAM_GAP_S else 0.0), 2.0)
                 if self._cv.wait_for(lambda: self._want is not None or self._stop, timeout=settle):
                     self._busy = False
                     continue

@@ -152,6 +152,29 @@ def test_a_stream_moving_to_another_weight_pins_again(load, streaming):
     held.release()
 
 
+def test_a_pin_that_cannot_be_built_turns_pins_off_and_serving_goes_on(load, monkeypatch):
+    b = load(MLP, wb.RuntimeOptions())
+    logs: list[str] = []
+    b._log = logs.append
+    calls = []
+
+    def broken(v, fed):
+        calls.append(v.number)
+        raise RuntimeError("no kernel for that")
+
+    monkeypatch.setattr(b._sessions, "_pinned_session", broken)
+    w = zoo.initializers(MLP)
+    b.init()
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        w["fc0.weight"] = rng.standard_normal(w["fc0.weight"].shape).astype(np.float32)
+        v = b.update({"fc0.weight": w["fc0.weight"]})
+        check(b, MLP, w, X_MLP, v)
+        assert b._sessions.builder.wait_idle(60)
+    assert len(calls) == 1 and sum("pinned sessions are off" in m for m in logs) == 1  # tried once, said so once
+    assert b._sessions._pin is None and not b._sessions.current.feeds and b.fully_optimised
+
+
 @pytest.mark.parametrize(
     "options, names",
     [

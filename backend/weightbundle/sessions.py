@@ -316,7 +316,15 @@ class SessionCache:
             return False  # it serves this stream already
         fed = hot | (pin.fed if pin is not None and self._pinned_for(v, pin) is not None else frozenset())
         t0 = time.perf_counter()
-        session, cg = self._pinned_session(v, fed)
+        try:
+            session, cg = self._pinned_session(v, fed)
+        except Exception as e:
+            if self._collected(v):
+                raise _Superseded(v.number) from None
+            # Not expected (ORT kernels take weights as inputs); serve correctly anyway, unpinned.
+            self._log(f"pinned sessions are off for this model: building one failed ({e!r}); partial updates are served zero-copy until packed")
+            self.builder.disable_pins()
+            return False
         pin = _Pin(session, {n: v.entries[n] for n in self._read if n not in fed}, fed, cg)
         with self._lock:
             self._pin = pin
@@ -557,6 +565,9 @@ class _Builder:
                     self._build_s = min(max(time.perf_counter() - t0, 0.01), 2.0)
                     self._busy = False
                     self._cv.notify_all()
+
+    def disable_pins(self) -> None:
+        self._pin = None
 
     def _pinned(self, v: Version) -> bool:
         assert self._pin is not None

@@ -150,6 +150,52 @@ def test_soak_no_failed_and_no_torn_responses(tmp_path):
     assert len({v for v, _ in seen}) > 5  # readers really saw many versions
 
 
+def test_a_stream_of_partial_updates_is_served_by_a_pinned_session(tmp_path):
+    """Through Triton, two instances: a stream of one-layer updates is served by pinned sessions
+    (spec section 3), and every answer matches the version it reports."""
+    repo = str(tmp_path / "repo")
+    os.makedirs(repo)
+    make_repo(repo, "m", MODEL, instances=2)
+    orig = zoo.initializers(MODEL)
+    with running(repo) as srv:
+        weights_at: dict[int, dict[str, np.ndarray]] = {0: {}}
+        seen: list[tuple[int, np.ndarray]] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def reader():
+            c = httpclient.InferenceServerClient(srv.http_url)
+            while not stop.is_set():
+                try:
+                    seen.append(infer(c)[::-1])
+                except Exception as e:  # any failure is a test failure, recorded with its reason
+                    failures.append(repr(e))
+            c.close()
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        c = httpclient.InferenceServerClient(srv.http_url)
+        rng = np.random.default_rng(6)
+        try:
+            for _ in range(40):  # fc0.weight only: 18% of the bytes inference reads
+                arr = rng.standard_normal(orig["fc0.weight"].shape).astype(np.float32)
+                weights_at[version(push(c, {"fc0.weight": arr}))] = {"fc0.weight": arr}
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+            c.close()
+        log = open(srv.log_path, encoding="utf-8", errors="replace").read()
+    assert failures == []
+    refs = {v: ref(w) for v, w in weights_at.items()}
+    torn = [v for v, y in seen if v not in refs or not np.allclose(y, refs[v], rtol=1e-5, atol=1e-6)]
+    assert torn == [], f"{len(torn)} of {len(seen)} responses do not match the version they report"
+    assert len({v for v, _ in seen}) > 5
+    assert "is served by a session pinned" in log
+
+
 def _stores_of(pid: int) -> list[str]:
     return [d for d in os.listdir("/dev/shm") if d.startswith(f"weightbundle-{pid}-")]
 

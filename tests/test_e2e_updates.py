@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -97,56 +99,75 @@ def test_a_killed_instance_leaves_the_others_serving_the_current_version(four):
     c.close()
 
 
+@contextmanager
+def reading(srv: TritonServer, clients: int) -> Iterator[tuple[list[tuple[int, np.ndarray]], list[str]]]:
+    """``clients`` threads inferring in a loop until the block ends: yields (every (version,
+    answer) seen, every failure with its reason); a failure is a test failure."""
+    seen: list[tuple[int, np.ndarray]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        c = httpclient.InferenceServerClient(srv.http_url)
+        while not stop.is_set():
+            try:
+                seen.append(infer(c)[::-1])
+            except Exception as e:  # recorded with its reason
+                failures.append(repr(e))
+        c.close()
+
+    threads = [threading.Thread(target=reader) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield seen, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+
+def torn(seen: list[tuple[int, np.ndarray]], weights_at: dict[int, dict[str, np.ndarray]]) -> list[int]:
+    """Versions of the answers that do not match the weights their version was given."""
+    refs = {v: ref(w) for v, w in weights_at.items()}
+    return [v for v, y in seen if v not in refs or not np.allclose(y, refs[v], rtol=1e-5, atol=1e-6)]
+
+
 def test_soak_no_failed_and_no_torn_responses(tmp_path):
     repo = str(tmp_path)
     make_repo(repo, "m", MODEL, instances=2, history="2")
     orig = zoo.initializers(MODEL)
     with running(repo) as srv:
         weights_at: dict[int, dict[str, np.ndarray]] = {0: {}}
-        seen: list[tuple[int, np.ndarray]] = []
-        failures: list[str] = []
         stop = threading.Event()
-        lock = threading.Lock()
 
-        def reader():
-            c = httpclient.InferenceServerClient(srv.http_url)
-            while not stop.is_set():
-                try:
-                    y, v = infer(c)
-                    with lock:
-                        seen.append((v, y))
-                except Exception as e:  # any failure is a test failure, recorded with its reason
-                    failures.append(repr(e))
-            c.close()
+        with reading(srv, 8) as (seen, failures):
 
-        def updater():
-            c = httpclient.InferenceServerClient(srv.http_url)
-            rng = np.random.default_rng(0)
-            current = {}
-            while not stop.is_set():
-                name = ["fc0.weight", "fc1.weight", "fc2.bias"][rng.integers(3)]
-                arr = rng.standard_normal(orig[name].shape).astype(np.float32)
-                try:
-                    v = version(push(c, {name: arr}))
-                    current = {**current, name: arr}
-                    weights_at[v] = current
-                except Exception as e:
-                    failures.append("update: " + repr(e))
-                time.sleep(0.1)
-            c.close()
+            def updater():
+                c = httpclient.InferenceServerClient(srv.http_url)
+                rng = np.random.default_rng(0)
+                current = {}
+                while not stop.is_set():
+                    name = ["fc0.weight", "fc1.weight", "fc2.bias"][rng.integers(3)]
+                    arr = rng.standard_normal(orig[name].shape).astype(np.float32)
+                    try:
+                        v = version(push(c, {name: arr}))
+                        current = {**current, name: arr}
+                        weights_at[v] = current
+                    except Exception as e:
+                        failures.append("update: " + repr(e))
+                    time.sleep(0.1)
+                c.close()
 
-        threads = [threading.Thread(target=reader) for _ in range(8)] + [threading.Thread(target=updater)]
-        for t in threads:
+            t = threading.Thread(target=updater)
             t.start()
-        time.sleep(SOAK_SECONDS)
-        stop.set()
-        for t in threads:
+            time.sleep(SOAK_SECONDS)
+            stop.set()
             t.join(60)
     assert failures == []
     assert len(weights_at) > 10 and len(seen) > 100
-    refs = {v: ref(w) for v, w in weights_at.items()}
-    torn = [v for v, y in seen if v not in refs or not np.allclose(y, refs[v], rtol=1e-5, atol=1e-6)]
-    assert torn == [], f"{len(torn)} of {len(seen)} responses do not match the version they report"
+    bad = torn(seen, weights_at)
+    assert bad == [], f"{len(bad)} of {len(seen)} responses do not match the version they report"
     assert len({v for v, _ in seen}) > 5  # readers really saw many versions
 
 
@@ -159,39 +180,16 @@ def test_a_stream_of_partial_updates_is_served_by_a_pinned_session(tmp_path):
     orig = zoo.initializers(MODEL)
     with running(repo) as srv:
         weights_at: dict[int, dict[str, np.ndarray]] = {0: {}}
-        seen: list[tuple[int, np.ndarray]] = []
-        failures: list[str] = []
-        stop = threading.Event()
-
-        def reader():
-            c = httpclient.InferenceServerClient(srv.http_url)
-            while not stop.is_set():
-                try:
-                    seen.append(infer(c)[::-1])
-                except Exception as e:  # any failure is a test failure, recorded with its reason
-                    failures.append(repr(e))
-            c.close()
-
-        threads = [threading.Thread(target=reader) for _ in range(4)]
-        for t in threads:
-            t.start()
-        c = httpclient.InferenceServerClient(srv.http_url)
-        rng = np.random.default_rng(6)
-        try:
+        with reading(srv, 4) as (seen, failures), httpclient.InferenceServerClient(srv.http_url) as c:
+            rng = np.random.default_rng(6)
             for _ in range(40):  # fc0.weight only: 18% of the bytes inference reads
                 arr = rng.standard_normal(orig["fc0.weight"].shape).astype(np.float32)
                 weights_at[version(push(c, {"fc0.weight": arr}))] = {"fc0.weight": arr}
                 time.sleep(0.05)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
-            c.close()
         log = open(srv.log_path, encoding="utf-8", errors="replace").read()
     assert failures == []
-    refs = {v: ref(w) for v, w in weights_at.items()}
-    torn = [v for v, y in seen if v not in refs or not np.allclose(y, refs[v], rtol=1e-5, atol=1e-6)]
-    assert torn == [], f"{len(torn)} of {len(seen)} responses do not match the version they report"
+    bad = torn(seen, weights_at)
+    assert bad == [], f"{len(bad)} of {len(seen)} responses do not match the version they report"
     assert len({v for v, _ in seen}) > 5
     assert "is served by a session pinned" in log
 

@@ -287,10 +287,15 @@ class SessionCache:
             out |= names
         return out
 
+    @staticmethod
+    def _covers(pin: _Pin | None, v: Version) -> bool:
+        """Does ``pin`` hold version ``v``'s weights (all but the fed ones)?"""
+        return pin is not None and all(v.entries.get(n) == e for n, e in pin.base.items())
+
     def _pinned_for(self, v: Version, pin: _Pin | None = None) -> Served | None:
-        """The pinned session serving version ``v``, if it holds ``v``'s weights (all but the fed ones)."""
+        """The pinned session serving version ``v``, if it holds ``v``'s weights."""
         pin = pin or self._pin
-        if pin is None or any(v.entries.get(n) != e for n, e in pin.base.items()):
+        if pin is None or not self._covers(pin, v):
             return None
         weights = self._weights_of(v, pin.fed)
         return Served(v.number, pin.session, pin.compiled.fed_inputs(weights, pin.fed) if pin.compiled is not None else weights)
@@ -312,9 +317,10 @@ class SessionCache:
         if v is None or v.number < requested.number:
             return False
         pin = self._pin
-        if pin is not None and hot <= pin.fed and self._pinned_for(v, pin) is not None:
+        covers = pin is not None and self._covers(pin, v)
+        if pin is not None and covers and hot <= pin.fed:
             return False  # it serves this stream already
-        fed = hot | (pin.fed if pin is not None and self._pinned_for(v, pin) is not None else frozenset())
+        fed = hot | (pin.fed if pin is not None and covers else frozenset())
         t0 = time.perf_counter()
         try:
             session, cg = self._pinned_session(v, fed)

@@ -72,9 +72,8 @@ class Updater:
         self.answered = threading.Event()  # set by each inference; after_publish waits for one
         self.last_infer_s = 0.0  # how long the last inference took (Bundle.infer sets it)
         self.served = threading.Event()  # set once the new version's session is built (Bundle._ready)
-        self._idle_timer: threading.Timer | None = None  # drops the staging blob after staging_idle_seconds
-        self._evict_timer: threading.Timer | None = None  # moves the history to disk once a stream of updates pauses
-        self._timer_lock = threading.Lock()
+        self._idle_drop = _Rearmable(self._drop_idle_staging)  # drops the staging blob after staging_idle_seconds
+        self._evict_later = _Rearmable(self._evict_history)  # moves the history to disk once a stream of updates pauses
         self._last_publish = float("-inf")  # monotonic time of this updater's last publish
 
     def close(self) -> None:
@@ -89,8 +88,8 @@ class Updater:
         or dropped."""
         for t in self._threads:
             t.join(timeout)
-        self._arm_idle_drop(None)
-        if self._arm_evict(None) and flush:
+        self._idle_drop.arm(None)
+        if self._evict_later.arm(None) and flush:
             self._evict_history()
 
     def check_update(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -326,7 +325,7 @@ class Updater:
                     store.reserve_staging(path, room)  # another instance may have prepared it for other names
                     self._staging_map = _populated_map(path, store.staging_ranges(room))
                     if self.options.staging_idle_seconds > 0:
-                        self._arm_idle_drop(self.options.staging_idle_seconds)
+                        self._idle_drop.arm(self.options.staging_idle_seconds)
             except (OSError, ValueError):  # store gone (unload), tmpfs full, or claimed meanwhile: plain path
                 pass
             if collect and self.options.history_on_disk:
@@ -336,9 +335,9 @@ class Updater:
                 if self._last_publish > now:
                     pass  # a newer update's thread decides
                 elif streaming:
-                    self._arm_evict(STREAM_GAP_S)
+                    self._evict_later.arm(STREAM_GAP_S)
                 else:
-                    self._arm_evict(None)
+                    self._evict_later.arm(None)
                     self._evict_history()
             if not collect:
                 # After init only.  Trimming after each update handed the freed heap back only
@@ -377,31 +376,6 @@ class Updater:
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
 
-    def _arm_idle_drop(self, delay: float | None) -> None:
-        """(Re)start the staging blob's idle clock: ``_drop_idle_staging`` in ``delay`` s (None: stop it)."""
-        with self._timer_lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            self._idle_timer = None
-            if delay is not None:
-                self._idle_timer = threading.Timer(delay, self._drop_idle_staging)
-                self._idle_timer.daemon = True
-                self._idle_timer.start()
-
-    def _arm_evict(self, delay: float | None) -> bool:
-        """(Re)start the history's move to disk: ``_evict_history`` in ``delay`` s (None: stop it).
-        Returns True if a move was pending."""
-        with self._timer_lock:
-            pending = self._evict_timer is not None and self._evict_timer.is_alive()
-            if self._evict_timer is not None:
-                self._evict_timer.cancel()
-            self._evict_timer = None
-            if delay is not None:
-                self._evict_timer = threading.Timer(delay, self._evict_history)
-                self._evict_timer.daemon = True
-                self._evict_timer.start()
-        return pending
-
     def _evict_history(self) -> None:
         try:
             self._store.evict_history()
@@ -418,7 +392,7 @@ class Updater:
             if age is None:
                 return
             if age < idle:  # another instance's update made a fresh one meanwhile: wait for it
-                self._arm_idle_drop(idle - age)
+                self._idle_drop.arm(idle - age)
                 return
             self._staging_map = None  # our mapping would keep the unlinked pages alive
             self._store.drop_staging(older_than=idle)
@@ -520,6 +494,28 @@ class Updater:
         return sess
 
     # -- sessions per version -----------------------------------------------------
+
+
+class _Rearmable:
+    """A one-shot timer that each ``arm(delay)`` restarts (``None``: stops it)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self._fn = fn
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def arm(self, delay: float | None) -> bool:
+        """Returns True if a run was pending (armed and not yet started)."""
+        with self._lock:
+            pending = self._timer is not None and self._timer.is_alive()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            if delay is not None:
+                self._timer = threading.Timer(delay, self._fn)
+                self._timer.daemon = True
+                self._timer.start()
+        return pending
 
 
 def _check_finite(values: Mapping[str, np.ndarray]) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import weightbundle as wb
-from weightbundle import sessions, updater, zoo
+from weightbundle import packing, sessions, updater, zoo
 
 MLP = zoo.mlp()  # fc0.weight is 27% of the bytes inference reads, fc1.weight 55%
 CONV = zoo.convnet(channels=(3, 16, 32))
@@ -66,6 +66,10 @@ def wait_pinned(b: wb.Bundle, feeds: dict, timeout: float = 60.0) -> sessions.Se
     raise AssertionError("no pinned session within the timeout")
 
 
+def packed_files(b: wb.Bundle) -> list[str]:
+    return sorted(f for f in os.listdir(b.store.packed_path) if f.startswith(packing.PREFIX))
+
+
 def assert_close(got: np.ndarray, ref: np.ndarray) -> None:
     scale = float(np.abs(ref).max())
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 + 1e-5 * scale)
@@ -94,15 +98,75 @@ def test_partial_updates_are_served_by_one_pinned_session(load, compile_once):
     check(b, MLP, w, X_MLP, v)
     fed = set(pinned.feeds)
     assert len(fed) == 1 and pinned.session is b._sessions._pin.session  # the one weight the stream changes
+    shared = b._sessions._pin.shared
     for _ in range(4):  # every later version of the stream: the same session, no build
         w["fc0.weight"] = rng.standard_normal(w["fc0.weight"].shape).astype(np.float32)
         v = b.update({"fc0.weight": w["fc0.weight"]})
         check(b, MLP, w, X_MLP, v)
         cur = b._sessions.current
         assert cur.version == v and cur.session is pinned.session and set(cur.feeds) == fed
+    b._updater.settle()  # the updates' collection has run: the packed copy pins load over stays
+    assert packed_files(b) == ["packed-v0.data", "packed-v0.onnx"]
     held.release()  # the stream settles: the version's fully packed session replaces the pin
-    cur = b._sessions.current
-    assert cur.version == v and not cur.feeds and cur.session is not pinned.session and b._sessions._pin is None
+    assert packed_files(b) == [f"packed-v{v}.data", f"packed-v{v}.onnx"]  # and the older copy goes
+    cur, standby = b._sessions.current, b._sessions._pin
+    assert cur.version == v and not cur.feeds and cur.session is not pinned.session
+    # Compiled once, the pin maps the store's shared packed copy, and a standby pin with the
+    # same fed weight waits over the new packed copy; else the pin packed privately, and goes.
+    assert shared == compile_once
+    assert (standby is not None and standby.shared and standby.fed == {"fc0.weight"}) if compile_once else standby is None
+    check(b, MLP, w, X_MLP, v)
+
+
+def test_the_next_stream_is_pinned_from_its_first_version(load, monkeypatch):
+    """Once a stream settles, a standby pin waits over the packed copy: a later stream of
+    the same weight is served pinned from its first update, with no pin built for it."""
+    b = load(MLP, wb.RuntimeOptions())
+    logs: list[str] = []
+    b._log = logs.append
+    w = zoo.initializers(MLP)
+    b.init()
+    b.infer(X_MLP)
+    assert b._sessions.builder.wait_idle(60)
+    rng = np.random.default_rng(6)
+    for stream in range(3):
+        for i in range(3):
+            w["fc0.weight"] = rng.standard_normal(w["fc0.weight"].shape).astype(np.float32)
+            v = b.update({"fc0.weight": w["fc0.weight"]})
+            if stream and not i:  # before the builder could build anything: the standby serves
+                cur, standby = b._sessions.current, b._sessions._pin
+                assert cur.version == v and cur.feeds and cur.session is standby.session
+            check(b, MLP, w, X_MLP, v)
+        if not stream:
+            wait_pinned(b, X_MLP)
+        assert b._sessions.builder.wait_idle(60)  # settles (the pause), then loads the standby
+        pin, cur = b._sessions._pin, b._sessions.current
+        assert pin is not None and pin.shared and not pin.used and cur.version == v and not cur.feeds
+    built = [m for m in logs if "served by a session pinned over the shared packed copy" in m]
+    standby = [m for m in logs if "served by the standby pinned session" in m]
+    assert len(built) == 1 and len(standby) == 2, logs
+    # A full update is not served by the standby, and a standby that served nothing is not renewed.
+    w = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in w.items()}
+    v = b.update(w)
+    check(b, MLP, w, X_MLP, v)
+    assert b._sessions.builder.wait_idle(60)
+    assert b._sessions._pin is None and not b._sessions.current.feeds
+
+
+def test_a_pin_packs_privately_when_the_shared_copy_is_gone(load, streaming):
+    b = load(MLP, wb.RuntimeOptions())
+    w = zoo.initializers(MLP)
+    b.init()
+    b.infer(X_MLP)
+    held = Held(b)
+    for f in os.listdir(b.store.packed_path):  # as if collected by a newer pack
+        os.unlink(os.path.join(b.store.packed_path, f))
+    w["fc0.weight"] = (w["fc0.weight"] * np.float32(3)).astype(np.float32)
+    v = b.update({"fc0.weight": w["fc0.weight"]})
+    pinned = wait_pinned(b, X_MLP)
+    assert not b._sessions._pin.shared and set(pinned.feeds) == {"fc0.weight"}
+    check(b, MLP, w, X_MLP, v)
+    held.release()
     check(b, MLP, w, X_MLP, v)
 
 
@@ -163,6 +227,7 @@ def test_a_pin_that_cannot_be_built_turns_pins_off_and_serving_goes_on(load, mon
         raise RuntimeError("no kernel for that")
 
     monkeypatch.setattr(b._sessions, "_pinned_session", broken)
+    monkeypatch.setattr(b._sessions, "_pin_from_packed", lambda v, fed: None)  # no shared copy to load over
     w = zoo.initializers(MLP)
     b.init()
     rng = np.random.default_rng(5)

@@ -21,7 +21,8 @@ that no process keeps mapped, and only the packed half stays resident, once.
   place, the ``.onnx`` last: a reader never sees half of one.  A builder killed
   midway leaves hidden files, which the store's sweep removes once its pid is dead.
 - Before the rename, a probe inference must give the builder session's exact bytes.
-- The store deletes a version's files when it stops being current, and the whole
+- The store deletes a version's files once a newer version has been packed (until then
+  pinned sessions load over them: sessions.py), and the whole
   folder when the store goes (``WeightStore._gc``, ``release``, ``sweep_stale``);
   sessions that still map a deleted file keep its pages until they close.
 """

@@ -18,6 +18,12 @@ the recent versions left alone and takes the ones they changed ("hot") as graph 
 Every later version that differs from the pinned one only in hot variables is served by
 that same session, its hot weights fed on each run straight from the store's mapping: no
 build at all.  Once a version settles, its fully packed session replaces the pin.
+
+A pin is loaded over the store's shared packed copy of the version last packed
+(``packing``) where there is one: the packed pages are those every instance maps already,
+so a pin costs no private copy.  And when a stream settles, a *standby* pin with the same
+hot variables is loaded over the new packed copy, so the next stream that changes the same
+weights is pinned from its first version: no zero-copy session, no build.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ class Served(NamedTuple):
     feeds: Mapping[str, np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Pin:
     """A session holding version ``base``'s weights packed, except variables ``fed``, which it takes as inputs."""
 
@@ -66,6 +72,8 @@ class _Pin:
     base: Mapping[str, tuple[str, int]]  # the store entries (blob, offset) of the variables it holds
     fed: frozenset[str]
     compiled: compiled.CompiledGraph | None  # the once-optimized graph it was built from: fed inputs are re-laid for it
+    shared: bool = False  # over the store's shared packed copy (else it packed a private one)
+    used: bool = False  # it served a version (a standby pin that never did is not renewed)
 
 
 def session_options(options: RuntimeOptions, prepack: bool, level: str, housekeeping: bool = False) -> ort.SessionOptions:
@@ -120,6 +128,8 @@ class SessionCache:
         self._compile_tried = False
         self._compile_lock = threading.Lock()
         self._pin: _Pin | None = None
+        self._packed_base: Version | None = None  # the version whose shared packed copy this instance loaded last
+        self._said_private = False
         self._seen: Version | None = None  # the last version this cache served, for ``_recent``
         self._recent: deque[tuple[float, frozenset[str]]] = deque(maxlen=64)  # (when, variables changed) per new version
         pins = options.prepack and options.hybrid and not options.deterministic and options.pin_hot_weights
@@ -298,6 +308,7 @@ class SessionCache:
         if pin is None or not self._covers(pin, v):
             return None
         weights = self._weights_of(v, pin.fed)
+        pin.used = True
         return Served(v.number, pin.session, pin.compiled.fed_inputs(weights, pin.fed) if pin.compiled is not None else weights)
 
     def _weights_of(self, v: Version, names: frozenset[str]) -> dict[str, np.ndarray]:
@@ -306,52 +317,101 @@ class SessionCache:
         except FileNotFoundError:
             raise _Superseded(v.number) from None
 
+    def _pays(self, fed: frozenset[str]) -> bool:
+        """Would a pin feeding ``fed`` pay?  Not when they are most of what inference reads."""
+        return sum(self._specs[n].nbytes for n in fed) <= PIN_MAX_HOT * sum(self._specs[n].nbytes for n in self._read)
+
     def _build_pin(self, requested: Version) -> bool:
         """Builder thread: pin a session for the newest version, unless the pin serves it
         already or pinning would not pay.  Returns True when it built one."""
         hot = self._hot()
-        total = sum(self._specs[n].nbytes for n in self._read)
-        if not hot or sum(self._specs[n].nbytes for n in hot) > PIN_MAX_HOT * total:
+        if not hot or not self._pays(hot):
             return False  # nothing, or most of the model, changes: packing would not pay
         v = self._store.current()
         if v is None or v.number < requested.number:
             return False
         pin = self._pin
-        covers = pin is not None and self._covers(pin, v)
+        covers = self._covers(pin, v)
         if pin is not None and covers and hot <= pin.fed:
-            return False  # it serves this stream already
+            self._adopt(pin)  # e.g. a standby pin, loaded while an update was on its way
+            if self.builder.min_settle != STREAM_GAP_S:  # once per stream
+                self._log(f"partial updates of {len(pin.fed)} variable(s): version {v.number} is served by the standby pinned session")
+                self.builder.min_settle = STREAM_GAP_S  # it serves this stream: pack whole once it pauses
+            return False
         fed = hot | (pin.fed if pin is not None and covers else frozenset())
         t0 = time.perf_counter()
-        try:
-            session, cg = self._pinned_session(v, fed)
-        except Exception as e:
-            if self._collected(v):
-                raise _Superseded(v.number) from None
-            # Not expected (ORT kernels take weights as inputs); serve correctly anyway, unpinned.
-            self._log(f"pinned sessions are off for this model: building one failed ({e!r}); partial updates are served zero-copy until packed")
-            self.builder.disable_pins()
-            return False
-        pin = _Pin(session, {n: v.entries[n] for n in self._read if n not in fed}, fed, cg)
+        pin = self._pin_from_packed(v, fed)
+        if pin is None:
+            try:
+                session, cg = self._pinned_session(v, fed)
+            except Exception as e:
+                if self._collected(v):
+                    raise _Superseded(v.number) from None
+                # Not expected (ORT kernels take weights as inputs); serve correctly anyway, unpinned.
+                self._log(f"pinned sessions are off for this model: building one failed ({e!r}); partial updates are served zero-copy until packed")
+                self.builder.disable_pins()
+                return False
+            pin = _Pin(session, {n: v.entries[n] for n in self._read if n not in fed}, fed, cg)
         with self._lock:
             self._pin = pin
             # The pin serves the stream at near packed speed: pack whole only once it pauses.
             # Settling on the gap alone started full builds mid-stream (3 packs, then a new pin).
             self.builder.min_settle = STREAM_GAP_S
+        served = self._adopt(pin)
+        if served is not None:
+            how = "over the shared packed copy" if pin.shared else "with a private packed copy"
+            took = time.perf_counter() - t0
+            self._log(f"partial updates of {len(pin.fed)} variable(s): version {served} is served by a session pinned {how} in {took:.2f} s")
+        return True
+
+    def _adopt(self, pin: _Pin) -> int | None:
+        """Serve the current version from ``pin`` if it holds that version's weights; returns
+        the version number when it switched."""
+        with self._lock:
             cur = self.current
             if cur is None or cur.session is pin.session:
-                return True
+                return None
             try:
                 served = self._pinned_for(self._store.version(cur.version), pin) if self._store.head() == cur.version else None
             except (_Superseded, FileNotFoundError):
                 served = None
             if served is None:
-                return True  # a newer version is being served: the next inference takes the pin if it can
+                return None  # a newer version is being served: the next inference takes the pin if it can
             self.current = served
-        self._log(f"partial updates of {len(fed)} variable(s): version {cur.version} is served by a session pinned in {time.perf_counter() - t0:.2f} s")
         if self._retire is not None:
             self._retire(cur)
         del cur
-        return True
+        return served.version
+
+    def _pin_from_packed(self, v: Version, fed: frozenset[str]) -> _Pin | None:
+        """A pin for version ``v`` over the shared packed copy this instance loaded last: it
+        feeds ``fed`` and whatever else ``v`` changed since that copy, and maps the rest, so
+        it holds no private packed weights.  None where there is no such copy (not shared,
+        or not compiled once: the saved graph's names are the compiled graph's), where it
+        has been collected meanwhile, or where ``v`` changed too much since."""
+        base, cg = self._packed_base, self._compiled
+        if base is None or cg is None or not self._shares_packed():
+            return None
+        fed = fed | frozenset(n for n in self._read if v.entries.get(n) != base.entries.get(n))
+        if not self._pays(fed):
+            return None
+        names = cg.fed_names(fed)
+        path = packing.model_path(self._store.packed_path, base.number)
+        try:
+            model = onnx.load(path, load_external_data=False)
+            compiled.as_inputs(model, names)
+            if len(model.graph.input) != len(self.inputs) + len(names):
+                raise BundleError("its graph does not hold the weights to feed")
+            so = session_options(self.options, prepack=True, level="none")
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._store.packed_path)
+            session = ort.InferenceSession(model.SerializeToString(), so, providers=list(self.options.providers))
+        except Exception as e:  # noqa: BLE001 - a private pin still serves
+            if os.path.exists(path) and not self._said_private:  # not just collected by a newer pack: say so, once
+                self._said_private = True
+                self._log(f"pinned sessions pack a private copy: loading one over the shared packed copy failed: {e!r}")
+            return None
+        release_free_memory()  # ORT packed the file's raw weights once more, to check them, and let go of that copy
+        return _Pin(session, {n: base.entries[n] for n in self._read if n not in fed}, fed, cg, shared=True)
 
     def _pinned_session(self, v: Version, fed: frozenset[str]) -> tuple[ort.InferenceSession, compiled.CompiledGraph | None]:
         """A pre-packed session for version ``v`` that takes variables ``fed`` as inputs."""
@@ -380,6 +440,7 @@ class SessionCache:
                     lambda m: self._verify_packed(m, probe, expected),
                 )
                 sess = self._load_packed(path)
+                self._packed_base = v
                 if v.op == "init":
                     # ORT packs once more at load to check the file, then frees that copy.  Not
                     # trimmed after updates: the next update would fault the heap in again
@@ -437,11 +498,21 @@ class SessionCache:
             if self.current is None or self.current[0] != v.number:
                 return
             first, self.current = self.current, Served(v.number, sess, {})
-            self._pin = None  # the stream has settled: its packed copy goes once no inference holds it
+            ended, self._pin = self._pin, None  # the stream has settled: the pin goes once no inference holds it
             self.builder.min_settle = 0.0
         del first
+        if self._packed_base is v:
+            self._store.collect_packed()  # older packed copies: no pin loads over them any more
         if self.options.deterministic:  # a private pre-packed first session: its packed copy goes back to the OS
             release_free_memory()
+        if ended is not None and ended.used and self.builder.pinning:
+            # Streams tend to change the same weights again (a trainer pushing its head layers):
+            # a standby pin over this version's packed copy serves the next one from its
+            # first update.  It maps the pages the packed session maps: no extra copy.
+            standby = self._pin_from_packed(v, ended.fed)
+            with self._lock:
+                if standby is not None and self._pin is None:
+                    self._pin = standby
 
     @property
     def fully_optimised(self) -> bool:
@@ -574,6 +645,10 @@ class _Builder:
 
     def disable_pins(self) -> None:
         self._pin = None
+
+    @property
+    def pinning(self) -> bool:
+        return self._pin is not None
 
     def _pinned(self, v: Version) -> bool:
         assert self._pin is not None

@@ -596,14 +596,26 @@ class WeightStore:
                 unlink_quiet(os.path.join(self.packed_path, f))
         self._gc_packed(head)
 
+    def collect_packed(self) -> None:
+        """Drop the packed files ``_gc_packed`` no longer keeps (after a newer version is packed)."""
+        with self.locked():
+            head = self.head()
+            if head is not None:
+                self._gc_packed(head)
+
     def _gc_packed(self, head: int) -> None:
-        """Only the current version is served packed: drop the others' files (sessions still
-        mapping one keep its pages until they close), and what dead builders left."""
+        """Keep the packed files of the newest version packed so far: the current one, or
+        during a stream of updates the one its pinned sessions map (sessions.py loads pins
+        over it).  Drop the others' (sessions still mapping one keep its pages until they
+        close), and what dead builders left."""
         d = self.packed_path
-        for f in os.listdir(d) if os.path.isdir(d) else []:
+        files = os.listdir(d) if os.path.isdir(d) else []
+        numbers = [f[len(packing.PREFIX) : -len(".onnx")] for f in files if f.startswith(packing.PREFIX) and f.endswith(".onnx")]
+        keep = max((int(n) for n in numbers if n.isdigit() and int(n) <= head), default=head)
+        for f in files:
             stem = f[len(packing.PREFIX) :].split(".")[0] if f.startswith(packing.PREFIX) else ""
             lock_n = f[len(packing.BUILDING) + 1 : -len(".lock")] if f.startswith(packing.BUILDING) and f.endswith(".lock") else ""
-            if stem.isdigit() and int(stem) != head:
+            if stem.isdigit() and int(stem) not in (head, keep):
                 unlink_quiet(os.path.join(d, f))
             elif lock_n.isdigit() and int(lock_n) < head:
                 unlink_quiet(os.path.join(d, f))

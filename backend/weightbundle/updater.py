@@ -66,6 +66,7 @@ class Updater:
         self._deps = deps  # store entry -> the sources it is computed from
         self.staging_thread: threading.Thread | None = None  # the latest after_publish thread
         self._threads: list[threading.Thread] = []  # every one still running (close waits for them)
+        self._threads_lock = threading.Lock()
         self._staging_map: tuple[int, np.ndarray] | None = None  # (inode, populated mapping) of staging.bin
         self._written: deque[frozenset[str]] = deque(maxlen=STAGING_PREDICT)  # entries the last updates wrote
         self._update_sessions: dict[tuple, ort.InferenceSession] = {}  # (dtypes, names sent) -> session, LRU
@@ -86,7 +87,7 @@ class Updater:
         then cancel the staging blob's idle timer (those threads arm it).  A move of the
         history to disk that waits for a stream of updates to pause is done now (``flush``)
         or dropped."""
-        for t in self._threads:
+        for t in list(self._threads):
             t.join(timeout)
         self._idle_drop.arm(None)
         if self._evict_later.arm(None) and flush:
@@ -345,10 +346,7 @@ class Updater:
                 # against 235 ms (measured).  After updates the idle timer trims instead.
                 release_free_memory()
 
-        t = threading.Thread(target=run, name="weightbundle-after-publish", daemon=True)
-        self.staging_thread = t
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+        self.staging_thread = self._spawn(run, "weightbundle-after-publish")
 
     def answer_wait(self) -> float:
         """How long background work waits for the new version's first answer: 0.1 s, or
@@ -372,9 +370,17 @@ class Updater:
             self.wait_first_answer()
             held.clear()  # the last reference: the session is freed here
 
-        t = threading.Thread(target=run, name="weightbundle-retire", daemon=True)
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        self._spawn(run, "weightbundle-retire")
+
+    def _spawn(self, run: Callable[[], None], name: str) -> threading.Thread:
+        """Start ``run`` on a daemon thread that ``settle`` waits for.  Listed once started:
+        ``settle`` on another thread (the builder retires sessions too) must not join a
+        thread that has not started."""
+        t = threading.Thread(target=run, name=name, daemon=True)
         t.start()
+        with self._threads_lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        return t
 
     def _evict_history(self) -> None:
         try:

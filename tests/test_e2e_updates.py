@@ -173,25 +173,34 @@ def test_soak_no_failed_and_no_torn_responses(tmp_path):
 
 def test_a_stream_of_partial_updates_is_served_by_a_pinned_session(tmp_path):
     """Through Triton, two instances: a stream of one-layer updates is served by pinned sessions
-    (spec section 3), and every answer matches the version it reports."""
+    over the shared packed copy, the next stream by the standby pin (spec section 3), and every
+    answer matches the version it reports."""
     repo = str(tmp_path / "repo")
     os.makedirs(repo)
     make_repo(repo, "m", MODEL, instances=2)
     orig = zoo.initializers(MODEL)
     with running(repo) as srv:
+        log = lambda: open(srv.log_path, encoding="utf-8", errors="replace").read()  # noqa: E731
         weights_at: dict[int, dict[str, np.ndarray]] = {0: {}}
         with reading(srv, 4) as (seen, failures), httpclient.InferenceServerClient(srv.http_url) as c:
             rng = np.random.default_rng(6)
-            for _ in range(40):  # fc0.weight only: 18% of the bytes inference reads
-                arr = rng.standard_normal(orig["fc0.weight"].shape).astype(np.float32)
-                weights_at[version(push(c, {"fc0.weight": arr}))] = {"fc0.weight": arr}
-                time.sleep(0.05)
-        log = open(srv.log_path, encoding="utf-8", errors="replace").read()
+            for stream in range(2):
+                for _ in range(20):  # fc0.weight only: 18% of the bytes inference reads
+                    arr = rng.standard_normal(orig["fc0.weight"].shape).astype(np.float32)
+                    weights_at[version(push(c, {"fc0.weight": arr}))] = {"fc0.weight": arr}
+                    time.sleep(0.05)
+                if not stream:  # the pause: the stream settles, and a standby pin is loaded
+                    deadline = time.monotonic() + 60
+                    while "a standby pinned session for 1 variable(s) waits" not in log():
+                        assert time.monotonic() < deadline, "no standby pin after the stream"
+                        time.sleep(0.2)
+        text = log()
     assert failures == []
     bad = torn(seen, weights_at)
     assert bad == [], f"{len(bad)} of {len(seen)} responses do not match the version they report"
-    assert len({v for v, _ in seen}) > 5
-    assert "is served by a session pinned" in log
+    assert len({v for v, _ in seen}) > 10
+    assert "is served by a session pinned over the shared packed copy" in text  # the first stream: no private copy
+    assert "is served by the standby pinned session" in text  # the second: pinned from its first update
 
 
 def _stores_of(pid: int) -> list[str]:

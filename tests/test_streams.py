@@ -309,3 +309,34 @@ def test_the_history_moves_to_disk_once_a_stream_pauses(load, streaming, tmp_pat
     assert "blob-1.bin" not in os.listdir(b.store.path) and cold() == {"cold-blob-1.bin"}
     r = b.store.rollback()  # blob-1 comes back into the store first
     assert r.entries == v1 and "blob-1.bin" in os.listdir(b.store.path)
+
+
+def test_pin_weights_pins_the_first_stream_from_its_first_update(load):
+    b = load(MLP, wb.RuntimeOptions(pin_weights=("fc0.*",)))
+    w = zoo.initializers(MLP)
+    b.init()
+    b.infer(X_MLP)
+    assert b._sessions.builder.wait_idle(60)
+    standby = b._sessions._pin
+    assert standby is not None and standby.shared and standby.fed == {"fc0.weight", "fc0.bias"}
+    w["fc0.weight"] = (w["fc0.weight"] * np.float32(-2)).astype(np.float32)
+    v = b.update({"fc0.weight": w["fc0.weight"]})
+    cur = b._sessions.current
+    assert cur.version == v and cur.session is standby.session
+    check(b, MLP, w, X_MLP, v)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (wb.RuntimeOptions(pin_weights=("fc9.*",)), "matches no update input"),
+        (wb.RuntimeOptions(pin_weights=("fc1.weight",)), "55% of the bytes"),
+        (wb.RuntimeOptions(pin_weights=("fc0.weight",), deterministic=True), "needs pinned sessions"),
+        (wb.RuntimeOptions(pin_weights=("fc0.weight",), compile_once=False), "needs share_packed and compile_once"),
+    ],
+)
+def test_pin_weights_that_cannot_pin_fail_the_load_and_leave_no_store(options, match):
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(wb.BundleError, match=match):
+        wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(MLP)), options)
+    assert set(os.listdir("/dev/shm")) - before == set()

@@ -15,6 +15,7 @@ instance published to a shared store gets its session on the next inference here
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import mmap
 import os
@@ -32,7 +33,7 @@ from . import format as fmt
 from .convert import init_graph, is_placeholder, point_at
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
-from .sessions import LEVELS, SessionCache, session_options
+from .sessions import LEVELS, PIN_MAX_HOT, SessionCache, session_options
 from .store import StagedVersion, Version, WeightStore
 from .updater import Updater
 
@@ -69,7 +70,9 @@ class RuntimeOptions:
     they left alone and takes the changed ones as inputs, fed from the store on each run;
     later versions changing only those reuse it, with no session build, until a version
     settles and is packed whole.  Only the changed layers run on unpacked weights (their
-    last bits may differ from the packed session's, as zero-copy's do).
+    last bits may differ from the packed session's, as zero-copy's do).  A settled stream
+    leaves a standby pin for the same weights; ``pin_weights`` names them ahead, so that
+    even the first stream after a load is pinned from its first update.
     """
 
     prepack: bool = True
@@ -85,6 +88,7 @@ class RuntimeOptions:
     history_on_disk: bool = True  # move blobs only older versions (rollback) read to the disk-backed folder
     compile_once: bool = True  # optimize the graph once per load and re-lay each version's weights (``compiled``)
     pin_hot_weights: bool = True  # after partial updates, one session for the versions that change the same weights (see above)
+    pin_weights: tuple[str, ...] = ()  # update inputs (names, fnmatch patterns) streams change: a standby pin for them from load on
     store_dir: str | None = None  # shared store directory; None: a private one
 
 
@@ -161,6 +165,7 @@ class Bundle:
         # entries inference reads (placeholders); the rest of the table are kept sources
         self.variables_read = [t.name for t in self._graphs[GRAPH_INFERENCE].graph.initializer if is_placeholder(t)]
         self._check_graphs_match_table()
+        pinned = self._pinned_entries(self.options.pin_weights)  # checked before the store exists: an error leaves nothing behind
         self._store = (
             WeightStore(self.options.store_dir, self.variables, self.options.history)
             if self.options.store_dir
@@ -186,10 +191,38 @@ class Bundle:
             GRAPH_INIT in self._graphs,
             lambda message: _call(me, "_log", message),  # late-bound: serving replaces _log after load
             self._updater.retire,
+            pinned,
         )
         # A private store must not outlive the process if the caller forgets unload(); the
         # background threads go first, or a pack in flight would write its files after it.
         self._finalizer = weakref.finalize(self, _release_private, self._store, self._sessions.builder, self._updater) if self._owns_store else (lambda: None)
+
+    def _pinned_entries(self, patterns: tuple[str, ...]) -> frozenset[str]:
+        """``pin_weights``: the weights inference reads that updates of the matching update
+        inputs (names or fnmatch patterns) recompute.  (Pins are a CPU-provider path: with
+        other providers the names are checked and then unused.)"""
+        if not patterns:
+            return frozenset()
+        o = self.options
+        if not (o.prepack and o.hybrid and o.pin_hot_weights and not o.deterministic):
+            raise BundleError("pin_weights needs pinned sessions: prepack, hybrid and pin_hot_weights on, deterministic off")
+        if not (o.share_packed and o.compile_once):
+            raise BundleError("pin_weights needs share_packed and compile_once on: its standby pin loads over the shared packed copy")
+        names = [s.name for s in self.sources] + list(self.aliases)
+        pushed: set[str] = set()
+        for p in patterns:
+            hit = fnmatch.filter(names, p)
+            if not hit:
+                raise BundleError(f"pin_weights: {p!r} matches no update input of this bundle (they are {names[:8]}{' ...' if len(names) > 8 else ''})")
+            pushed.update(self.aliases.get(n, n) for n in hit)
+        read = set(self.variables_read)
+        entries = frozenset(v.name for v in self.variables if v.name in read and pushed.intersection(self._deps[v.name]))
+        if not entries:
+            raise BundleError(f"pin_weights: {sorted(pushed)[:8]} set no weight the inference graph reads")
+        share = sum(self._specs[n].nbytes for n in entries) / max(1, sum(self._specs[n].nbytes for n in read))
+        if share > PIN_MAX_HOT:
+            raise BundleError(f"pin_weights: the weights matched are {share:.0%} of the bytes inference reads; a pinned session pays up to {PIN_MAX_HOT:.0%}")
+        return entries
 
     # -- loading ---------------------------------------------------------------
     @classmethod

@@ -109,6 +109,7 @@ class SessionCache:
         has_init: bool,
         log: Callable[[str], None],
         retire: Callable[[Any], None] | None = None,
+        declared: frozenset[str] = frozenset(),
     ):
         self.options = options
         self._store = store
@@ -130,6 +131,7 @@ class SessionCache:
         self._pin: _Pin | None = None
         self._packed_base: Version | None = None  # the version whose shared packed copy this instance loaded last
         self._said_private = False
+        self._declared = declared  # pin_weights: what a standby pin feeds when no stream taught otherwise
         self._seen: Version | None = None  # the last version this cache served, for ``_recent``
         self._recent: deque[tuple[float, frozenset[str]]] = deque(maxlen=64)  # (when, variables changed) per new version
         pins = options.prepack and options.hybrid and not options.deterministic and options.pin_hot_weights
@@ -505,14 +507,18 @@ class SessionCache:
             self._store.collect_packed()  # older packed copies: no pin loads over them any more
         if self.options.deterministic:  # a private pre-packed first session: its packed copy goes back to the OS
             release_free_memory()
-        if ended is not None and ended.used and self.builder.pinning:
-            # Streams tend to change the same weights again (a trainer pushing its head layers):
-            # a standby pin over this version's packed copy serves the next one from its
-            # first update.  It maps the pages the packed session maps: no extra copy.
-            standby = self._pin_from_packed(v, ended.fed)
+        # Streams tend to change the same weights again (a trainer pushing its head layers):
+        # a standby pin over this version's packed copy serves the next one from its first
+        # update.  It maps the pages the packed session maps: no extra copy.  Its weights:
+        # those of the stream that just settled, else those ``pin_weights`` names.
+        fed = ended.fed if ended is not None and ended.used else self._declared
+        if fed and self.builder.pinning:
+            standby = self._pin_from_packed(v, fed)
             with self._lock:
-                if standby is not None and self._pin is None:
-                    self._pin = standby
+                if standby is None or self._pin is not None:
+                    return
+                self._pin = standby
+            self._log(f"a standby pinned session for {len(fed)} variable(s) waits over version {v.number}'s packed copy")
 
     @property
     def fully_optimised(self) -> bool:

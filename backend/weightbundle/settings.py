@@ -81,6 +81,13 @@ class ServingSettings:
         "later version changing the same weights from one session that packs the others and feeds the changed ones from the "
         "store, instead of a zero-copy session per version, until a version settles and is packed whole",
     )
+    pin_weights: tuple[str, ...] = param(
+        (),
+        "with `pin_hot_weights`: comma-separated update inputs (names or `fnmatch` patterns) that streams of partial updates "
+        "change. A standby pinned session for them waits from load on, over the shared packed copy, so that even the first "
+        "stream is pinned from its first update (later streams have one anyway)",
+        sep=",",
+    )
     staging: bool = param(
         True,
         "after an update, keep one pre-allocated staging blob (tmpfs for what the last 4 updates wrote, at most one model size) "

@@ -37,10 +37,15 @@ if "deterministic" in {f.name for f in ServingSettings.parameters()}:
     MODES["Tdet"] = {"prepack": "true", "deterministic": "true"}
 MODES["F"] = {"prepack": "false"}
 MODE_LABEL = {"T": "prepack=T (default)", "Tsync": "prepack=T hybrid=F", "Tdet": "prepack=T deterministic=T", "F": "prepack=F"}
+# P4 only (a stream of partial updates): the default plus the weight P4 updates declared ahead.
+P4_MODES = dict(MODES)
+if "pin_weights" in {f.name for f in ServingSettings.parameters()}:
+    P4_MODES["Tpin"] = {"prepack": "true", "pin_weights": "w0"}
+    MODE_LABEL["Tpin"] = "prepack=T pin_weights=w0"
 
 
 def runtime_options(mode: str) -> "wb.RuntimeOptions":
-    return wb.RuntimeOptions(**{k: v == "true" for k, v in MODES[mode].items()})
+    return ServingSettings.from_model_config({"parameters": P4_MODES[mode]}).runtime_options(None)
 
 
 def wait_optimised(b: "wb.Bundle", timeout: float = 120) -> None:

@@ -7,7 +7,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from .common import MODES, MODE_LABEL, MiB, fmt
+from .common import MODE_LABEL, P4_MODES, MiB, fmt
 
 
 # --------------------------------------------------------------------------- report
@@ -128,7 +128,7 @@ def markdown(R: dict) -> str:
         "| updates applied (/s) | update ack p50/p99 ms |"
     )
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for m in MODES:
+    for m in P4_MODES:
         b = R["p4"][f"{m}:no updates"]
         for cond in ("no updates", "updates"):
             d = R["p4"][f"{m}:{cond}"]
@@ -235,7 +235,7 @@ def targets(R: dict) -> list[dict]:
                     "met": None if R["config"]["quick"] else bool(after <= P3_AFTER_UPDATE),
                 }
             )
-    for m in MODES:
+    for m in P4_MODES:
         b, u = R["p4"][f"{m}:no updates"], R["p4"][f"{m}:updates"]
         out.append(
             {

@@ -15,7 +15,7 @@ import weightbundle as wb
 from weightbundle.client import WeightClient
 from .common import (
     Artifact,
-    MODES,
+    P4_MODES,
     MODE_LABEL,
     P4_SCALES,
     Resources,
@@ -40,7 +40,7 @@ def p4_refs(art: Artifact, x: np.ndarray) -> dict[str, list[np.ndarray]]:
     """Reference output per layer-0 scale state, per prepack mode, computed in-process with ORT."""
     refs = {}
     base = art.A["w0"]
-    for m in MODES:
+    for m in P4_MODES:
         with wb.Bundle.load_from_file(art.bundle_path, runtime_options(m)) as b:
             _PRIVATE_STORES.append(b.store.path)
             b.init()
@@ -168,14 +168,14 @@ def p4(res: Resources, art: Artifact, env: dict, secret: str, x: np.ndarray, sec
     repo = res.tempdir("wb-bench-p4-")
     r = os.path.join(repo, "repo")
     os.makedirs(r)
-    for m in MODES:
-        add_wb_model(r, f"m{m}", art, instances, **MODES[m])
+    for m in P4_MODES:
+        add_wb_model(r, f"m{m}", art, instances, **P4_MODES[m])
     srv = res.start_server(r, env, "p4")
     try:
-        state = {m: P4Model(srv.http_url, f"m{m}", secret, art) for m in MODES}
-        for m in MODES:
+        state = {m: P4Model(srv.http_url, f"m{m}", secret, art) for m in P4_MODES}
+        for m in P4_MODES:
             concurrent_infer(srv.http_url, f"m{m}", x, threads=clients, per_thread=2)
-        phases = [(m, upd) for m in MODES for upd in (False, True)]
+        phases = [(m, upd) for m in P4_MODES for upd in (False, True)]
         acc: dict[str, list[dict]] = {f"{m}:{'updates' if u else 'no updates'}": [] for m, u in phases}
         halves = 2
         for h in range(halves):

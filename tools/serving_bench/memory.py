@@ -143,6 +143,9 @@ def p3(
             row["after_update"]["versions_seen"] = sorted(seen)
             if seen != {v}:
                 raise RuntimeError(f"P3 {kind} x{k}: after update {v} the instances answered with versions {sorted(seen)}")
+            if k == instance_counts[-1] and "w0" in art.A:
+                row["mid_stream"] = _mid_stream(srv, art, x, secret, readers=2 * k)
+                quiesce(srv.pid, calm=2.5)  # the stream's deferred pack and standby pin land before the next server
         out[f"{kind} x{k}"] = row
         log(f"P3 {kind} x{k}: footprint {row['idle']['footprint'] / MiB:.0f} MiB")
 
@@ -171,6 +174,33 @@ def p3(
         for t in stops + ([pending] if pending is not None else []):
             t.join()
     return out
+
+
+def _mid_stream(srv: TritonServer, art: Artifact, x: np.ndarray, secret: str, readers: int, updates: int = 8) -> dict:
+    """Memory while a stream of one-layer updates (w0 every 100 ms, as in P4) is served under
+    load: measured after ``updates`` updates, while the stream goes on (pinned sessions)."""
+    stop = threading.Event()
+
+    def read() -> None:
+        with WeightClient(srv.http_url, "m") as c:
+            while not stop.is_set():
+                c.infer({"x": x})
+
+    threads = [threading.Thread(target=read, daemon=True) for _ in range(readers)]
+    for t in threads:
+        t.start()
+    try:
+        with WeightClient(srv.http_url, "m", secret=secret) as wc:
+            for i in range(updates):
+                wc.update({"w0": art.A["w0"] * np.float32(1.0 + 0.01 * (i + 1))}, via="shm")
+                time.sleep(0.1)
+            m = tree_memory(srv.pid)
+            wc.update({"w0": art.A["w0"] * np.float32(0.5)}, via="shm")  # the stream goes on past the measure
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    return m
 
 
 def p3_summary(p3r: dict, instance_counts: tuple[int, ...], wbytes: int) -> dict:
@@ -213,6 +243,14 @@ def p3_summary(p3r: dict, instance_counts: tuple[int, ...], wbytes: int) -> dict
                     "total_copies": (u["footprint"] - i["footprint"]) / wbytes,
                     "store_copies": (u["shm_store"] - i["shm_store"]) / wbytes,
                     "regions_copies": (u["shm_regions"] - i["shm_regions"]) / wbytes,
+                    "anon_copies": (u["pss_anon"] - i["pss_anon"]) / wbytes,
+                }
+            if "mid_stream" in row:
+                i, u = row["idle"], row["mid_stream"]
+                per[kind][f"stream_growth_x{k}"] = {
+                    "total_copies": (u["footprint"] - i["footprint"]) / wbytes,
+                    "store_copies": (u["shm_store"] - i["shm_store"]) / wbytes,
+                    "file_copies": (u["pss_file"] - i["pss_file"]) / wbytes,
                     "anon_copies": (u["pss_anon"] - i["pss_anon"]) / wbytes,
                 }
     return per

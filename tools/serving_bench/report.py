@@ -104,12 +104,15 @@ def markdown(R: dict) -> str:
     L.append(
         f"| config | per extra instance (x{lo} -> x{hi}): footprint MiB | anon MiB | weight copies per extra instance | "
         f"resident at x{hi}, idle, in weight copies = store + file + anon + regions | "
-        f"after 1 update (x{hi}): growth = store + regions + anon |"
+        f"after 1 update (x{hi}): growth = store + regions + anon | "
+        f"during a stream of one-layer updates under load (x{hi}): growth over idle = store + file + anon |"
     )
-    L.append("|---|---:|---:|---:|---|---|")
+    L.append("|---|---:|---:|---:|---|---|---|")
     for kind, d in ps.items():
         g = d.get(f"update_growth_x{hi}")
         gs = f"{g['total_copies']:.2f} = {g['store_copies']:.2f} + {g['regions_copies']:.2f} + {g['anon_copies']:.2f}" if g else ""
+        st = d.get(f"stream_growth_x{hi}")
+        gs += f" | {st['total_copies']:.2f} = {st['store_copies']:.2f} + {st['file_copies']:.2f} + {st['anon_copies']:.2f}" if st else " | "
         r = d.get(f"resident_x{hi}")
         rs = f"{r['total_copies']:.2f} = {r['store_copies']:.2f} + {r['file_copies']:.2f} + {r['anon_copies']:.2f} + {r['regions_copies']:.2f}" if r else ""
         L.append(f"| {kind} | {d['footprint_mib']:.0f} | {d['anon_mib']:.0f} | {fmt(d['weight_copies_est'], '.2f')} | {rs} | {gs} |")

@@ -85,7 +85,7 @@ def test_unsupported_sharing_falls_back_to_a_private_copy(tmp_path, monkeypatch)
     (tmp_path / "nope" / "file").write_bytes(b"")  # not a folder: building there fails
     logs = []
     with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(MODEL))) as b:
-        b._log = logs.append
+        b._log = lambda m, level="warn": logs.append(m)
         b.init()
         y = packed(b)
     np.testing.assert_allclose(y, zoo.ort_run(MODEL, {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(y).max())

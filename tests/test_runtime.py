@@ -889,7 +889,7 @@ def test_a_session_build_failure_after_publish_is_logged_and_the_version_returne
     with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(zoo.mlp()))) as b:
         b.init()
         logs: list[str] = []
-        b._log = logs.append
+        b._log = lambda m, level="warn": logs.append(m)
 
         def fail() -> None:
             raise wb.BundleError("no session today")

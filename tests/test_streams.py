@@ -123,7 +123,7 @@ def test_the_next_stream_is_pinned_from_its_first_version(load, monkeypatch):
     the same weight is served pinned from its first update, with no pin built for it."""
     b = load(MLP, wb.RuntimeOptions())
     logs: list[str] = []
-    b._log = logs.append
+    b._log = lambda m, level="warn": logs.append(m)
     w = zoo.initializers(MLP)
     b.init()
     b.infer(X_MLP)
@@ -219,7 +219,7 @@ def test_a_stream_moving_to_another_weight_pins_again(load, streaming):
 def test_a_pin_that_cannot_be_built_turns_pins_off_and_serving_goes_on(load, monkeypatch):
     b = load(MLP, wb.RuntimeOptions())
     logs: list[str] = []
-    b._log = logs.append
+    b._log = lambda m, level="warn": logs.append(m)
     calls = []
 
     def broken(v, fed):

@@ -178,7 +178,7 @@ class Bundle:
         self.inputs = _graph_specs([i for i in g.input if i.name not in consts])
         self.outputs = _graph_specs(list(g.output))
         self._unloaded = False
-        self._log: Any = lambda message: None  # the serving layer points this at Triton's log
+        self._log: Any = lambda message, level="warn": None  # the serving layer points this at Triton's log
         self._updater = Updater(self.options, self._store, self._graphs[GRAPH_UPDATE], self.variables, self.sources, self.aliases, self._deps)
         me = weakref.ref(self)  # the session cache must not keep this bundle alive (see the finalizer)
         self._sessions = SessionCache(
@@ -189,7 +189,7 @@ class Bundle:
             self._specs,
             self.inputs,
             GRAPH_INIT in self._graphs,
-            lambda message: _call(me, "_log", message),  # late-bound: serving replaces _log after load
+            lambda message, level="warn": _call(me, "_log", message, level),  # late-bound: serving replaces _log after load
             self._updater.retire,
             pinned,
         )

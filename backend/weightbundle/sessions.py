@@ -107,7 +107,7 @@ class SessionCache:
         specs: Mapping[str, VariableSpec],
         inputs: list[TensorSpec],
         has_init: bool,
-        log: Callable[[str], None],
+        log: Callable[..., None],  # log(message, level='warn'|'info')
         retire: Callable[[Any], None] | None = None,
         declared: frozenset[str] = frozenset(),
     ):
@@ -183,7 +183,7 @@ class SessionCache:
                         scratch = (None, scratch[1])  # the temp dir then
                     self._compiled = compiled.learn(self._infer_graph, self._weights(v), level, scratch=scratch)
                     relaid = sum(not lay.identity for lay in self._compiled.layouts.values())
-                    self._log(f"inference graph optimized once in {time.perf_counter() - t0:.2f} s; {relaid} weight(s) re-laid per version")
+                    self._log(f"inference graph optimized once in {time.perf_counter() - t0:.2f} s; {relaid} weight(s) re-laid per version", "info")
                 except _Superseded:
                     raise  # learn from the newest version instead
                 except compiled.NotCompilable as e:
@@ -337,7 +337,7 @@ class SessionCache:
         if pin is not None and covers and hot <= pin.fed:
             self._adopt(pin)  # e.g. a standby pin, loaded while an update was on its way
             if self.builder.min_settle != STREAM_GAP_S:  # once per stream
-                self._log(f"partial updates of {len(pin.fed)} variable(s): version {v.number} is served by the standby pinned session")
+                self._log(f"partial updates of {len(pin.fed)} variable(s): version {v.number} is served by the standby pinned session", "info")
                 self.builder.min_settle = STREAM_GAP_S  # it serves this stream: pack whole once it pauses
             return False
         fed = hot | (pin.fed if pin is not None and covers else frozenset())
@@ -363,7 +363,7 @@ class SessionCache:
         if served is not None:
             how = "over the shared packed copy" if pin.shared else "with a private packed copy"
             took = time.perf_counter() - t0
-            self._log(f"partial updates of {len(pin.fed)} variable(s): version {served} is served by a session pinned {how} in {took:.2f} s")
+            self._log(f"partial updates of {len(pin.fed)} variable(s): version {served} is served by a session pinned {how} in {took:.2f} s", "info")
         return True
 
     def _adopt(self, pin: _Pin) -> int | None:
@@ -518,7 +518,7 @@ class SessionCache:
                 if standby is None or self._pin is not None:
                     return
                 self._pin = standby
-            self._log(f"a standby pinned session for {len(fed)} variable(s) waits over version {v.number}'s packed copy")
+            self._log(f"a standby pinned session for {len(fed)} variable(s) waits over version {v.number}'s packed copy", "info")
 
     @property
     def fully_optimised(self) -> bool:

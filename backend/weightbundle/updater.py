@@ -87,7 +87,9 @@ class Updater:
         then cancel the staging blob's idle timer (those threads arm it).  A move of the
         history to disk that waits for a stream of updates to pause is done now (``flush``)
         or dropped."""
-        for t in list(self._threads):
+        with self._threads_lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(timeout)
         self._idle_drop.arm(None)
         if self._evict_later.arm(None) and flush:
@@ -373,12 +375,12 @@ class Updater:
         self._spawn(run, "weightbundle-retire")
 
     def _spawn(self, run: Callable[[], None], name: str) -> threading.Thread:
-        """Start ``run`` on a daemon thread that ``settle`` waits for.  Listed once started:
-        ``settle`` on another thread (the builder retires sessions too) must not join a
-        thread that has not started."""
+        """Start ``run`` on a daemon thread that ``settle`` waits for.  Started and listed in
+        one step: ``settle`` on another thread (the builder retires sessions too) must
+        neither join a thread not yet started nor miss one that runs."""
         t = threading.Thread(target=run, name=name, daemon=True)
-        t.start()
         with self._threads_lock:
+            t.start()
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
         return t
 

@@ -35,7 +35,7 @@ from .errors import BundleError, FormatError, InputError, NotInitializedError, U
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
 from .sessions import LEVELS, PIN_MAX_HOT, SessionCache, session_options
 from .store import StagedVersion, Version, WeightStore
-from .updater import Updater
+from .updater import Updater, changed_by
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ class Bundle:
                 raise BundleError(f"pin_weights: {p!r} matches no update input of this bundle (they are {names[:8]}{' ...' if len(names) > 8 else ''})")
             pushed.update(self.aliases.get(n, n) for n in hit)
         read = set(self.variables_read)
-        entries = frozenset(v.name for v in self.variables if v.name in read and pushed.intersection(self._deps[v.name]))
+        entries = frozenset(changed_by(self.variables, self._deps, pushed)) & read
         if not entries:
             raise BundleError(f"pin_weights: {sorted(pushed)[:8]} set no weight the inference graph reads")
         share = sum(self._specs[n].nbytes for n in entries) / max(1, sum(self._specs[n].nbytes for n in read))

@@ -134,7 +134,7 @@ class Updater:
 
     def changed_by(self, pushed: set[str]) -> list[str]:
         """Store entries an update of ``pushed`` sources recomputes (every entry derived from one)."""
-        return [v.name for v in self.variables if pushed.intersection(self._deps[v.name])]
+        return changed_by(self.variables, self._deps, pushed)
 
     def update(self, inputs: Mapping[str, np.ndarray], expected_version: int | None = None, reject_nonfinite: bool = False, version: int | None = None) -> int:
         """Apply an update through the update graph, all-or-nothing. Returns the new version.
@@ -524,6 +524,12 @@ class _Rearmable:
                 self._timer.daemon = True
                 self._timer.start()
         return pending
+
+
+def changed_by(variables: list[VariableSpec], deps: Mapping[str, list[str]], pushed: set[str]) -> list[str]:
+    """Store entries (of ``variables``) an update of ``pushed`` sources recomputes: every entry
+    ``deps`` derives from one of them."""
+    return [v.name for v in variables if pushed.intersection(deps[v.name])]
 
 
 def _check_finite(values: Mapping[str, np.ndarray]) -> None:

@@ -227,30 +227,22 @@ def p3_summary(p3r: dict, instance_counts: tuple[int, ...], wbytes: int) -> dict
             continue
         d["weight_copies_est"] = (d["footprint_mib"] - probe["footprint_mib"]) / W
         i = p3r[f"{kind} x{hi}"]["idle"]
-        d[f"resident_x{hi}"] = {
-            "total_copies": (i["footprint"] - pb["footprint"]) / wbytes,
-            "store_copies": (i["shm_store"] - pb["shm_store"]) / wbytes,
-            "file_copies": (i["pss_file"] - pb["pss_file"]) / wbytes,
-            "anon_copies": (i["pss_anon"] - pb["pss_anon"]) / wbytes,
-            "regions_copies": (i["shm_regions"] - pb["shm_regions"]) / wbytes,
-        }
+        d[f"resident_x{hi}"] = _growth(pb, i, ("shm_store", "pss_file", "pss_anon", "shm_regions"), wbytes)  # over the probe
     for kind in ("wb prepack=T", "wb prepack=F"):
         for k in (lo, hi):
             row = p3r[f"{kind} x{k}"]
-            if "after_update" in row:
-                i, u = row["idle"], row["after_update"]
-                per[kind][f"update_growth_x{k}"] = {
-                    "total_copies": (u["footprint"] - i["footprint"]) / wbytes,
-                    "store_copies": (u["shm_store"] - i["shm_store"]) / wbytes,
-                    "regions_copies": (u["shm_regions"] - i["shm_regions"]) / wbytes,
-                    "anon_copies": (u["pss_anon"] - i["pss_anon"]) / wbytes,
-                }
-            if "mid_stream" in row:
-                i, u = row["idle"], row["mid_stream"]
-                per[kind][f"stream_growth_x{k}"] = {
-                    "total_copies": (u["footprint"] - i["footprint"]) / wbytes,
-                    "store_copies": (u["shm_store"] - i["shm_store"]) / wbytes,
-                    "file_copies": (u["pss_file"] - i["pss_file"]) / wbytes,
-                    "anon_copies": (u["pss_anon"] - i["pss_anon"]) / wbytes,
-                }
+            for state, key, parts in (
+                ("after_update", "update_growth", ("shm_store", "shm_regions", "pss_anon")),
+                ("mid_stream", "stream_growth", ("shm_store", "pss_file", "pss_anon")),
+            ):
+                if state in row:
+                    per[kind][f"{key}_x{k}"] = _growth(row["idle"], row[state], parts, wbytes)
     return per
+
+
+_COPIES = {"footprint": "total_copies", "shm_store": "store_copies", "shm_regions": "regions_copies", "pss_file": "file_copies", "pss_anon": "anon_copies"}
+
+
+def _growth(before: dict, after: dict, parts: tuple[str, ...], wbytes: int) -> dict:
+    """Growth from ``before`` to ``after`` in weight copies: the footprint, and ``parts`` of it."""
+    return {_COPIES[p]: (after[p] - before[p]) / wbytes for p in ("footprint", *parts)}

@@ -22,7 +22,7 @@ from .control import CONTROL_INPUT, MUTATING, RESULT_OUTPUT, VERSION_OUTPUT, Aut
 from .errors import BundleError, NotInitializedError, VersionConflictError
 from .runtime import Bundle
 from .repository import sweep_partial, write_version
-from .settings import ServingSettings
+from .settings import ServingSettings, available_cpus
 from .store import default_root, shared_dir, sweep_stale
 from .format import raw_bytes
 from .transport import Checkpoint
@@ -117,6 +117,12 @@ class Service:
             svc = cls(bundle, settings, auth, os.path.abspath(model_dir), model_name, on_event, log)
             if swept:
                 svc.log(f"{model_name}: removed what dead servers or commits left: {swept}", "info")
+            if settings.threads() != settings.intra_op_threads:
+                svc.log(
+                    f"{model_name}: {settings.instances} instances share {available_cpus()} CPU(s): "
+                    f"{settings.threads()} ONNX Runtime thread(s) each (parameter intra_op_threads)",
+                    "info",
+                )
             if settings.allow_updates and settings.update_auth == "none":
                 svc.log(f"{model_name}: WARNING update_auth=none: anyone who can reach this server can change its weights")
             if settings.weights_source:

@@ -13,7 +13,8 @@ runtime options are the fields that ``RuntimeOptions`` shares by name.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, Field, dataclass, field, fields
+import os
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import BundleError
@@ -102,7 +103,11 @@ class ServingSettings:
     optimization: str = param(
         "all", "ONNX Runtime level used when a version's session is built (`all` gives Conv+BatchNorm folding and NCHWc, like a baked session)"
     )
-    intra_op_threads: int = param(0, "threads per instance (0: ONNX Runtime's default)")
+    intra_op_threads: int = param(
+        0,
+        "ONNX Runtime threads per instance. 0: with one instance, ONNX Runtime's default (a thread per core); with several, "
+        "the CPUs this process may use ÷ the instances, at least 1, so that their spinning thread pools do not fight for the cores",
+    )
     reject_nonfinite: bool = param(False, "refuse NaN/Inf in updates (checked after the cast to each weight's dtype)")
     store_root: str | None = param(None, "where weight stores live", shown="/dev/shm")
     file_update_dirs: tuple[str, ...] = param((), "`:`-separated allowlist for the file transport (off when unset)", sep=":")
@@ -118,6 +123,7 @@ class ServingSettings:
     follow_seconds: float = param(0.0, "with `weights_source`: poll `ACTIVE` this often and catch up (follow mode)")
     staged_ttl_seconds: float = param(3600.0, "staged versions not activated or aborted by then are dropped")
     max_batch_size: int = 0  # from the config itself, not a parameter
+    instances: int = 1  # this model's instances on this server (its instance_group), not a parameter
 
     @classmethod
     def parameters(cls) -> list[Field]:
@@ -125,7 +131,7 @@ class ServingSettings:
 
     @classmethod
     def from_model_config(cls, cfg: Mapping[str, Any]) -> "ServingSettings":
-        s = cls(max_batch_size=int(cfg.get("max_batch_size", 0)))
+        s = cls(max_batch_size=int(cfg.get("max_batch_size", 0)), instances=_instances(cfg))
         known = {f.name: f for f in cls.parameters()}
         for key, val in (cfg.get("parameters") or {}).items():
             if key not in known:
@@ -150,9 +156,38 @@ class ServingSettings:
             raise BundleError("follow_seconds needs weights_source (the s3://bucket/prefix/model to follow)")
 
     def runtime_options(self, store_dir: str | None) -> RuntimeOptions:
-        """The settings ``RuntimeOptions`` shares by name, plus the store folder."""
+        """The settings ``RuntimeOptions`` shares by name, plus the store folder, with the
+        thread count resolved (``threads``)."""
         shared = {f.name for f in fields(RuntimeOptions)} & {f.name for f in self.parameters()}
-        return RuntimeOptions(**{n: getattr(self, n) for n in sorted(shared)}, store_dir=store_dir)
+        opts = RuntimeOptions(**{n: getattr(self, n) for n in sorted(shared)}, store_dir=store_dir)
+        return replace(opts, intra_op_threads=self.threads())
+
+    def threads(self) -> int:
+        """ONNX Runtime threads per instance; 0 leaves ONNX Runtime's default.
+
+        Every instance is a process with its own thread pool, a thread per core by default,
+        whose threads spin after each run.  Two instances on 2 cores then ran 4 threads:
+        under 8 clients, P4's p50 was 135 ms against 86 ms with one thread each, and the
+        responses 36% fewer (measured through Triton)."""
+        if self.intra_op_threads or self.instances <= 1:
+            return self.intra_op_threads
+        return max(1, available_cpus() // self.instances)
+
+
+def _instances(cfg: Mapping[str, Any]) -> int:
+    """How many instances of the model Triton runs (``count`` per group, per GPU listed)."""
+    n = 0
+    for g in cfg.get("instance_group") or []:
+        n += max(int(g.get("count") or 1), 1) * max(len(g.get("gpus") or []), 1)
+    return max(n, 1)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _parse(f: Field, raw: str) -> Any:

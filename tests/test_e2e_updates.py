@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from weightbundle import zoo
 import weightbundle as wb
 from triton_util import SECRET, control, make_repo, result, running, tensor, version
+from weightbundle.settings import available_cpus
 from weightbundle.tritonserver import TritonServer
 
 pytestmark = pytest.mark.e2e
@@ -201,6 +202,8 @@ def test_a_stream_of_partial_updates_is_served_by_a_pinned_session(tmp_path):
     assert len({v for v, _ in seen}) > 10
     assert "is served by a session pinned over the shared packed copy" in text  # the first stream: no private copy
     assert "is served by the standby pinned session" in text  # the second: pinned from its first update
+    # Two instances split the CPUs rather than each running a spinning pool on all of them.
+    assert f"m: 2 instances share {available_cpus()} CPU(s): {max(1, available_cpus() // 2)} ONNX Runtime thread(s) each" in text
 
 
 def _stores_of(pid: int) -> list[str]:

@@ -765,7 +765,7 @@ def _staging_bundle(**opts):
     m = zoo.big_mlp(n=512, layers=3)  # 1 MiB per layer: above STAGING_MIN_BYTES
     b = wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(**opts))
     b.execute(1)
-    b._updater.after_publish()  # as after an update: init leaves no staging blob
+    b._updater.after_publish()  # as after an update: init leaves a blob of holes only
     b._updater.served.set()  # (Bundle._ready sets it once the new version serves)
     return m, b
 
@@ -819,26 +819,38 @@ def test_staging_path_is_all_or_nothing_and_returns_the_staging_blob():
         assert not [f for f in os.listdir(b.store.path) if f.startswith(".claimed-")]
 
 
-def test_the_staging_blob_exists_only_after_updates_and_goes_when_idle():
+def test_the_staging_blob_holds_tmpfs_only_after_updates_and_gives_it_back_when_idle():
     m = zoo.big_mlp(n=512, layers=3)
     with wb.Bundle.load_from_mem(wb.build_bundle(wb.convert(m)), wb.RuntimeOptions(staging_idle_seconds=0.5)) as b:
         b.init()
         b._updater.settle()
-        assert "staging.bin" not in os.listdir(b.store.path)  # a server never updated holds none
+        staging = os.path.join(b.store.path, "staging.bin")
+        size = b.store.staging_layout()[1]
+
+        def holes_only() -> bool:
+            return os.path.exists(staging) and os.stat(staging).st_blocks == 0
+
+        def from_staging() -> bool:  # a staging blob is published whole-size, with holes; the plain path writes a blob of its own
+            return os.stat(os.path.join(b.store.path, b.store.current().entries["w0"][0])).st_size == size
+
+        assert holes_only()  # a server never updated holds no tmpfs for it
         w0 = np.random.default_rng(1).standard_normal((512, 512)).astype(np.float32)
-        b.update({"w0": w0})  # the plain path
+        b.update({"w0": w0})  # even the first update writes into it, not through the plain path
+        assert from_staging()
+        assert _wait_staging(b)  # ready for the next one, its places allocated
+        assert os.stat(staging).st_blocks > 0
+        b.update({"w0": -w0})
+        assert from_staging()
         assert _wait_staging(b)
-        b.update({"w0": -w0})  # the staging path
-        assert b.store.current().entries["w0"][0] == f"blob-{b.version}.bin"
-        assert _wait_staging(b)  # ready for the next one
         import time
 
         deadline = time.time() + 10
-        while "staging.bin" in os.listdir(b.store.path) and time.time() < deadline:
+        while not holes_only() and time.time() < deadline:
             time.sleep(0.05)
-        assert "staging.bin" not in os.listdir(b.store.path)  # dropped after 0.5 s without an update
+        assert holes_only()  # its tmpfs given back after 0.5 s without an update
         assert b._updater._staging_map is None
-        b.update({"w0": w0})  # still fine: the plain path again
+        b.update({"w0": w0})
+        assert from_staging()
         np.testing.assert_array_equal(b.store.array(b.store.current(), "w0"), w0)
 
 

@@ -7,7 +7,8 @@ one machine; repetitions are interleaved (the order rotates every round) so a no
 machine shifts a ratio's numerator and denominator alike; reported values are medians.
 
 Model: ``weightbundle.zoo.big_mlp``, L x (n x n) FP32 MatMul+Relu, no bias (n=2048: 16 MiB per
-layer), batch-32 input, no Triton batching (max_batch_size 0), ORT default threads.
+layer), batch-32 input, no Triton batching (max_batch_size 0), ``intra_op_threads`` left at 0
+(ORT's default with one instance; with several, the CPUs divided among them).
 
 The measurements (``tools/serving_bench/``, one module each; the report labels them P1-P4):
 

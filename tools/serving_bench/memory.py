@@ -176,9 +176,12 @@ def p3(
     return out
 
 
-def _mid_stream(srv: TritonServer, art: Artifact, x: np.ndarray, secret: str, readers: int, updates: int = 8) -> dict:
+def _mid_stream(srv: TritonServer, art: Artifact, x: np.ndarray, secret: str, readers: int, updates: int = 20) -> dict:
     """Memory while a stream of one-layer updates (w0 every 100 ms, as in P4) is served under
-    load: measured after ``updates`` updates, while the stream goes on (pinned sessions)."""
+    load: measured after ``updates`` updates, while the stream goes on (pinned sessions).
+    Not sooner: while an instance loads its first pin, ORT holds a check copy of the layers
+    it packs (48 MiB here) for a few tenths of a second; after 8 updates two instances of
+    four were still loading (+1.5 copies of anon in that run, against +0.03-0.07 later)."""
     stop = threading.Event()
 
     def read() -> None:

@@ -31,7 +31,8 @@ def markdown(R: dict) -> str:
         + (f"; busy: {'; '.join(ld0['busy_processes'])}" if ld0["busy_processes"] else "")
     )
     L.append(
-        f"model: big_mlp n={cfg['n']}, batch {cfg['batch']}, max_batch_size 0, ORT default threads; "
+        f"model: big_mlp n={cfg['n']}, batch {cfg['batch']}, max_batch_size 0, "
+        "intra_op_threads=0 (ORT's default for one instance, CPUs ÷ instances for several); "
         f"{cfg['p1_reps']} P1 rounds; total {R['total_s']:.0f} s" + ("; **--quick: tiny sizes, figures are not meaningful**" if cfg["quick"] else "")
     )
     L.append("")

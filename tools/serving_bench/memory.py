@@ -181,7 +181,7 @@ def _mid_stream(srv: TritonServer, art: Artifact, x: np.ndarray, secret: str, re
     load: measured after ``updates`` updates, while the stream goes on (pinned sessions).
     Not sooner: while an instance loads its first pin, ORT holds a check copy of the layers
     it packs (48 MiB here) for a few tenths of a second; after 8 updates two instances of
-    four were still loading (+1.5 copies of anon in that run, against +0.03-0.07 later)."""
+    four were still loading (+1.57 copies of anon in that run; +0.05-0.13 later in the stream)."""
     stop = threading.Event()
 
     def read() -> None:

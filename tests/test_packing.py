@@ -66,6 +66,29 @@ def test_a_new_version_replaces_the_packed_files_and_release_removes_them(pair):
     assert sorted(names) == [f"packed-v{v}.data", f"packed-v{v}.onnx"]  # the old version's files are gone
 
 
+def test_a_superseded_version_is_neither_packed_nor_copied_privately(pair, monkeypatch):
+    """Under a stream, 4 instances through Triton: one loaded an old version's packed pair
+    while another, having packed a newer one, collected it; it then packed a private copy
+    of a version no one served any more (+0.8 weight copies mid-stream, and CPU)."""
+    from weightbundle import sessions
+
+    a, b = pair
+    packed(a), packed(b)
+    old = b.store.current()
+    a.update({"fc1.weight": np.random.default_rng(2).standard_normal((256, 256)).astype(np.float32)})
+    ya = packed(a)  # packs the new version, and collects the old pair
+    logs: list[str] = []
+    b._sessions._log = lambda m, level="warn": logs.append(m)
+    b._sessions._swap_in(old)  # b's builder had settled on the old version: skipped, not packed anew
+    assert not [f for f in os.listdir(b.store.packed_path) if f.startswith(f"{packing.PREFIX}{old.number}.")]
+    monkeypatch.setattr(sessions.packing, "ensure", lambda path, n, build, verify: packing.model_path(path, n))
+    with pytest.raises(sessions._Superseded):
+        b._sessions._packed_session(old)  # its pair vanished during the load: nothing to serve, no private copy
+    assert logs == []
+    monkeypatch.undo()
+    assert np.array_equal(packed(b), ya)  # b serves the new version from the one shared copy
+
+
 def test_a_dead_builders_leftovers_are_swept(pair):
     a, _ = pair
     packed(a)

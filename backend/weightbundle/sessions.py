@@ -452,6 +452,10 @@ class SessionCache:
             except _Superseded:
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. an ORT without saved pre-packing: a private copy still serves
+                if self._store.head() != v.number:
+                    # Another instance packed a newer version and collected this one's files
+                    # while we loaded them (seen under a stream, 4 instances): nothing to serve.
+                    raise _Superseded(v.number) from None
                 self._log(f"shared pre-packed weights unavailable for version {v.number}, using a private copy: {e}")
         return self._new_session(v, prepack=True, level=opts.optimization)
 
@@ -495,6 +499,8 @@ class SessionCache:
 
     def _swap_in(self, v: Version) -> None:
         """Background builder: build version ``v``'s pre-packed session, swap it in if still current."""
+        if self._store.head() != v.number:
+            return  # superseded while the build settled: this instance requests the newer one when it serves it
         sess = self._packed_session(v)
         with self._lock:
             if self.current is None or self.current[0] != v.number:
@@ -641,6 +647,8 @@ class _Builder:
             t0 = time.perf_counter()
             try:
                 self._build(v)
+            except _Superseded:
+                pass  # a newer version is on its way: its own request follows
             except Exception as e:  # noqa: BLE001 - the zero-copy session keeps serving this version correctly
                 self._on_error(v, e)
             finally:

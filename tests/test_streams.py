@@ -170,6 +170,37 @@ def test_a_pin_packs_privately_when_the_shared_copy_is_gone(load, streaming):
     check(b, MLP, w, X_MLP, v)
 
 
+def test_a_stream_right_after_a_full_update_pins_over_the_newest_shared_copy(load, streaming, monkeypatch):
+    """Another instance packed the full update's version while this one still served it
+    unpacked: the pin loads over that newer copy, not privately (measured through Triton,
+    4 instances, a stream started 0.3 s after a full update: one of them pinned privately)."""
+    b = load(MLP, wb.RuntimeOptions())
+    logs: list[str] = []
+    b._log = lambda m, level="warn": logs.append(m)
+    w = zoo.initializers(MLP)
+    b.init()
+    b.infer(X_MLP)
+    held = Held(b)
+    old_base = b._sessions._packed_base
+    rng = np.random.default_rng(8)
+    w = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in w.items()}
+    full = b.update(w)
+    full_entries = b.store.version(full).entries
+    b._sessions._packed_session(b.store.version(full))  # "another instance" packs it ...
+    b._sessions._packed_base = old_base  # ... and this one has not swapped it in
+    monkeypatch.setattr(sessions, "HOT_WINDOW_S", 0.0)  # the full update is 2 s old: only the stream is hot
+    for _ in range(3):
+        w["fc0.weight"] = rng.standard_normal(w["fc0.weight"].shape).astype(np.float32)
+        v = b.update({"fc0.weight": w["fc0.weight"]})
+    wait_pinned(b, X_MLP)
+    pin = b._sessions._pin
+    assert pin.shared and pin.fed == {"fc0.weight"}, logs
+    assert all(pin.base[n] == full_entries[n] for n in pin.base)
+    check(b, MLP, w, X_MLP, v)
+    held.release()
+    check(b, MLP, w, X_MLP, v)
+
+
 def test_a_pinned_session_is_fed_re_laid_weights(load, streaming):
     """Conv filters are re-laid (NCHWc) for the once-optimized graph: the pin feeds them re-laid."""
     b = load(CONV, wb.RuntimeOptions(), fold_bn=True)

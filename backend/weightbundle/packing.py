@@ -95,5 +95,11 @@ def scratch_prefix() -> str:
     return f"{BUILDING}{os.getpid()}-compile-"
 
 
+def numbers(names: list[str]) -> list[int]:
+    """The versions whose packed model is among file ``names`` (a folder's listing)."""
+    stems = [f[len(PREFIX) : -len(".onnx")] for f in names if f.startswith(PREFIX) and f.endswith(".onnx")]
+    return [int(n) for n in stems if n.isdigit()]
+
+
 def is_building_leftover(name: str) -> bool:
     return name.startswith(BUILDING) and not name.endswith(".lock")

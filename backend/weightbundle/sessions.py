@@ -386,12 +386,12 @@ class SessionCache:
         return served.version
 
     def _pin_from_packed(self, v: Version, fed: frozenset[str]) -> _Pin | None:
-        """A pin for version ``v`` over the shared packed copy this instance loaded last: it
+        """A pin for version ``v`` over the newest shared packed copy (``_shared_base``): it
         feeds ``fed`` and whatever else ``v`` changed since that copy, and maps the rest, so
         it holds no private packed weights.  None where there is no such copy (not shared,
         or not compiled once: the saved graph's names are the compiled graph's), where it
         has been collected meanwhile, or where ``v`` changed too much since."""
-        base, cg = self._packed_base, self._compiled
+        base, cg = self._shared_base(v), self._compiled
         if base is None or cg is None or not self._shares_packed():
             return None
         fed = fed | frozenset(n for n in self._read if v.entries.get(n) != base.entries.get(n))
@@ -414,6 +414,26 @@ class SessionCache:
             return None
         release_free_memory()  # ORT packed the file's raw weights once more, to check them, and let go of that copy
         return _Pin(session, {n: base.entries[n] for n in self._read if n not in fed}, fed, cg, shared=True)
+
+    def _shared_base(self, v: Version) -> Version | None:
+        """The version a pin for ``v`` loads the packed copy of: the newest packed so far, by
+        this instance or another, whose manifest the store still keeps.  Not just the one
+        this instance loaded last: a stream that starts right after a full update, before
+        this instance swapped in that version's packed copy, would feed every weight against
+        the older one, so its pin packed privately (+0.8 weight copies, measured)."""
+        own = self._packed_base
+        try:
+            newer = sorted((n for n in packing.numbers(os.listdir(self._store.packed_path)) if n <= v.number), reverse=True)
+        except OSError:
+            return own
+        for n in newer:
+            if own is not None and n <= own.number:
+                break
+            try:
+                return self._store.version(n)
+            except (OSError, ValueError):  # collected meanwhile
+                continue
+        return own
 
     def _pinned_session(self, v: Version, fed: frozenset[str]) -> tuple[ort.InferenceSession, compiled.CompiledGraph | None]:
         """A pre-packed session for version ``v`` that takes variables ``fed`` as inputs."""

@@ -610,8 +610,7 @@ class WeightStore:
         close), and what dead builders left."""
         d = self.packed_path
         files = os.listdir(d) if os.path.isdir(d) else []
-        numbers = [f[len(packing.PREFIX) : -len(".onnx")] for f in files if f.startswith(packing.PREFIX) and f.endswith(".onnx")]
-        keep = max((int(n) for n in numbers if n.isdigit() and int(n) <= head), default=head)
+        keep = max((n for n in packing.numbers(files) if n <= head), default=head)
         for f in files:
             stem = f[len(packing.PREFIX) :].split(".")[0] if f.startswith(packing.PREFIX) else ""
             lock_n = f[len(packing.BUILDING) + 1 : -len(".lock")] if f.startswith(packing.BUILDING) and f.endswith(".lock") else ""

@@ -292,7 +292,7 @@ class Updater:
         ``stage_next=False`` (init): a staging blob of holes only, no page of it allocated.
         A server that is never updated then holds no tmpfs for it, and its first update
         still writes once, straight into it: in-process 103 ms through the plain path (the
-        update graph's first session, a copy, a new blob) against ~10 ms (measured).
+        update graph's first session, a copy, a new blob) against 24 ms (measured).
 
         The staging blob has room (allocated and populated pages) for what the last
         ``STAGING_PREDICT`` updates wrote (``written``), not for the whole model: a stream of

@@ -89,6 +89,37 @@ def test_a_superseded_version_is_neither_packed_nor_copied_privately(pair, monke
     assert np.array_equal(packed(b), ya)  # b serves the new version from the one shared copy
 
 
+def test_a_staged_versions_packed_pair_survives_collection_until_activated(pair, monkeypatch):
+    """CI failure: a collection running while a stage built its pair swept it (its number is
+    ahead of head), and the stage then failed as 'superseded' instead of serving."""
+    from weightbundle import sessions
+
+    a, b = pair
+    packed(a), packed(b)
+    w = {"fc1.weight": np.random.default_rng(3).standard_normal((256, 256)).astype(np.float32)}
+    st = a.stage(w)
+    pair_files = [f"{packing.PREFIX}{st.number}.data", f"{packing.PREFIX}{st.number}.onnx"]
+    a.store.collect_packed()
+    a.store.collect()
+    assert set(pair_files) <= set(os.listdir(a.store.packed_path))
+    a.activate(st.number)
+    ya, yb = packed(a), packed(b)
+    assert np.array_equal(ya, yb)
+    np.testing.assert_allclose(ya, zoo.ort_run(zoo.with_weights(MODEL, w), {"x": X})["y"], rtol=1e-5, atol=1e-5 * np.abs(ya).max())
+    # Had the pair gone anyway, the stage serves from a private copy rather than failing.
+    w2 = {"fc2.weight": np.random.default_rng(4).standard_normal((256, 8)).astype(np.float32)}
+    logs: list[str] = []
+    a._sessions._log = lambda m, level="warn": logs.append(m)
+    monkeypatch.setattr(sessions.packing, "ensure", lambda path, n, build, verify: packing.model_path(path, n))
+    st2 = a.stage(w2)
+    monkeypatch.undo()
+    assert any("private copy" in m for m in logs)
+    a.activate(st2.number)
+    y = a.infer({"x": X})[0]["y"]
+    ref = zoo.ort_run(zoo.with_weights(MODEL, {**w, **w2}), {"x": X})["y"]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_a_dead_builders_leftovers_are_swept(pair):
     a, _ = pair
     packed(a)

@@ -472,9 +472,11 @@ class SessionCache:
             except _Superseded:
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. an ORT without saved pre-packing: a private copy still serves
-                if self._store.head() != v.number:
+                head = self._store.head()
+                if head is not None and head > v.number:
                     # Another instance packed a newer version and collected this one's files
                     # while we loaded them (seen under a stream, 4 instances): nothing to serve.
+                    # (A staged version is ahead of head: it still needs a session.)
                     raise _Superseded(v.number) from None
                 self._log(f"shared pre-packed weights unavailable for version {v.number}, using a private copy: {e}")
         return self._new_session(v, prepack=True, level=opts.optimization)

@@ -606,15 +606,18 @@ class WeightStore:
     def _gc_packed(self, head: int) -> None:
         """Keep the packed files of the newest version packed so far: the current one, or
         during a stream of updates the one its pinned sessions map (sessions.py loads pins
-        over it).  Drop the others' (sessions still mapping one keep its pages until they
-        close), and what dead builders left."""
+        over it), and those of staged versions.  Drop the others' (sessions still mapping
+        one keep its pages until they close), and what dead builders left."""
         d = self.packed_path
         files = os.listdir(d) if os.path.isdir(d) else []
         keep = max((n for n in packing.numbers(files) if n <= head), default=head)
+        # A staged version's pair is built at stage time, ahead of head; ``_drop_staged``
+        # removes it with the staged version (sweeping it here failed a stage under CI load).
+        staged = {st.number for st in self._staged_list()}
         for f in files:
             stem = f[len(packing.PREFIX) :].split(".")[0] if f.startswith(packing.PREFIX) else ""
             lock_n = f[len(packing.BUILDING) + 1 : -len(".lock")] if f.startswith(packing.BUILDING) and f.endswith(".lock") else ""
-            if stem.isdigit() and int(stem) not in (head, keep):
+            if stem.isdigit() and int(stem) not in (head, keep) and int(stem) not in staged:
                 unlink_quiet(os.path.join(d, f))
             elif lock_n.isdigit() and int(lock_n) < head:
                 unlink_quiet(os.path.join(d, f))

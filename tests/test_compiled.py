@@ -57,13 +57,15 @@ def test_conv_filters_relaid_like_the_optimizer_bit_for_bit():
     b = _bundle(zoo.convnet(channels=(3, 16, 32)), fold_bn=True)
     cg = compiled.learn(b._graphs[0], _weights(b))
     # Where the optimizer re-laid filters (NCHWc on AVX2/AVX-512 CPUs), it was learned as a
-    # blocked transpose, not a per-element gather; where it did not, everything is identity.
+    # transpose, not a per-element gather; where it did not, everything is identity.  The
+    # blocking depends on the CPU: 16 output channels on AVX-512 (block 16) is one block, so
+    # the first conv's filter is a plain transpose there and a blocked one on AVX2 (block 8).
     optimized_names = {t.name for t in cg.model.graph.initializer}
     relaid = [lay for lay in cg.layouts.values() if not lay.identity]
     assert all(lay.index is None for lay in relaid)
     assert bool(relaid) == bool(optimized_names - set(b.variables_read))
     for lay in relaid:
-        assert lay.source.endswith("::bn_fold/weight") and len(lay.split) > len(lay.padded)
+        assert lay.source.endswith("::bn_fold/weight") and (len(lay.split) > len(lay.padded) or lay.perm != tuple(range(len(lay.perm))))
     _assert_replays(b, cg)
     # the optimized graph is kept without weight bytes: they come from each version
     assert all(t.data_location == TensorProto.EXTERNAL for t in cg.model.graph.initializer if t.name in cg.layouts)
@@ -121,9 +123,11 @@ def test_large_relayouts_on_two_threads_match_one(monkeypatch):
 
 
 def test_weight_arithmetic_in_the_optimizer_is_refused():
-    """Unfolded BatchNorm: ORT's Conv+BN fusion computes new weights, which no layout replays."""
+    """Unfolded BatchNorm: ORT's Conv+BN fusion computes new weights, which no layout replays.
+    Which check sees it first depends on the CPU: the fused values are not indices (AVX2), or
+    the fused graph's structure depends on the values (AVX-512 EPYC)."""
     b = _bundle(zoo.convnet(), fold_bn=False)
-    with pytest.raises(compiled.NotCompilable, match="computed from weights"):
+    with pytest.raises(compiled.NotCompilable, match="computed from weights|different graph for probe weights"):
         compiled.learn(b._graphs[0], _weights(b))
     b.unload()
 

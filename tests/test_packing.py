@@ -120,6 +120,21 @@ def test_a_staged_versions_packed_pair_survives_collection_until_activated(pair,
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_a_stage_whose_base_was_collected_meanwhile_fails_cleanly(pair, monkeypatch):
+    """Not an internal error ('_Superseded'): a clear UpdateError, and nothing left staged."""
+    a, _ = pair
+    packed(a)
+
+    def collected(*args, **kwargs):
+        raise FileNotFoundError("blob-0.bin")
+
+    monkeypatch.setattr(a.store, "arrays", collected)
+    with pytest.raises(wb.UpdateError, match="stage it again"):
+        a.stage({"fc2.bias": np.ones(8, np.float32)})
+    monkeypatch.undo()
+    assert a.store.staged_versions() == []
+
+
 def test_a_dead_builders_leftovers_are_swept(pair):
     a, _ = pair
     packed(a)

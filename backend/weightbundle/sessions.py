@@ -42,7 +42,7 @@ import onnxruntime as ort
 from . import compiled, packing
 from .compiled import LEVELS
 from .convert import is_placeholder, point_at
-from .errors import BundleError, FormatError, NotInitializedError
+from .errors import BundleError, FormatError, NotInitializedError, UpdateError
 from .format import VariableSpec
 from .memory import release_free_memory
 from .store import LOCK_FILE, StagedVersion, Version, WeightStore
@@ -562,7 +562,12 @@ class SessionCache:
         # The pre-packed copy goes to the store's shared packed files (keyed by number), so the
         # other instances load it after activation instead of packing again.  It maps the
         # staged blob, and the rename at activation keeps that mapping valid.
-        sess = self._packed_session(v) if self.options.prepack else self._new_session(v, False, self.options.optimization)
+        try:
+            sess = self._packed_session(v) if self.options.prepack else self._new_session(v, False, self.options.optimization)
+        except _Superseded:
+            # Its base version's blobs were collected meanwhile: a newer version was published,
+            # and activating this one would conflict anyway.
+            raise UpdateError(f"version {st.base} changed to a newer one while version {st.number} was staged over it; stage it again") from None
         with self._lock:
             self.prebuilt = Served(st.number, sess, {})
 

@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from . import format as fmt
 from .convert import init_graph, is_placeholder, point_at
+from .device import StaleView
 from .errors import BundleError, FormatError, InputError, NotInitializedError, UnloadedError
 from .format import GRAPH_INFERENCE, GRAPH_INIT, GRAPH_UPDATE, VariableSpec
 from .sessions import LEVELS, PIN_MAX_HOT, SessionCache, session_options
@@ -90,6 +91,31 @@ class RuntimeOptions:
     pin_hot_weights: bool = True  # after partial updates, one session for the versions that change the same weights (see above)
     pin_weights: tuple[str, ...] = ()  # update inputs (names, fnmatch patterns) streams change: a standby pin for them from load on
     store_dir: str | None = None  # shared store directory; None: a private one
+    device: str = "cpu"  # "cuda": inference on the GPU, weights device-resident (``device``); set by a CUDA first provider too
+    device_id: int = 0  # which GPU, with device="cuda"
+    resident: bool | None = None  # device-resident weights (one session, updates copied in); None: with device="cuda" only
+
+    def __post_init__(self) -> None:
+        if self.providers and self.providers[0] == "CUDAExecutionProvider":
+            self.device = "cuda"
+
+    @property
+    def device_resident(self) -> bool:
+        return self.resident if self.resident is not None else self.device == "cuda"
+
+    @property
+    def ort_device(self) -> str:
+        """ONNX Runtime's name for where device-resident weights live."""
+        return "cuda" if self.device == "cuda" else "cpu"
+
+    def session_providers(self) -> list[Any]:
+        """Execution providers (with options) for the device-resident session."""
+        if self.device != "cuda":
+            return list(self.providers)
+        # deterministic: cuDNN's heuristic picks the same convolution algorithm in every
+        # instance; the exhaustive search (ORT's default) times them and may pick another.
+        cuda = {"device_id": str(self.device_id), "cudnn_conv_algo_search": "HEURISTIC" if self.deterministic else "EXHAUSTIVE"}
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
 def _call(ref: "weakref.ref[Bundle]", method: str, *args: Any) -> Any:
@@ -151,6 +177,18 @@ class Bundle:
         self.options = options or RuntimeOptions()
         if self.options.optimization not in LEVELS:
             raise ValueError(f"optimization must be one of {sorted(LEVELS)}")
+        if self.options.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.options.device!r}")
+        if self.options.device == "cuda" and hasattr(ort, "preload_dlls"):
+            try:  # CUDA and cuDNN from their pip packages (nvidia-*), where the system has none
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - the session build says what is missing
+                pass
+        if self.options.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BundleError(
+                "device 'cuda' needs an ONNX Runtime with the CUDA execution provider (pip install onnxruntime-gpu); "
+                f"this one offers {ort.get_available_providers()}"
+            )
         self._owner = _owner  # keeps an mmap alive as long as views into it exist
         self._layout = fmt.decode(buffer)
         self._drop_weight_pages()  # the CRC check touched every page; the weights are read from the store
@@ -365,14 +403,19 @@ class Bundle:
         """Run the inference graph; returns (outputs, the weight version they came from)."""
         self._alive()
         feeds = validate_inputs(self.inputs, inputs, "inference")
-        version, sess, weights = self._sessions.infer_session()
-        if weights:  # a pinned session: the weights a stream of updates changes are inputs
-            feeds = {**feeds, **weights}
-        t0 = time.perf_counter()
-        try:
-            outs = sess.run(None, feeds)
-        except Exception as e:  # ORT errors on values (e.g. an out-of-range Gather index)
-            raise InputError(f"inference failed: {e}") from None
+        for _ in range(100):
+            version, sess, weights = self._sessions.infer_session()
+            run = {**feeds, **weights} if weights else feeds  # a pinned session: the weights a stream changes are inputs
+            t0 = time.perf_counter()
+            try:
+                outs = sess.run(None, run)
+                break
+            except StaleView:
+                continue  # device-resident: a newer version is overwriting this view's buffers; serve that one
+            except Exception as e:  # ORT errors on values (e.g. an out-of-range Gather index)
+                raise InputError(f"inference failed: {e}") from None
+        else:
+            raise BundleError("weights change faster than an inference can start")
         self._updater.last_infer_s = time.perf_counter() - t0
         if not self._updater.answered.is_set():  # the after-publish work may start (Updater.after_publish)
             self._updater.answered.set()

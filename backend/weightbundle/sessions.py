@@ -41,6 +41,7 @@ import onnxruntime as ort
 
 from . import compiled, packing
 from .compiled import LEVELS
+from .device import DeviceWeights
 from .convert import is_placeholder, point_at
 from .errors import BundleError, FormatError, NotInitializedError, UpdateError
 from .format import VariableSpec
@@ -134,6 +135,7 @@ class SessionCache:
         self._declared = declared  # pin_weights: what a standby pin feeds when no stream taught otherwise
         self._seen: Version | None = None  # the last version this cache served, for ``_recent``
         self._recent: deque[tuple[float, frozenset[str]]] = deque(maxlen=64)  # (when, variables changed) per new version
+        self._device: DeviceWeights | None = None  # device-resident weights (``device``), built on first use
         pins = options.prepack and options.hybrid and not options.deterministic and options.pin_hot_weights
         self.builder = _Builder(
             self._swap_in,
@@ -147,6 +149,8 @@ class SessionCache:
         self.current = None
         self.prebuilt = None
         self._pin = None
+        if self._device is not None:
+            self._device.close()
 
     def _infer_proto_for(self, v: Version) -> onnx.ModelProto:
         """The inference graph with placeholders pointing at version ``v``'s blobs."""
@@ -234,6 +238,11 @@ class SessionCache:
             )
         if cur is not None and cur[0] == head:
             return cur
+        if cur is not None and self.options.device_resident and self._lock.locked():
+            # A new version's weights are being copied in (milliseconds per 64 MiB): serve the
+            # current ones meanwhile instead of queueing behind the copy (p99 under updates).
+            # ``update`` returns only once the new version serves, so no caller sees it go back.
+            return cur
         with self._lock:
             for _ in range(100):
                 try:
@@ -260,6 +269,9 @@ class SessionCache:
                 self.current = built  # activated a version staged by this instance: its session is ready
         if self.current is None or self.current[0] != v.number:
             opts = self.options
+            if opts.device_resident:  # one session, the new version's changed weights copied in
+                self.current = Served(v.number, self._device_view(v), {})
+                return self.current
             if opts.prepack and opts.hybrid and opts.deterministic and not self._shares_packed():
                 # The private pre-packed session is the final one: nothing to swap in later.
                 self.current = Served(v.number, self._new_session(v, prepack=True, level=opts.optimization), {})
@@ -281,6 +293,23 @@ class SessionCache:
             if opts.prepack and opts.hybrid and not (opts.deterministic and not self._shares_packed()):
                 self.builder.request(v)
         return self.current
+
+    def _device_view(self, v: Version) -> Any:
+        """Caller holds ``self._lock``: version ``v`` served from device-resident weights (``device``)."""
+        if self._device is None:
+            # The unoptimised graph where the bundle keeps one: the compiled one was optimized
+            # for the CPU at build time, and its CPU-only fused nodes would pull weights back
+            # to the host on every run.  The device's provider optimizes it once, here.
+            graph = self._source_graph() or self._infer_graph
+            names = [t.name for t in graph.graph.initializer if is_placeholder(t)]
+            opts = self.options
+            so = session_options(opts, prepack=False, level=opts.optimization)
+            try:
+                self._device = DeviceWeights(graph, names, so, opts.session_providers(), opts.ort_device, opts.device_id)
+            except Exception as e:
+                raise FormatError(f"ONNX Runtime cannot build the device-resident inference session ({opts.ort_device}): {e}") from None
+            self._log(f"inference runs on {opts.ort_device}:{opts.device_id} with device-resident weights: an update copies what it changed", "info")
+        return self._device.view(v.number, v.entries, lambda names: self._weights_of(v, frozenset(names)))
 
     # -- pinned sessions (see the module doc) -------------------------------------------
     def _note_new_version(self, v: Version) -> None:
@@ -551,11 +580,14 @@ class SessionCache:
     @property
     def fully_optimised(self) -> bool:
         """True when the current version is served by its final (pre-packed) session."""
-        return not (self.options.prepack and self.options.hybrid) or self.builder.idle()
+        return self.options.device_resident or not (self.options.prepack and self.options.hybrid) or self.builder.idle()
 
     def prebuild(self, st: StagedVersion) -> None:
         """Build the staged version's final inference session now, in the stage phase, so
-        that activating it swaps a pointer instead of building a session."""
+        that activating it swaps a pointer instead of building a session.  (Device-resident
+        weights build nothing per version: activation copies what the version changed.)"""
+        if self.options.device_resident:
+            return
         entries = dict(self._store.version(st.base).entries) if st.base is not None else {}
         entries.update(st.entries)
         v = Version(st.number, st.op, entries, st.time, st.base)

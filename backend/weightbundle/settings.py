@@ -108,6 +108,12 @@ class ServingSettings:
         "ONNX Runtime threads per instance. 0: with one instance, ONNX Runtime's default (a thread per core); with several, "
         "the CPUs this process may use ÷ the instances, at least 1, so that their spinning thread pools do not fight for the cores",
     )
+    device: str = param(
+        "cpu",
+        "`cuda`: inference on the GPU with device-resident weights: one session per load, and an update copies only the "
+        "weights it changed into standby buffers, then swaps (needs `onnxruntime-gpu`; with `instance_group { kind: KIND_GPU }` "
+        "each instance uses its own GPU). `cpu`: the CPU sessions the parameters above shape",
+    )
     reject_nonfinite: bool = param(False, "refuse NaN/Inf in updates (checked after the cast to each weight's dtype)")
     store_root: str | None = param(None, "where weight stores live", shown="/dev/shm")
     file_update_dirs: tuple[str, ...] = param((), "`:`-separated allowlist for the file transport (off when unset)", sep=":")
@@ -124,6 +130,7 @@ class ServingSettings:
     staged_ttl_seconds: float = param(3600.0, "staged versions not activated or aborted by then are dropped")
     max_batch_size: int = 0  # from the config itself, not a parameter
     instances: int = 1  # this model's instances on this server (its instance_group), not a parameter
+    device_id: int = 0  # the GPU of this instance (Triton's model_instance_device_id), not a parameter
 
     @classmethod
     def parameters(cls) -> list[Field]:
@@ -144,6 +151,8 @@ class ServingSettings:
     def _check(self) -> None:
         if self.update_auth not in ("secret", "none"):
             raise BundleError(f"update_auth must be 'secret' or 'none', got {self.update_auth!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise BundleError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.history < 1:
             raise BundleError("history must be >= 1 (rollback needs at least one previous version)")
         if self.staged_ttl_seconds <= 0 or self.follow_seconds < 0 or self.staging_idle_seconds < 0:
@@ -160,7 +169,7 @@ class ServingSettings:
         thread count resolved (``threads``)."""
         shared = {f.name for f in fields(RuntimeOptions)} & {f.name for f in self.parameters()}
         opts = RuntimeOptions(**{n: getattr(self, n) for n in sorted(shared)}, store_dir=store_dir)
-        return replace(opts, intra_op_threads=self.threads())
+        return replace(opts, intra_op_threads=self.threads(), device_id=self.device_id)
 
     def threads(self) -> int:
         """ONNX Runtime threads per instance; 0 leaves ONNX Runtime's default.

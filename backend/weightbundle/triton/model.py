@@ -24,6 +24,8 @@ class TritonPythonModel:
         map_large_allocations()  # before the bundle allocates: freed model-sized blocks go back to the OS
         config = json.loads(args["model_config"])
         settings = ServingSettings.from_model_config(config)
+        if args.get("model_instance_kind") == "GPU":  # device=cuda: this instance's GPU
+            settings.device_id = int(args.get("model_instance_device_id") or 0)
         self._metrics = _Metrics(args["model_name"], args["model_version"])
         self.service = Service.open(
             args["model_repository"], args["model_version"], settings, args["model_name"], on_event=self._metrics.record, model_config=config, log=_log

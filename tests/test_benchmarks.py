@@ -25,6 +25,20 @@ def test_core_benchmark_quick(tmp_path):
     assert data  # raw numbers written
 
 
+def test_gpu_benchmark_quick_on_the_cpu_device(tmp_path):
+    # No GPU in CI: the same machinery on ORT's CPU device (resident weights, views, the update stream).
+    p = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "bench_gpu.py"), "--quick", "--device", "cpu", "--reps", "2", "--runs", "5", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    mlp = next(r for r in data["results"] if r["model"] == "mlp")
+    assert mlp["bitwise_two_bundles"] and mlp["under_updates"]["torn"] == 0 and mlp["under_updates"]["failed"] == 0
+
+
 @pytest.mark.e2e
 def test_serving_benchmark_quick(tmp_path):
     p = _run("bench_serving.py", str(tmp_path), 600)

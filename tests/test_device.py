@@ -190,3 +190,16 @@ def test_serving_settings_choose_the_device_and_refuse_an_unknown_one():
     assert not ServingSettings.from_model_config({}).runtime_options(None).device_resident
     with pytest.raises(wb.BundleError, match="device must be"):
         ServingSettings.from_model_config({"parameters": {"device": {"string_value": "gpu0"}}})
+
+
+def test_an_answer_is_not_overwritten_by_the_next_inference(built):
+    with wb.Bundle.load_from_mem(built("mlp"), RESIDENT) as b:
+        b.init()
+        rng = np.random.default_rng(3)
+        x1, x2 = _x(rng), _x(rng)
+        first = b.infer(x1)[0]["y"]
+        kept = first.copy()
+        for _ in range(3):
+            second = b.infer(x2)[0]["y"]
+        assert not np.shares_memory(first, second)
+        np.testing.assert_array_equal(first, kept)

@@ -54,6 +54,14 @@ def models(quick: bool) -> list[dict]:
             "fold_bn": True,
         },
         {
+            "name": "resnet50-det",
+            "desc": "the same, deterministic=true (cuDNN's heuristic picks the convolution algorithms, not a timed search)",
+            "make": zoo.resnet50,
+            "x": ("gpu_0/data_0", (1, 3, 224, 224)),
+            "fold_bn": True,
+            "deterministic": True,
+        },
+        {
             "name": "transformer",
             "desc": "BERT-style encoder (4 layers, d_model 512, ffn 2048, vocab 8000, 65 MiB), batch 8, seq 128",
             "make": zoo.transformer_encoder,
@@ -126,7 +134,81 @@ def h2d_floors(arrays: list[np.ndarray], device: str, reps: int) -> dict:
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - torch is optional here
             out["h2d_pinned_error"] = repr(e)
+        try:
+            out.update(registered_copy(arrays, reps))
+        except Exception as e:  # noqa: BLE001 - an experiment: report it
+            out["h2d_registered_error"] = repr(e)
     return out
+
+
+def registered_copy(arrays: list[np.ndarray], reps: int) -> dict:
+    """A lever not taken yet, measured: page-lock (cudaHostRegister) a host buffer holding the
+    weights, as a recycled staging blob could be once, and copy from it."""
+    import ctypes
+    import mmap
+
+    from weightbundle.device import _cudart
+
+    rt = _cudart()
+    if rt is None:
+        return {"h2d_registered_error": "no libcudart loaded"}
+    n = sum(a.nbytes for a in arrays)
+    buf = mmap.mmap(-1, n)
+    host = np.frombuffer(buf, np.uint8)
+    off = 0
+    for a in arrays:
+        host[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
+        off += a.nbytes
+    ptr = host.ctypes.data
+    rt.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    rt.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+    t0 = time.perf_counter()
+    rc = rt.cudaHostRegister(ptr, n, 0)
+    reg = time.perf_counter() - t0
+    if rc != 0:
+        return {"h2d_registered_error": f"cudaHostRegister: {rc}"}
+    vals = [ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, "cuda", 0) for a in arrays]
+    ts = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        off = 0
+        for v, a in zip(vals, arrays):
+            rt.cudaMemcpy(v.data_ptr(), ptr + off, a.nbytes, 1)
+            off += a.nbytes
+        rt.cudaStreamSynchronize(None)
+        ts.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    rt.cudaHostUnregister(ptr)
+    unreg = time.perf_counter() - t0
+    del vals, host
+    buf.close()
+    return {"host_register_ms": reg * 1e3, "h2d_registered_ms": med(ts[1:]) * 1e3, "host_unregister_ms": unreg * 1e3}
+
+
+def fusion_diff(model_bytes: bytes, dw, opts) -> dict:
+    """Op types (with counts) that differ between the baked session's optimized graph and the
+    device-resident one's: the fusions that need constant weights."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+
+    from weightbundle.sessions import session_options
+
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, src in (("baked", model_bytes), ("resident", dw.session._model_bytes if hasattr(dw.session, "_model_bytes") else None)):
+            if src is None:
+                continue
+            so = session_options(opts, prepack=False, level=opts.optimization)
+            so.optimized_model_filepath = os.path.join(tmp, label + ".onnx")
+            ort.InferenceSession(src, so, providers=opts.session_providers())
+            m = onnx.load(so.optimized_model_filepath, load_external_data=False)
+            counts[label] = Counter(n.op_type for n in m.graph.node)
+    if len(counts) < 2:
+        return {"error": "no resident graph bytes"}
+    a, b = counts["baked"], counts["resident"]
+    return {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
 
 
 def timed_runs(fn, runs: int) -> list[float]:
@@ -144,7 +226,7 @@ def bench(spec: dict, device: str, reps: int, runs: int, log) -> dict:
     R: dict = {"model": spec["name"], "desc": spec.get("desc", "")}
     model = spec["make"]()
     data = wb.build_bundle(wb.convert(model, fold_bn=spec.get("fold_bn")))
-    opts = wb.RuntimeOptions(device=device, resident=True)
+    opts = wb.RuntimeOptions(device=device, resident=True, deterministic=spec.get("deterministic", False))
     x = make_input(spec)
     providers = opts.session_providers() if device == "cuda" else ["CPUExecutionProvider"]
 
@@ -172,6 +254,8 @@ def bench(spec: dict, device: str, reps: int, runs: int, log) -> dict:
     R["weight_bytes"] = sum(s.nbytes for s in b.variables if s.name in dw.names)
     R["bundle_ms"] = med(timed_runs(lambda: b.infer(x), runs)) * 1e3
     R["steady_ratio"] = R["bundle_ms"] / R["baked_ms"]
+    view = b.infer_session()[1]  # the session run alone, without Bundle.infer's checks
+    R["view_ms"] = med(timed_runs(lambda: view.run(None, x), runs)) * 1e3
 
     # correctness against the CPU bundle, and bit for bit across bundles and runs
     bn_var = frozenset(n.input[4] for n in model.graph.node if n.op_type == "BatchNormalization")
@@ -225,6 +309,11 @@ def bench(spec: dict, device: str, reps: int, runs: int, log) -> dict:
     R["device_copies"] = dw.device_bytes() / R["weight_bytes"]
     log(f"  {spec['name']}: update {R['update_full_ms']:.1f} ms (device copy {R['update_full_device_copy_ms']:.1f}), h2d {R['h2d_pageable_ms']:.1f} ms")
 
+    if device == "cuda":
+        try:
+            R["fusions"] = fusion_diff(mbytes, dw, opts)
+        except Exception as e:  # noqa: BLE001 - a diagnosis: report it
+            R["fusions"] = {"error": repr(e)}
     if spec.get("torn"):
         R["under_updates"] = under_updates(b, x, full, runs)
     b.unload()

@@ -6,7 +6,8 @@ For each model, in one process and one run:
 - "reload": creating a baked CUDA session from the model bytes and its first answer, the
   least a Triton reload of the same model pays;
 - update until served: ``update()`` of every weight, or of one, then the first inference
-  that shows the new version (median of ``--reps``), and the device copy inside it;
+  that shows the new version (median of ``--reps``), and the device copy inside it; each
+  starts once the previous one's background work (staging blob, collection) is done;
 - steady inference: the bundle against the baked session (median of ``--runs``);
 - correctness: against the CPU bundle (scaled error), and bit for bit across two
   separately loaded bundles and repeated runs;
@@ -289,6 +290,7 @@ def bench(spec: dict, device: str, reps: int, runs: int, log) -> dict:
         ts, upd, copy, copied = [], [], [], []
         for i in range(reps):
             before = b.version
+            b._updater.settle()  # the last update's background work (staging blob, collection) is done, as bench_core does
             t0 = time.perf_counter()
             b.update(sets[(i + 1) % 2])
             t1 = time.perf_counter()

@@ -210,3 +210,30 @@ def test_an_answer_is_not_overwritten_by_the_next_inference(built):
             second = b.infer(x2)[0]["y"]
         assert not np.shares_memory(first, second)
         np.testing.assert_array_equal(first, kept)
+
+
+def test_unload_frees_the_device_buffers_even_while_serving_threads_live_on(built):
+    import gc
+    import weakref
+
+    b = wb.Bundle.load_from_mem(built("mlp"), RESIDENT)
+    b.init()
+    x = _x(np.random.default_rng(4))
+    served, release = threading.Event(), threading.Event()
+
+    def server_thread() -> None:  # like a Triton stub's thread: it outlives the model
+        b.infer(x)
+        served.set()
+        release.wait(30)
+
+    t = threading.Thread(target=server_thread)
+    t.start()
+    try:
+        assert served.wait(30)
+        dw = weakref.ref(b._sessions._device)
+        b.unload()
+        gc.collect()
+        assert dw() is None, "a thread's cached binding kept the session and its buffers alive"
+    finally:
+        release.set()
+        t.join(30)

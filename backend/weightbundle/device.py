@@ -218,6 +218,7 @@ class DeviceWeights:
             self._views = []
         self._bufs.clear()
         self._held.clear()
+        self._local = threading.local()  # every thread's cached binding (and the buffers it holds) goes with the old one
 
 
 _H2D = 1  # cudaMemcpyHostToDevice

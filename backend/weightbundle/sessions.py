@@ -151,6 +151,7 @@ class SessionCache:
         self._pin = None
         if self._device is not None:
             self._device.close()
+            self._device = None  # the session and its device memory go now, not with the bundle
 
     def _infer_proto_for(self, v: Version) -> onnx.ModelProto:
         """The inference graph with placeholders pointing at version ``v``'s blobs."""

@@ -92,8 +92,8 @@ class _Logger:
         cls.lines.append(("warn", msg))
 
 
-@pytest.fixture
-def model_py(tmp_path, monkeypatch):
+def _model(tmp_path, monkeypatch, kind: str = "CPU", params: dict | None = None):
+    """model.py's TritonPythonModel, initialized as Triton would over an MLP bundle."""
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor, fake.InferenceResponse, fake.TritonError, fake.MetricFamily = _Tensor, _Response, _Error, _Family
     fake.Logger = _Logger
@@ -116,6 +116,7 @@ def model_py(tmp_path, monkeypatch):
             "allow_updates": {"string_value": "true"},
             "update_secret_env": {"string_value": "WB_UNIT_SECRET"},
             "store_root": {"string_value": str(tmp_path)},
+            **{k: {"string_value": v} for k, v in (params or {}).items()},
         },
     }
     m = mod.TritonPythonModel()
@@ -125,13 +126,35 @@ def model_py(tmp_path, monkeypatch):
             "model_repository": str(d),
             "model_version": "1",
             "model_name": "m",
-            "model_instance_kind": "CPU",
+            "model_instance_kind": kind,
             "model_instance_name": "m_0",
-            "model_instance_device_id": "0",
+            "model_instance_device_id": "0" if kind == "CPU" else "1",
         }
     )
+    return m
+
+
+@pytest.fixture
+def model_py(tmp_path, monkeypatch):
+    m = _model(tmp_path, monkeypatch)
     yield m
     m.finalize()
+
+
+def test_a_gpu_instance_left_on_device_cpu_says_so_and_device_cuda_needs_its_provider(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    m = _model(tmp_path / "a", monkeypatch, kind="GPU")
+    try:
+        assert any(level == "info" and "device is 'cpu'" in msg for level, msg in _Logger.lines), _Logger.lines
+        out = m.execute([_Request(x=np.ones((2, 16), np.float32))])
+        assert out[0].error is None
+        assert m.service.bundle.options.device_id == 1  # Triton's model_instance_device_id
+    finally:
+        m.finalize()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(wb.BundleError, match="onnxruntime-gpu"):
+            _model(tmp_path / "b", monkeypatch, kind="GPU", params={"device": "cuda"})
 
 
 def test_execute_routes_inference_and_commands_and_records_metrics(model_py):

@@ -26,6 +26,8 @@ class TritonPythonModel:
         settings = ServingSettings.from_model_config(config)
         if args.get("model_instance_kind") == "GPU":  # device=cuda: this instance's GPU
             settings.device_id = int(args.get("model_instance_device_id") or 0)
+            if settings.device == "cpu":
+                _log("weightbundle: this instance is KIND_GPU but parameter device is 'cpu': inference runs on the CPU (set device to 'cuda')", "info")
         self._metrics = _Metrics(args["model_name"], args["model_version"])
         self.service = Service.open(
             args["model_repository"], args["model_version"], settings, args["model_name"], on_event=self._metrics.record, model_config=config, log=_log

@@ -74,6 +74,12 @@ class RuntimeOptions:
     last bits may differ from the packed session's, as zero-copy's do).  A settled stream
     leaves a standby pin for the same weights; ``pin_weights`` names them ahead, so that
     even the first stream after a load is pinned from its first update.
+    device="cuda" (needs onnxruntime-gpu): device-resident weights (``device``): one CUDA
+    session per load with the variables as inputs bound to device buffers; a new version
+    copies the variables it changed into standby buffers and swaps, with no session build.
+    The CPU options above (prepack, hybrid, compile_once, pins) do not apply there.
+    resident=True runs that machinery on the CPU too: a test vehicle, not a faster mode
+    (a private copy of the weights per instance, GEMMs on unpacked weights).
     """
 
     prepack: bool = True

@@ -237,3 +237,46 @@ def test_unload_frees_the_device_buffers_even_while_serving_threads_live_on(buil
     finally:
         release.set()
         t.join(30)
+
+
+def test_a_version_another_instance_acknowledged_is_never_answered_from_the_one_before(built, tmp_path, monkeypatch):
+    """Two instances on one store: while instance B copies in the version A's update returned,
+    B's other threads wait for it instead of answering from the previous version."""
+    import shutil
+    import uuid
+
+    monkeypatch.setenv("WEIGHTBUNDLE_PACKED_ROOT", str(tmp_path / "disk"))
+    store = f"/dev/shm/weightbundle-test-{uuid.uuid4().hex[:8]}"
+    opts = wb.RuntimeOptions(device=DEVICE, resident=True, store_dir=store)
+    a, b = (wb.Bundle.load_from_mem(built("mlp"), opts) for _ in range(2))
+    try:
+        for x in (a, b):
+            x.store.register()
+        a.init()
+        x = _x(np.random.default_rng(5))
+        b.infer(x)
+        dw = b._sessions._device
+        slow = threading.Event()
+        real = dw._copy
+
+        def slow_copy(dst, src):
+            slow.set()
+            time.sleep(0.3)  # B's copy of the new version is under way
+            real(dst, src)
+
+        monkeypatch.setattr(dw, "_copy", slow_copy)
+        v = a.update(_weights(a, 6))  # acknowledged by instance A
+        first: list[int] = []
+        t = threading.Thread(target=lambda: first.append(b.infer(x)[1]))
+        t.start()
+        assert slow.wait(10)
+        assert b.infer(x)[1] == v  # not the version before, though B's copy is not done yet
+        t.join(30)
+        assert first == [v]
+    finally:
+        stores = [a.store, b.store]
+        a.unload()
+        b.unload()
+        for s in stores:
+            s.release()
+        shutil.rmtree(store, ignore_errors=True)

@@ -465,10 +465,13 @@ class Bundle:
         here (e.g. another instance's newer update collected it meanwhile) is logged, and the
         next inference builds the session again.
         """
+        self._sessions.pending = version  # not acknowledged yet: inferences meanwhile may get the version before (device)
         try:
             self._sessions.infer_session()
         except Exception as e:  # noqa: BLE001 - see above
             self._log(f"building the inference session for weights version {version} failed (the next inference tries again): {e!r}")
+        finally:
+            self._sessions.pending = None
         self._updater.served.set()
         return version
 

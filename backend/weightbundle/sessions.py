@@ -136,6 +136,7 @@ class SessionCache:
         self._seen: Version | None = None  # the last version this cache served, for ``_recent``
         self._recent: deque[tuple[float, frozenset[str]]] = deque(maxlen=64)  # (when, variables changed) per new version
         self._device: DeviceWeights | None = None  # device-resident weights (``device``), built on first use
+        self.pending: int | None = None  # the version this process published and is making ready (Bundle._ready)
         pins = options.prepack and options.hybrid and not options.deterministic and options.pin_hot_weights
         self.builder = _Builder(
             self._swap_in,
@@ -239,10 +240,11 @@ class SessionCache:
             )
         if cur is not None and cur[0] == head:
             return cur
-        if cur is not None and self.options.device_resident and self._lock.locked():
-            # A new version's weights are being copied in (milliseconds per 64 MiB): serve the
-            # current ones meanwhile instead of queueing behind the copy (p99 under updates).
-            # ``update`` returns only once the new version serves, so no caller sees it go back.
+        if cur is not None and self.options.device_resident and head == self.pending and self._lock.locked():
+            # This process's update is copying the new version in (milliseconds per 64 MiB):
+            # serve the current weights meanwhile instead of queueing behind the copy (p99
+            # under updates).  Only for a version no one has acknowledged yet: ``update``
+            # returns once it serves, and another process's version is waited for as usual.
             return cur
         with self._lock:
             for _ in range(100):

@@ -138,7 +138,11 @@ def test_under_a_stream_of_updates_every_answer_is_its_versions_exact_bytes(buil
 
         def client() -> None:
             while not stop.is_set():
-                out, v = b.infer(x)
+                try:
+                    out, v = b.infer(x)
+                except Exception as e:  # noqa: BLE001 - a failed answer is a finding, not a dead thread
+                    bad.append(repr(e))
+                    continue
                 which = of_version.get(v)
                 if which is None or not np.array_equal(out["y"], expect[which]):
                     bad.append(f"version {v}")

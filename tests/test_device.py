@@ -284,3 +284,13 @@ def test_a_version_another_instance_acknowledged_is_never_answered_from_the_one_
         for s in stores:
             s.release()
         shutil.rmtree(store, ignore_errors=True)
+
+
+def test_a_config_for_device_cuda_asks_triton_for_gpu_instances(built):
+    from weightbundle.modelconfig import make_config
+
+    with wb.Bundle.load_from_mem(built("mlp")) as b:
+        gpu = make_config(b, "m", parameters={"device": "cuda"})
+        cpu = make_config(b, "m")
+    assert "KIND_GPU" in gpu and 'string_value: "cuda"' in gpu
+    assert "KIND_CPU" in cpu and "KIND_GPU" not in cpu

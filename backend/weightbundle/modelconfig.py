@@ -55,7 +55,7 @@ def _updates_on(parameters: Mapping[str, str]) -> bool:
 
 
 def make_config(
-    bundle: Bundle, name: str, max_batch_size: int = 0, instances: int = 1, kind: str = "KIND_CPU", parameters: Mapping[str, str] | None = None
+    bundle: Bundle, name: str, max_batch_size: int = 0, instances: int = 1, kind: str | None = None, parameters: Mapping[str, str] | None = None
 ) -> str:
     """config.pbtxt text: inference I/O, CONTROL, WEIGHTS_VERSION, CONTROL_RESULT and,
     when ``allow_updates`` is true, one optional input per update input with its exact shape.
@@ -93,6 +93,8 @@ def make_config(
     add(cfg.output, VERSION_OUTPUT, "TYPE_UINT64", [1])
     add(cfg.output, RESULT_OUTPUT, "TYPE_STRING", [1])
     group = cfg.instance_group.add()
+    if kind is None:  # device=cuda: GPU instances, each on its own GPU (model.py reads its device id)
+        kind = "KIND_GPU" if params.get("device") == "cuda" else "KIND_CPU"
     group.count, group.kind = instances, mc.ModelInstanceGroup.Kind.Value(kind)
     if batching:
         cfg.dynamic_batching.max_queue_delay_microseconds = 500

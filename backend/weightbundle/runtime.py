@@ -192,7 +192,7 @@ class Bundle:
                 pass
         if self.options.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BundleError(
-                "device 'cuda' needs an ONNX Runtime with the CUDA execution provider (pip install onnxruntime-gpu); "
+                "device 'cuda' needs an ONNX Runtime with the CUDA execution provider (onnxruntime-gpu, installed in place of onnxruntime); "
                 f"this one offers {ort.get_available_providers()}"
             )
         self._owner = _owner  # keeps an mmap alive as long as views into it exist

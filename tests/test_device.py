@@ -37,6 +37,15 @@ def _weights(b: wb.Bundle, seed: int, names: list[str] | None = None) -> dict[st
     return {s.name: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype) for s in b.update_inputs if names is None or s.name in names}
 
 
+@pytest.fixture
+def mlp(built):
+    """An initialized MLP bundle with device-resident weights, unloaded afterwards."""
+    b = wb.Bundle.load_from_mem(built("mlp"), RESIDENT)
+    b.init()
+    yield b
+    b.unload()
+
+
 def _close(a: np.ndarray, b: np.ndarray) -> None:
     scale = max(1.0, float(np.abs(b).max()))
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * scale)
@@ -69,102 +78,90 @@ def test_resident_answers_equal_the_per_version_sessions(built, name):
         dev.unload()
 
 
-def test_an_update_copies_only_what_it_changed(built):
-    b = wb.Bundle.load_from_mem(built("mlp"), RESIDENT)
-    try:
-        b.init()
-        dw = b._sessions._device
-        total = sum(s.nbytes for s in b.variables if s.name in dw.names)
-        assert dw.copied_bytes == total  # the first version: every weight
-        first = b.update_inputs[0]
-        nbytes = b._specs[first.name].nbytes  # an MLP's update inputs are its variables
-        b.update(_weights(b, 2, [first.name]))
-        assert dw.copied_bytes == nbytes
-        assert dw.device_bytes() == total + nbytes  # a standby only for the weight that changed
-        b.update({first.name: np.zeros((0,), np.float32)})  # keep: same store entries, nothing to copy
-        assert dw.copied_bytes == 0
-    finally:
-        b.unload()
+def test_an_update_copies_only_what_it_changed(mlp):
+    b = mlp
+    dw = b._sessions._device
+    total = sum(s.nbytes for s in b.variables if s.name in dw.names)
+    assert dw.copied_bytes == total  # the first version: every weight
+    first = b.update_inputs[0]
+    nbytes = b._specs[first.name].nbytes  # an MLP's update inputs are its variables
+    b.update(_weights(b, 2, [first.name]))
+    assert dw.copied_bytes == nbytes
+    assert dw.device_bytes() == total + nbytes  # a standby only for the weight that changed
+    b.update({first.name: np.zeros((0,), np.float32)})  # keep: same store entries, nothing to copy
+    assert dw.copied_bytes == 0
 
 
-def test_a_running_inference_keeps_its_buffers_and_a_newer_version_waits_for_it(built):
-    b = wb.Bundle.load_from_mem(built("mlp"), RESIDENT)
-    try:
-        b.init()
-        x = _x(np.random.default_rng(0))
-        name = b.update_inputs[0].name
-        old = b._sessions.infer_session()
-        before = old.session.run(None, x)[0]
-        b.update(_weights(b, 3, [name]))  # writes the standby buffer: the old view's are untouched
-        np.testing.assert_array_equal(old.session.run(None, x)[0], before)
-        view = old.session
-        view.running += 1  # an inference of the old version is in flight
-        done = threading.Event()
+def test_a_running_inference_keeps_its_buffers_and_a_newer_version_waits_for_it(mlp):
+    b = mlp
+    x = _x(np.random.default_rng(0))
+    name = b.update_inputs[0].name
+    old = b._sessions.infer_session()
+    before = old.session.run(None, x)[0]
+    b.update(_weights(b, 3, [name]))  # writes the standby buffer: the old view's are untouched
+    np.testing.assert_array_equal(old.session.run(None, x)[0], before)
+    view = old.session
+    view.running += 1  # an inference of the old version is in flight
+    done = threading.Event()
 
-        def update() -> None:
-            b.update(_weights(b, 4, [name]))  # overwrites the buffer the old version reads
-            done.set()
+    def update() -> None:
+        b.update(_weights(b, 4, [name]))  # overwrites the buffer the old version reads
+        done.set()
 
-        t = threading.Thread(target=update)
+    t = threading.Thread(target=update)
+    t.start()
+    assert not done.wait(0.5), "the update overwrote buffers a running inference reads"
+    with view._owner._cond:
+        view.running -= 1
+        view._owner._cond.notify_all()
+    assert done.wait(30)
+    t.join()
+    with pytest.raises(StaleView):
+        view.run(None, x)  # retired: whoever still holds it takes the current view
+    _, v = b.infer(x)  # Bundle.infer does so by itself
+    assert v == b.version
+
+
+def test_under_a_stream_of_updates_every_answer_is_its_versions_exact_bytes(mlp):
+    b = mlp
+    x = _x(np.random.default_rng(1))
+    sets = [_weights(b, 10), _weights(b, 11)]
+    expect = []
+    for s in sets:
+        b.update(s)
+        expect.append(b.infer(x)[0]["y"])
+    of_version = {b.version: 1}
+    bad: list[str] = []
+    stop = threading.Event()
+    answers = [0]
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                out, v = b.infer(x)
+            except Exception as e:  # noqa: BLE001 - a failed answer is a finding, not a dead thread
+                bad.append(repr(e))
+                continue
+            which = of_version.get(v)
+            if which is None or not np.array_equal(out["y"], expect[which]):
+                bad.append(f"version {v}")
+            answers[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
         t.start()
-        assert not done.wait(0.5), "the update overwrote buffers a running inference reads"
-        with view._owner._cond:
-            view.running -= 1
-            view._owner._cond.notify_all()
-        assert done.wait(30)
-        t.join()
-        with pytest.raises(StaleView):
-            view.run(None, x)  # retired: whoever still holds it takes the current view
-        _, v = b.infer(x)  # Bundle.infer does so by itself
-        assert v == b.version
-    finally:
-        b.unload()
-
-
-def test_under_a_stream_of_updates_every_answer_is_its_versions_exact_bytes(built):
-    b = wb.Bundle.load_from_mem(built("mlp"), RESIDENT)
     try:
-        b.init()
-        x = _x(np.random.default_rng(1))
-        sets = [_weights(b, 10), _weights(b, 11)]
-        expect = []
-        for s in sets:
-            b.update(s)
-            expect.append(b.infer(x)[0]["y"])
-        of_version = {b.version: 1}
-        bad: list[str] = []
-        stop = threading.Event()
-        answers = [0]
-
-        def client() -> None:
-            while not stop.is_set():
-                try:
-                    out, v = b.infer(x)
-                except Exception as e:  # noqa: BLE001 - a failed answer is a finding, not a dead thread
-                    bad.append(repr(e))
-                    continue
-                which = of_version.get(v)
-                if which is None or not np.array_equal(out["y"], expect[which]):
-                    bad.append(f"version {v}")
-                answers[0] += 1
-
-        threads = [threading.Thread(target=client) for _ in range(2)]
-        for t in threads:
-            t.start()
-        try:
-            for i in range(40):
-                v = b.version + 1
-                of_version[v] = i % 2  # before it serves: the clients look it up
-                b.update(sets[i % 2], version=v)
-                time.sleep(0.005)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
-        assert answers[0] > 40
-        assert not bad, bad[:5]
+        for i in range(40):
+            v = b.version + 1
+            of_version[v] = i % 2  # before it serves: the clients look it up
+            b.update(sets[i % 2], version=v)
+            time.sleep(0.005)
     finally:
-        b.unload()
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert answers[0] > 40
+    assert not bad, bad[:5]
 
 
 def test_two_loads_give_the_same_bytes(built):
@@ -203,17 +200,16 @@ def test_serving_settings_choose_the_device_and_refuse_an_unknown_one():
         ServingSettings.from_model_config({"parameters": {"device": {"string_value": "gpu0"}}})
 
 
-def test_an_answer_is_not_overwritten_by_the_next_inference(built):
-    with wb.Bundle.load_from_mem(built("mlp"), RESIDENT) as b:
-        b.init()
-        rng = np.random.default_rng(3)
-        x1, x2 = _x(rng), _x(rng)
-        first = b.infer(x1)[0]["y"]
-        kept = first.copy()
-        for _ in range(3):
-            second = b.infer(x2)[0]["y"]
-        assert not np.shares_memory(first, second)
-        np.testing.assert_array_equal(first, kept)
+def test_an_answer_is_not_overwritten_by_the_next_inference(mlp):
+    b = mlp
+    rng = np.random.default_rng(3)
+    x1, x2 = _x(rng), _x(rng)
+    first = b.infer(x1)[0]["y"]
+    kept = first.copy()
+    for _ in range(3):
+        second = b.infer(x2)[0]["y"]
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, kept)
 
 
 def test_unload_frees_the_device_buffers_even_while_serving_threads_live_on(built):

@@ -30,13 +30,10 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "backend"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: bench_core (it puts backend/ on the path)
+from bench_core import med  # noqa: E402
 import weightbundle as wb  # noqa: E402
 from weightbundle import zoo  # noqa: E402
-
-
-def med(xs: list[float]) -> float:
-    return float(np.median(xs))
 
 
 def models(quick: bool) -> list[dict]:
@@ -100,22 +97,10 @@ def h2d_floors(arrays: list[np.ndarray], device: str, reps: int) -> dict:
     """Host memcpy and host-to-device copies of ``arrays`` (warm, median of ``reps``)."""
     out: dict = {}
     dst = [np.empty_like(a) for a in arrays]
-    ts = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        for d, a in zip(dst, arrays):
-            np.copyto(d, a)
-        ts.append(time.perf_counter() - t0)
-    out["memcpy_ms"] = med(ts[1:]) * 1e3
+    out["memcpy_ms"] = med(timed_runs(lambda: [np.copyto(d, a) for d, a in zip(dst, arrays)], reps, warm=1)) * 1e3
     vals = [ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, device, 0) for a in arrays]
-    ts = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        for v, a in zip(vals, arrays):
-            v.update_inplace(a)
-        ts.append(time.perf_counter() - t0)
-    out["h2d_pageable_ms"] = med(ts[1:]) * 1e3
-    del vals
+    out["h2d_pageable_ms"] = med(timed_runs(lambda: [v.update_inplace(a) for v, a in zip(vals, arrays)], reps, warm=1)) * 1e3
+    vals.clear()  # the device buffers go before the next floor's
     if device == "cuda":
         try:
             import torch
@@ -123,14 +108,13 @@ def h2d_floors(arrays: list[np.ndarray], device: str, reps: int) -> dict:
             n = sum(a.nbytes for a in arrays)
             host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
             dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-            ts = []
-            for _ in range(reps + 1):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
+            torch.cuda.synchronize()
+
+            def pinned_copy() -> None:
                 dev.copy_(host, non_blocking=True)
                 torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            out["h2d_pinned_ms"] = med(ts[1:]) * 1e3
+
+            out["h2d_pinned_ms"] = med(timed_runs(pinned_copy, reps, warm=1)) * 1e3
             del host, dev
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - torch is optional here
@@ -169,21 +153,22 @@ def registered_copy(arrays: list[np.ndarray], reps: int) -> dict:
     if rc != 0:
         return {"h2d_registered_error": f"cudaHostRegister: {rc}"}
     vals = [ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, "cuda", 0) for a in arrays]
-    ts = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
+
+    def registered() -> None:
         off = 0
         for v, a in zip(vals, arrays):
             rt.cudaMemcpy(v.data_ptr(), ptr + off, a.nbytes, 1)
             off += a.nbytes
         rt.cudaStreamSynchronize(None)
-        ts.append(time.perf_counter() - t0)
+
+    copy_s = med(timed_runs(registered, reps, warm=1))
     t0 = time.perf_counter()
     rt.cudaHostUnregister(ptr)
     unreg = time.perf_counter() - t0
-    del vals, host
+    vals.clear()
+    del host
     buf.close()
-    return {"host_register_ms": reg * 1e3, "h2d_registered_ms": med(ts[1:]) * 1e3, "host_unregister_ms": unreg * 1e3}
+    return {"host_register_ms": reg * 1e3, "h2d_registered_ms": copy_s * 1e3, "host_unregister_ms": unreg * 1e3}
 
 
 def fusion_diff(model_bytes: bytes, dw, opts) -> dict:
@@ -212,8 +197,9 @@ def fusion_diff(model_bytes: bytes, dw, opts) -> dict:
     return {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
 
 
-def timed_runs(fn, runs: int) -> list[float]:
-    for _ in range(5):
+def timed_runs(fn, runs: int, warm: int = 5) -> list[float]:
+    """Seconds per call of ``fn`` over ``runs`` calls, after ``warm`` untimed ones."""
+    for _ in range(warm):
         fn()
     ts = []
     for _ in range(runs):

@@ -57,13 +57,6 @@ class DeviceView:
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self._owner.run(self, output_names, feeds)
 
-    def get_outputs(self) -> list[Any]:
-        return self._owner.session.get_outputs()
-
-    def get_inputs(self) -> list[Any]:
-        """The graph's own inputs (the variables the view binds are not the caller's)."""
-        return [i for i in self._owner.session.get_inputs() if i.name not in self.slots]
-
 
 class DeviceWeights:
     """One inference session over ``graph`` with variables ``names`` held in device buffers.
@@ -182,7 +175,7 @@ class DeviceWeights:
         if self.device == "cpu":
             np.copyto(_host_array(dst, src), src)
             return
-        rt = _cudart() if self.device == "cuda" else None
+        rt = _cudart()
         if rt is None:
             dst.update_inplace(src)
             return

@@ -81,7 +81,10 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
     repo = str(tmp_path / "repo")
     make_repo(repo, "m", zoo.big_mlp(n=1024, layers=4), instances=2)  # 16 MiB: a commit takes a while
     srv = TritonServer(repo, env=_env(), log_file=str(tmp_path / "triton.log"))
+    envs = process._python_env_dirs()
     srv.start(timeout=90)
+    envs = process._python_env_dirs() - envs  # the python backend's temp dir, removed by its destructor only
+    assert len(envs) == 1, envs
     client = httpclient.InferenceServerClient(srv.http_url, network_timeout=60)
     try:
         stubs = _stubs(srv.pid)
@@ -118,6 +121,7 @@ def test_stub_exits_when_the_server_dies_while_the_stub_waits_on_it(tmp_path):
         client.close()
         srv.stop()  # killpg of the server's group reaches a stuck stub too
     assert not shm._group_pids(srv.pid)
+    assert not any(os.path.exists(d) for d in envs), "the killed server's /tmp/python_env_* dir is left"
 
 
 def _ignore(fn) -> None:

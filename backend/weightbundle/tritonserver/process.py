@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import glob
 import json
 import os
 import re
@@ -136,6 +137,11 @@ def _stub_info(pid: int) -> Optional[StubInfo]:
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
 
 
+def _python_env_dirs() -> Set[str]:
+    """The python backend's per-load temp dirs (a fixed /tmp template in its pb_env.cc)."""
+    return set(glob.glob("/tmp/python_env_??????"))
+
+
 @atexit.register
 def _stop_all() -> None:
     for server in list(_LIVE):
@@ -198,6 +204,7 @@ class TritonServer:
         self._proc: Optional[subprocess.Popen] = None
         self._shm_before: Set[str] = set()
         self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
+        self._env_dirs_before: Set[str] = set()  # Triton's /tmp/python_env_* dirs before our spawn
         self._cleaned = True  # no process whose leftovers need cleaning
         self._lock = threading.RLock()
         if int(exit_timeout) < 0:
@@ -324,6 +331,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = (p if p is not None else next(free) for p in self._fixed_ports)
         env = server_env(self.env if self.env is not None else os.environ)
         self._shm_before = _shm_regions(self._shm_prefixes)
+        self._env_dirs_before = _python_env_dirs()
         self._cleaned = False
         assert self.log_path is not None and self.backend_dir is not None
         with open(self.log_path, "ab") as log:  # the child keeps its own fd
@@ -558,8 +566,24 @@ class TritonServer:
         # Custom store_root folders too: a server that exits before finalize (exit timeout) leaves them.
         for root in sorted({default_root()} | _config_store_roots(self.model_repository)):
             sweep_stale(root)
+        if self._proc.returncode != 0:
+            self._remove_python_env_dir()
         self._cleaned = True
         self._shm_owned.clear()
+
+    def _remove_python_env_dir(self) -> None:
+        # The python backend makes an empty /tmp/python_env_XXXXXX at load and removes it in
+        # its destructor, which a server that crashed, was killed or hit its exit timeout never
+        # runs: a test suite left ~one per such server. Ours is one that appeared after our
+        # spawn and is not another live server's of this process; only an empty one is
+        # removed, so a misattributed dir of another process's server keeps its extracted env.
+        others = [o for o in list(_LIVE) if o is not self and o._proc is not None and o._proc.poll() is None]
+        for d in _python_env_dirs() - self._env_dirs_before:
+            if all(d in o._env_dirs_before for o in others):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass  # not empty, gone, or not ours to remove
 
     def _failure_report(self) -> str:
         # Triton's own tables and shutdown chatter fill the tail; put the error lines

@@ -64,6 +64,9 @@ def running_seaweed(timeout: float = 90.0) -> Iterator[S3Server]:
         f"-filer.port={filer}",
         f"-volume.port={volume}",
         "-admin.ui=false",
+        # Its unix sockets default to /tmp/seaweedfs-*-<port>.sock, which weed leaves behind.
+        f"-s3.localSocket={d}/s3.sock",
+        f"-filer.localSocket={d}/filer.sock",
         "-webdav=false",
     ]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)

@@ -135,6 +135,8 @@ def _stub_info(pid: int) -> Optional[StubInfo]:
 
 
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+_ENV_DIRS_LOCK = threading.Lock()
+_ENV_CLAIMS: "Dict[str, Optional[TritonServer]]" = {}  # python-backend temp dir -> the server that made it
 
 
 def _python_env_dirs() -> Set[str]:
@@ -205,6 +207,7 @@ class TritonServer:
         self._shm_before: Set[str] = set()
         self._shm_owned: Set[str] = set()  # regions seen mapped by our processes
         self._env_dirs_before: Set[str] = set()  # Triton's /tmp/python_env_* dirs before our spawn
+        self._starting = False  # spawned, its models not yet loaded: see _claim_env_dirs
         self._cleaned = True  # no process whose leftovers need cleaning
         self._lock = threading.RLock()
         if int(exit_timeout) < 0:
@@ -305,6 +308,7 @@ class TritonServer:
                         # Attribute the startup models' regions now, in case the whole
                         # process group is later killed from outside (OOM killer).
                         self._note_owned_shm()
+                        self._claim_env_dirs()
                         self.stubs()  # remember each stub's model while it runs, for dead_stubs()
                         return self
                     except TritonServerError:
@@ -331,7 +335,8 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = (p if p is not None else next(free) for p in self._fixed_ports)
         env = server_env(self.env if self.env is not None else os.environ)
         self._shm_before = _shm_regions(self._shm_prefixes)
-        self._env_dirs_before = _python_env_dirs()
+        with _ENV_DIRS_LOCK:
+            self._env_dirs_before, self._starting = _python_env_dirs(), True
         self._cleaned = False
         assert self.log_path is not None and self.backend_dir is not None
         with open(self.log_path, "ab") as log:  # the child keeps its own fd
@@ -452,6 +457,7 @@ class TritonServer:
     def load_model(self, name: str, timeout: float = 120) -> None:
         """Load (or reload) a model over HTTP; explicit model control only."""
         self._post(f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/load", b"{}", time.monotonic() + timeout)
+        self._claim_env_dirs()  # the first python model loaded makes the backend's temp dir
 
     def unload_model(self, name: str, timeout: float = 60) -> bool:
         """Unload a model over HTTP and wait until it is no longer loaded; explicit mode only."""
@@ -566,24 +572,40 @@ class TritonServer:
         # Custom store_root folders too: a server that exits before finalize (exit timeout) leaves them.
         for root in sorted({default_root()} | _config_store_roots(self.model_repository)):
             sweep_stale(root)
-        if self._proc.returncode != 0:
-            self._remove_python_env_dir()
+        if self._starting:  # it exited before its models were loaded (a failed start)
+            self._claim_env_dirs()
+        self._remove_python_env_dir()  # gone already after a clean exit
         self._cleaned = True
         self._shm_owned.clear()
 
+    def _claim_env_dirs(self) -> None:
+        # The python backend makes one empty /tmp/python_env_XXXXXX when it loads and removes it
+        # in its destructor, which a server that crashed, was killed or hit its exit timeout
+        # never runs: a test suite left ~one per such server. Ours is the one dir that is new
+        # since our spawn once our models are loaded and that no server of this process
+        # claimed. Where that is ambiguous (several new, or another of our servers is
+        # starting), nobody's: a leftover dir costs an inode, a wrong one breaks a live server.
+        with _ENV_DIRS_LOCK:
+            now = _python_env_dirs()
+            for gone in set(_ENV_CLAIMS) - now:  # servers that exited cleanly removed theirs
+                del _ENV_CLAIMS[gone]
+            if self not in _ENV_CLAIMS.values():
+                new = now - self._env_dirs_before - set(_ENV_CLAIMS)
+                sure = len(new) == 1 and not any(o._starting for o in list(_LIVE) if o is not self)
+                for d in new:
+                    _ENV_CLAIMS[d] = self if sure else None
+            self._starting = False
+
     def _remove_python_env_dir(self) -> None:
-        # The python backend makes an empty /tmp/python_env_XXXXXX at load and removes it in
-        # its destructor, which a server that crashed, was killed or hit its exit timeout never
-        # runs: a test suite left ~one per such server. Ours is one that appeared after our
-        # spawn and is not another live server's of this process; only an empty one is
-        # removed, so a misattributed dir of another process's server keeps its extracted env.
-        others = [o for o in list(_LIVE) if o is not self and o._proc is not None and o._proc.poll() is None]
-        for d in _python_env_dirs() - self._env_dirs_before:
-            if all(d in o._env_dirs_before for o in others):
+        # Only an empty one: a dir misattributed to us (another process's server started at
+        # the same moment) keeps whatever environment it extracted.
+        with _ENV_DIRS_LOCK:
+            for d in [d for d, owner in _ENV_CLAIMS.items() if owner is self]:
+                del _ENV_CLAIMS[d]
                 try:
                     os.rmdir(d)
                 except OSError:
-                    pass  # not empty, gone, or not ours to remove
+                    pass  # not empty, or already gone
 
     def _failure_report(self) -> str:
         # Triton's own tables and shutdown chatter fill the tail; put the error lines

@@ -55,6 +55,7 @@ def running_seaweed(timeout: float = 90.0) -> Iterator[S3Server]:
     port, master, filer, volume = (free_port() for _ in range(4))
     cmd = [
         weed_binary(),
+        "-logdir=" + d,  # glog's files and links default to /tmp and outlive the server
         "mini",
         f"-dir={d}",
         "-ip=127.0.0.1",
@@ -64,7 +65,7 @@ def running_seaweed(timeout: float = 90.0) -> Iterator[S3Server]:
         f"-filer.port={filer}",
         f"-volume.port={volume}",
         "-admin.ui=false",
-        # Its unix sockets default to /tmp/seaweedfs-*-<port>.sock, which weed leaves behind.
+        # Its unix sockets default to /tmp/seaweedfs-*-<port>.sock, which it leaves behind.
         f"-s3.localSocket={d}/s3.sock",
         f"-filer.localSocket={d}/filer.sock",
         "-webdav=false",

@@ -28,7 +28,8 @@ batch 1 and a BERT-style transformer encoder at batch 8 x seq 128; ``--only NAME
   (d) session build time, process RSS growth per mode (a fresh subprocess per mode, so
               modes do not pollute each other's numbers), load_from_file time.
 
-    python tools/bench_core.py            # full: about 2-4 minutes on 2 cores
+    python tools/bench_core.py            # all four models: about 16 minutes on 2 cores (2026-12-08)
+    python tools/bench_core.py --only mlp conv   # the small models: about 4 minutes
     python tools/bench_core.py --quick    # tiny models, seconds: keeps the script from rotting
 """
 

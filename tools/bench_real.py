@@ -15,7 +15,7 @@ include one inference; the rounds interleave the two and wait for the server to 
 between them.  "Ceiling" is reload over one steady inference: reload / served cannot
 exceed it however fast the update.
 
-    python tools/bench_real.py                      # both models, 5 rounds: about 4 minutes
+    python tools/bench_real.py                      # both models, 5 rounds: 1-4 minutes
     python tools/bench_real.py --only resnet50 --reps 3
     python tools/bench_real.py --quick               # tiny models, one round: for the test suite
 """
